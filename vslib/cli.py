@@ -1,0 +1,160 @@
+"""``visualsearch`` command line.
+
+Each sub-command is a thin wrapper over one library function, so everything
+the CLI does can be done from a notebook too:
+
+========================  ==========================================
+``data prepare``          :func:`vslib.datasets.prepare`
+``extract``               :func:`vslib.features.extract`
+``train``                 :func:`vslib.classifier.train`
+``index``                 :func:`vslib.index.build`
+``evaluate``              :func:`vslib.evaluate.evaluate`
+``search IMAGE``          :class:`vslib.search.VisualSearch`
+``run``                   :func:`vslib.pipeline.run` (all of the above)
+``report``                :func:`vslib.report.run_notebooks`
+========================  ==========================================
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from vslib.paths import DEFAULT_CONFIG
+
+log = logging.getLogger("vslib")
+
+
+def _config(args):
+    from vslib.config import load_config
+
+    overrides = {}
+    if getattr(args, "backend", None):
+        overrides["index"] = {"backend": args.backend}
+    return load_config(args.config, overrides=overrides or None)
+
+
+def cmd_prepare(args) -> int:
+    from vslib import datasets
+
+    datasets.prepare(_config(args), force=args.force)
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from vslib import features
+
+    features.extract(_config(args))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from vslib import classifier
+
+    classifier.train(_config(args))
+    return 0
+
+
+def cmd_index(args) -> int:
+    from vslib import index
+
+    index.build(_config(args))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from vslib import evaluate
+
+    result = evaluate.evaluate(_config(args))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_search(args) -> int:
+    from vslib.search import VisualSearch
+
+    cfg = _config(args)
+    with VisualSearch.from_config(cfg) as engine:
+        result = engine.search(args.image, k=args.k or cfg.search.k, mode=args.mode or cfg.search.mode)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(result.to_text())
+    return 0
+
+
+def cmd_run(args) -> int:
+    from vslib import pipeline
+
+    pipeline.run(_config(args), report=args.report)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from vslib import report
+
+    report.run_notebooks(_config(args))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="visualsearch", description="Hierarchical reverse image search.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help, **kw):
+        sp = sub.add_parser(name, help=help, description=help, **kw)
+        sp.add_argument("-c", "--config", "-yml", default=str(DEFAULT_CONFIG),
+                        help="settings file (default: application.yaml)")
+        sp.set_defaults(func=func)
+        return sp
+
+    data = sub.add_parser("data", help="dataset commands")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    prep = dsub.add_parser("prepare", help="find, check and split the dataset; write the manifest")
+    prep.add_argument("-c", "--config", "-yml", default=str(DEFAULT_CONFIG))
+    prep.add_argument("--force", action="store_true", help="re-check every image instead of reusing the manifest")
+    prep.set_defaults(func=cmd_prepare)
+
+    add("extract", cmd_extract, "compute (or reuse cached) feature vectors for every image")
+    add("train", cmd_train, "train and calibrate the classifier on the index split")
+    sp = add("index", cmd_index, "index the feature vectors of the index split")
+    sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
+    sp = add("evaluate", cmd_evaluate, "precision@k / mAP of every search mode on the query split")
+    sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
+    sp.add_argument("--json", action="store_true", help="print the results as JSON")
+    sp = add("search", cmd_search, "find the images that look like IMAGE")
+    sp.add_argument("image", help="query image file")
+    sp.add_argument("-k", type=int, default=None, help="number of hits (default: search.k)")
+    sp.add_argument("--mode", choices=["flat", "hierarchical", "adaptive"], default=None)
+    sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
+    sp.add_argument("--json", action="store_true", help="print the result as JSON")
+    sp = add("run", cmd_run, "prepare, extract, train, index and evaluate, skipping work already done")
+    sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
+    sp.add_argument("--report", action="store_true", help="also run the notebooks into HTML reports")
+    add("report", cmd_report, "run the notebooks with papermill and export HTML reports")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from vslib.config import ConfigError
+    from vslib.errors import VisualSearchError
+
+    try:
+        return args.func(args)
+    except (ConfigError, VisualSearchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept in the caches, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
