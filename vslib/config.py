@@ -37,9 +37,9 @@ class ConfigError(ValueError):
 # a ``help`` string; Literal types list the allowed values.
 
 
-def _f(default, *, min=None, max=None, help=""):  # noqa: A002 - mirror dataclasses.field
+def _f(default, *, min=None, max=None, help="", secret=False):  # noqa: A002 - mirror dataclasses.field
     kw = {"default_factory": default} if callable(default) else {"default": default}
-    return field(metadata={"min": min, "max": max, "help": help}, **kw)
+    return field(metadata={"min": min, "max": max, "help": help}, repr=not secret, **kw)
 
 
 @dataclass
@@ -94,9 +94,9 @@ class EmbeddedIndexConfig:
 class ElasticsearchConfig:
     hosts: list[str] = _f(lambda: ["http://localhost:9200"], help="node URLs; env VS_ES_URL overrides")
     index_name: str = "visualsearch"
-    api_key: Optional[str] = _f(None, help="env VS_ES_API_KEY overrides; never logged")
+    api_key: Optional[str] = _f(None, help="env VS_ES_API_KEY overrides; never logged", secret=True)
     username: Optional[str] = _f(None, help="env VS_ES_USERNAME overrides")
-    password: Optional[str] = _f(None, help="env VS_ES_PASSWORD overrides; never logged")
+    password: Optional[str] = _f(None, help="env VS_ES_PASSWORD overrides; never logged", secret=True)
     ca_certs: Optional[str] = None
     verify_certs: bool = True
     similarity: Literal["dot_product", "cosine"] = "dot_product"
