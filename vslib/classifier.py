@@ -1,0 +1,612 @@
+"""First level of the hierarchy: predict an image's category, with calibrated probabilities.
+
+The default classifier is a light Keras head (standardise, optional hidden
+layer with dropout, then a linear layer giving logits) trained on the cached
+embeddings of the *index* split. A stratified, seeded part of the index split
+is held out for early stopping, for fitting a temperature (see
+:mod:`vslib.calibration`) and for the reported metrics. The query split is
+never read here: it belongs to :mod:`vslib.evaluate`.
+
+The saved ``model.keras`` outputs raw logits; the temperature lives in
+``metadata.json`` and is applied in numpy by :meth:`EmbeddingClassifier.predict_proba`,
+so every caller gets the same calibrated probabilities.
+
+>>> clf, metrics = train(cfg)            # or: visualsearch train -c application.yaml
+>>> clf = load_classifier(cfg)
+>>> clf.predict_proba(vectors)           # (n, n_classes), rows sum to 1
+>>> clf.predict_image("cat.png")         # embed with the backbone, then predict_proba
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from vslib import calibration
+from vslib.errors import ClassifierError
+
+log = logging.getLogger(__name__)
+
+#: bump when a change to this module makes older saved models stale
+FORMAT_VERSION = 1
+MODEL_FILE = "model.keras"
+LABELS_FILE = "labels.json"
+METADATA_FILE = "metadata.json"
+METRICS_FILE = "classifier_metrics.json"
+CONFUSION_FIGURE = "confusion_matrix.png"
+#: images per class the head needs: one to train on, one to validate on
+MIN_PER_CLASS = 2
+
+
+def _keras():
+    import keras  # heavy: imported when a model is built or loaded
+
+    return keras
+
+
+# ---------------------------------------------------------------------------
+# Checks and splits
+
+
+def _describe_counts(counts: dict, limit: int = 20) -> str:
+    items = [f"{label!r} ({n})" for label, n in sorted(counts.items(), key=lambda kv: (kv[1], str(kv[0])))]
+    more = f", and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def check_trainable(labels: Sequence, min_per_class: int = MIN_PER_CLASS) -> None:
+    """Raise :class:`ClassifierError` unless ``labels`` has >= 2 classes of >= ``min_per_class`` images."""
+    values, counts = np.unique(np.asarray(labels, dtype=object).astype(str), return_counts=True)
+    if len(values) < 2:
+        found = f"only {values[0]!r} ({counts[0]} images)" if len(values) else "no images at all"
+        raise ClassifierError(
+            f"the classifier needs at least 2 classes in the index split; found {found}. "
+            "Use a dataset with more categories (dataset.name / dataset.root in application.yaml).")
+    small = {v: int(c) for v, c in zip(values, counts) if c < min_per_class}
+    if small:
+        raise ClassifierError(
+            f"the classifier needs at least {min_per_class} images per class in the index split (one to train "
+            f"on, one to validate on); too few in {len(small)} of {len(values)} classes: {_describe_counts(small)}. "
+            "Raise dataset.min_per_class in application.yaml to drop such classes, or add images.")
+
+
+def stratified_split(labels: Sequence, fraction: float, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified (train, validation) row indices, every class kept in train.
+
+    Uses scikit-learn's ``train_test_split(stratify=...)``; when the classes are
+    too small for it (fewer validation rows than classes), falls back to taking
+    ``round(fraction * n)`` rows of each class, at least one from every class
+    of >= 2 rows, never a class's last row.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels, dtype=object).astype(str)
+    n = len(labels)
+    idx = np.arange(n)
+    if fraction <= 0 or n == 0:
+        return idx, idx[:0]
+    values, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    try:
+        if counts.min() < 2:
+            raise ValueError("a class has a single member")
+        tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
+        if len(np.unique(labels[tr])) != len(values):
+            raise ValueError("a class lost all its training rows")
+    except ValueError as e:
+        log.debug("stratified split by class quota instead of train_test_split: %s", e)
+        rng = np.random.default_rng(seed)
+        va_parts = []
+        for c, count in enumerate(counts):
+            rows = rng.permutation(idx[inverse == c])
+            k = min(count - 1, max(1, int(round(fraction * count)))) if count >= 2 else 0
+            va_parts.append(rows[:k])
+        va = np.sort(np.concatenate(va_parts)) if va_parts else idx[:0]
+        tr = np.setdiff1d(idx, va)
+    return np.sort(tr), np.sort(va)
+
+
+# ---------------------------------------------------------------------------
+# The estimator
+
+
+class EmbeddingClassifier:
+    """Softmax (optionally one hidden layer) head on embeddings, temperature-calibrated.
+
+    Parameters
+    ----------
+    hidden_units : int
+        0 = a linear layer straight to the logits; > 0 adds a ReLU layer of this width.
+    dropout : float
+        Dropout after the hidden layer (ignored without one).
+    epochs, batch_size, learning_rate, weight_decay
+        Adam training with an L2 penalty of ``weight_decay`` on the kernels.
+    validation_fraction : float
+        Share of each class held out when :meth:`fit` gets no validation data.
+    seed : int
+        Seeds the split, the initialisation and the shuffling.
+    calibrate : bool
+        Fit a temperature on the validation data (otherwise ``temperature_ = 1``).
+    patience : int
+        Early stopping patience (epochs without a lower validation loss); the
+        best weights are restored.
+    verbose : int
+        Keras ``fit`` verbosity.
+    """
+
+    def __init__(self, hidden_units: int = 0, dropout: float = 0.2, epochs: int = 60, batch_size: int = 64,
+                 learning_rate: float = 1e-3, weight_decay: float = 1e-4, validation_fraction: float = 0.2,
+                 seed: int = 42, calibrate: bool = True, patience: int = 10, verbose: int = 0):
+        self.hidden_units = hidden_units
+        self.dropout = dropout
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.validation_fraction = validation_fraction
+        self.seed = seed
+        self.calibrate = calibrate
+        self.patience = patience
+        self.verbose = verbose
+
+    _PARAMS = ("hidden_units", "dropout", "epochs", "batch_size", "learning_rate", "weight_decay",
+               "validation_fraction", "seed", "calibrate", "patience", "verbose")
+
+    @classmethod
+    def from_config(cls, ccfg, **kw) -> "EmbeddingClassifier":
+        """Build from a :class:`vslib.config.ClassifierConfig` (``cfg.classifier``)."""
+        params = {p: getattr(ccfg, p) for p in cls._PARAMS if hasattr(ccfg, p)}
+        params.update(kw)
+        return cls(**params)
+
+    def get_params(self) -> dict:
+        return {p: getattr(self, p) for p in self._PARAMS}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
+
+    # -- fitting ------------------------------------------------------------
+    def _build(self, X_train: np.ndarray, n_classes: int):
+        keras = _keras()
+        reg = keras.regularizers.L2(self.weight_decay) if self.weight_decay else None
+        inputs = keras.Input((X_train.shape[1],), name="embedding")
+        norm = keras.layers.Normalization(axis=-1, name="standardise")
+        norm.adapt(X_train)
+        x = norm(inputs)
+        if self.hidden_units:
+            x = keras.layers.Dense(self.hidden_units, activation="relu", kernel_regularizer=reg, name="hidden")(x)
+            if self.dropout:
+                x = keras.layers.Dropout(self.dropout, seed=self.seed, name="dropout")(x)
+        logits = keras.layers.Dense(n_classes, kernel_regularizer=reg, name="logits")(x)
+        model = keras.Model(inputs, logits, name="classifier_head")
+        model.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+        return model
+
+    def _encode(self, y, where: str) -> np.ndarray:
+        y = np.asarray(y, dtype=object).astype(str)
+        pos = np.searchsorted(self.classes_, y)
+        pos = np.clip(pos, 0, len(self.classes_) - 1)
+        unknown = sorted(set(y[self.classes_[pos] != y]))
+        if unknown:
+            raise ClassifierError(f"{where} has labels the training data lacks: {unknown[:20]}"
+                                  f"{' ...' if len(unknown) > 20 else ''}")
+        return pos.astype(np.int64)
+
+    def fit(self, X, y, X_val=None, y_val=None) -> "EmbeddingClassifier":
+        """Train on ``X`` (n, dim) with labels ``y``; early-stop and calibrate on the validation data.
+
+        Without ``X_val``, a stratified ``validation_fraction`` of ``X`` is held
+        out (:func:`stratified_split`). Raises :class:`ClassifierError` for
+        fewer than 2 classes or a class with fewer than 2 images.
+        """
+        keras = _keras()
+        X = _as_matrix(X, "X")
+        y = np.asarray(y, dtype=object).astype(str)
+        if len(y) != len(X):
+            raise ClassifierError(f"X has {len(X)} rows but y has {len(y)} labels")
+        if X_val is None:
+            check_trainable(y)
+            tr, va = stratified_split(y, self.validation_fraction, self.seed)
+            X, X_val, y, y_val = X[tr], X[va], y[tr], y[va]
+        else:
+            X_val = _as_matrix(X_val, "X_val")
+            y_val = np.asarray(y_val, dtype=object).astype(str)
+            check_trainable(np.concatenate([y, y_val]))
+            if X_val.shape[1] != X.shape[1]:
+                raise ClassifierError(f"X_val has {X_val.shape[1]} features but X has {X.shape[1]}")
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise ClassifierError(f"the training part holds a single class {self.classes_[0]!r}")
+        self.n_features_in_ = X.shape[1]
+        yi = self._encode(y, "training data")
+        yv = self._encode(y_val, "the validation data") if len(y_val) else np.zeros(0, np.int64)
+
+        keras.utils.set_random_seed(self.seed)
+        self.model_ = self._build(X, len(self.classes_))
+        callbacks, validation = [], None
+        if len(yv):
+            validation = (X_val, yv)
+            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience,
+                                                           restore_best_weights=True))
+        hist = self.model_.fit(X, yi, validation_data=validation, epochs=self.epochs,
+                               batch_size=self.batch_size, shuffle=True, callbacks=callbacks,
+                               verbose=self.verbose)
+        self.history_ = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+        self.n_epochs_ = len(self.history_.get("loss", []))
+        self.n_train_, self.n_val_ = len(yi), len(yv)
+
+        self.temperature_ = 1.0
+        if len(yv):
+            logits = self.predict_logits(X_val)
+            if self.calibrate:
+                self.temperature_ = calibration.fit_temperature(logits, yv)
+            self.calibration_ = calibration.calibration_report(logits, yv, self.temperature_)
+        else:
+            self.calibration_ = {}
+        log.info("classifier: %d classes, %d train / %d validation, %d epochs, temperature %.3f",
+                 len(self.classes_), self.n_train_, self.n_val_, self.n_epochs_, self.temperature_)
+        return self
+
+    # -- predicting ---------------------------------------------------------
+    def _check_fitted(self):
+        if not hasattr(self, "model_"):
+            raise ClassifierError(f"this {type(self).__name__} is not fitted yet; call fit() or load_classifier(cfg)")
+
+    def predict_logits(self, X) -> np.ndarray:
+        """Uncalibrated logits (n, n_classes), columns in the order of ``classes_``."""
+        self._check_fitted()
+        X = _as_matrix(X, "X")
+        if X.shape[1] != self.n_features_in_:
+            raise ClassifierError(f"X has {X.shape[1]} features but the classifier was trained on "
+                                  f"{self.n_features_in_} (another backbone?)")
+        if len(X) == 0:
+            return np.zeros((0, len(self.classes_)), np.float32)
+        # direct calls: model.predict would retrace its tf.function for every new batch shape
+        step = 4096
+        return np.concatenate([np.asarray(self.model_(X[i:i + step], training=False), np.float32)
+                               for i in range(0, len(X), step)])
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Calibrated probabilities ``softmax(logits / temperature_)`` (n, n_classes)."""
+        return calibration.softmax(self.predict_logits(X), self.temperature_)
+
+    def predict(self, X) -> np.ndarray:
+        """The most probable label of each row."""
+        return self.classes_[self.predict_logits(X).argmax(axis=1)]
+
+    def score(self, X, y) -> float:
+        """Accuracy on ``(X, y)``."""
+        return float(np.mean(self.predict(X) == np.asarray(y, dtype=object).astype(str)))
+
+    def evaluate(self, X, y, *, top_k: int = 3) -> dict:
+        """Accuracy, top-k accuracy, per-class precision/recall, confusion matrix, NLL and ECE."""
+        from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+        self._check_fitted()
+        yi = self._encode(y, "the evaluation data")
+        logits = self.predict_logits(X)
+        proba = calibration.softmax(logits, self.temperature_)
+        pred = proba.argmax(axis=1)
+        k = min(top_k, len(self.classes_))
+        topk = np.argsort(-proba, axis=1)[:, :k]
+        labels = np.arange(len(self.classes_))
+        prec, rec, f1, support = precision_recall_fscore_support(yi, pred, labels=labels, zero_division=0)
+        cm = confusion_matrix(yi, pred, labels=labels)
+        return {
+            "n": int(len(yi)),
+            "n_classes": int(len(self.classes_)),
+            "chance": 1.0 / len(self.classes_),
+            "accuracy": float(np.mean(pred == yi)),
+            f"top{k}_accuracy": float(np.mean((topk == yi[:, None]).any(axis=1))),
+            **calibration.calibration_report(logits, yi, self.temperature_),
+            "macro_precision": float(prec.mean()),
+            "macro_recall": float(rec.mean()),
+            "per_class": {str(c): {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                          for c, p, r, f, s in zip(self.classes_, prec, rec, f1, support)},
+            "confusion_matrix": {"labels": [str(c) for c in self.classes_], "matrix": cm.tolist()},
+        }
+
+    def predict_image(self, images, backbone=None) -> np.ndarray:
+        """Calibrated probabilities (n, n_classes) of image files, PIL images or uint8 arrays.
+
+        A single image gives one row. The images are embedded with ``backbone``
+        (default: the one the classifier was trained on) exactly as the feature
+        cache embeds them.
+        """
+        from vslib import features
+
+        self._check_fitted()
+        if _is_single_image(images):
+            images = [images]
+        if backbone is None:
+            backbone = self._get_backbone()
+        elif getattr(backbone, "name", None) not in (None, getattr(self, "backbone_", None)) \
+                and getattr(self, "backbone_", None):
+            raise ClassifierError(f"the classifier was trained on backbone {self.backbone_!r} but was given "
+                                  f"{backbone.name!r}")
+        return self.predict_proba(features.embed_images(backbone, list(images)))
+
+    def _get_backbone(self):
+        if getattr(self, "_backbone", None) is None:
+            name = getattr(self, "backbone_", None)
+            if not name:
+                raise ClassifierError("this classifier does not know its backbone; pass backbone= to predict_image")
+            from vslib.backbones import get_backbone
+
+            self._backbone = get_backbone(name, weights=getattr(self, "backbone_weights_", None))
+        return self._backbone
+
+    # -- persistence --------------------------------------------------------
+    def save(self, directory, metadata: Optional[dict] = None) -> Path:
+        """Write ``model.keras``, ``labels.json`` and ``metadata.json`` into ``directory``."""
+        self._check_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = dict(metadata or {})
+        meta.update({
+            "format_version": FORMAT_VERSION,
+            "kind": "embedding",
+            "params": self.get_params(),
+            "n_features": int(self.n_features_in_),
+            "n_classes": int(len(self.classes_)),
+            "n_train": int(self.n_train_),
+            "n_val": int(self.n_val_),
+            "n_epochs": int(self.n_epochs_),
+            "temperature": float(self.temperature_),
+            "calibration": self.calibration_,
+        })
+        for attr in ("backbone_", "backbone_weights_", "dataset_"):
+            if getattr(self, attr, None) is not None:
+                meta.setdefault(attr.rstrip("_"), getattr(self, attr))
+        tmp = directory / (MODEL_FILE + ".tmp.keras")
+        self.model_.save(tmp)
+        os.replace(tmp, directory / MODEL_FILE)
+        _write_json(directory / LABELS_FILE, [str(c) for c in self.classes_])
+        _write_json(directory / METADATA_FILE, meta)  # written last: its presence marks a complete model
+        self.metadata_ = meta
+        return directory
+
+    @classmethod
+    def load(cls, directory) -> "EmbeddingClassifier":
+        """Load what :meth:`save` wrote. Raises :class:`ClassifierError` if it is missing or incomplete."""
+        directory = Path(directory)
+        missing = [f for f in (MODEL_FILE, LABELS_FILE, METADATA_FILE) if not (directory / f).is_file()]
+        if missing:
+            raise ClassifierError(f"no complete classifier in {directory} (missing {', '.join(missing)})")
+        meta = json.loads((directory / METADATA_FILE).read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ClassifierError(f"{directory} holds a classifier of format {meta.get('format_version')}; "
+                                  f"this version reads format {FORMAT_VERSION}. Retrain with `visualsearch train`.")
+        params = {k: v for k, v in meta.get("params", {}).items() if k in cls._PARAMS}
+        clf = cls(**params)
+        clf.model_ = _keras().models.load_model(directory / MODEL_FILE, compile=False)
+        clf.classes_ = np.asarray(json.loads((directory / LABELS_FILE).read_text()), dtype=object).astype(str)
+        clf.n_features_in_ = int(meta["n_features"])
+        clf.n_train_, clf.n_val_ = int(meta.get("n_train", 0)), int(meta.get("n_val", 0))
+        clf.n_epochs_ = int(meta.get("n_epochs", 0))
+        clf.temperature_ = float(meta.get("temperature", 1.0))
+        clf.calibration_ = meta.get("calibration", {})
+        clf.backbone_ = meta.get("backbone")
+        clf.backbone_weights_ = meta.get("backbone_weights")
+        clf.dataset_ = meta.get("dataset")
+        clf.metadata_ = meta
+        if clf.model_.output_shape[-1] != len(clf.classes_):
+            raise ClassifierError(f"{directory}: the model has {clf.model_.output_shape[-1]} outputs but "
+                                  f"{LABELS_FILE} lists {len(clf.classes_)} labels; retrain with `visualsearch train`")
+        return clf
+
+
+# ---------------------------------------------------------------------------
+# Pipeline entry points
+
+
+def fingerprint(index_features, cfg) -> str:
+    """A key of everything training depends on: the index vectors and labels, backbone, dataset, settings."""
+    h = hashlib.sha256()
+    h.update(f"v{FORMAT_VERSION}|{cfg.backbone.name}|{cfg.backbone.weights}|{cfg.dataset.name}|".encode())
+    h.update(json.dumps(dataclasses.asdict(cfg.classifier), sort_keys=True).encode())
+    h.update(np.ascontiguousarray(index_features.vectors, dtype=np.float32).tobytes())
+    table = index_features.table
+    for col in ("label", "content_hash"):
+        if col in table:
+            h.update("\0".join(table[col].astype(str)).encode())
+    return h.hexdigest()
+
+
+def _cached(cfg, key: str):
+    directory = cfg.classifier_dir
+    try:
+        meta = json.loads((directory / METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("fingerprint") != key or not (directory / MODEL_FILE).is_file():
+        return None
+    try:
+        return EmbeddingClassifier.load(directory)
+    except (ClassifierError, OSError, ValueError) as e:
+        log.warning("retraining: the saved classifier in %s cannot be loaded (%s)", directory, e)
+        return None
+
+
+def train(cfg, *, force: bool = False):
+    """Train, calibrate, evaluate and save the classifier of ``cfg``; return ``(classifier, metrics)``.
+
+    Trains on the index split of the feature cache (:func:`vslib.features.load_features`),
+    holding out ``classifier.validation_fraction`` of each class for early
+    stopping, the temperature and the metrics. Writes ``model.keras``,
+    ``labels.json`` and ``metadata.json`` to ``cfg.classifier_dir``, the metrics
+    to ``reports/classifier_metrics.json`` and the confusion matrix to
+    ``reports/figures/confusion_matrix.png``. A model trained on the same
+    features and settings is reused unless ``force``.
+    """
+    from vslib import features
+
+    index = features.load_features(cfg).split("index")
+    labels = index.table["label"].astype(str).to_numpy()
+    check_trainable(labels)
+    key = fingerprint(index, cfg)
+    if not force and (clf := _cached(cfg, key)) is not None:
+        log.info("classifier: reusing %s (same features and settings)", cfg.classifier_dir)
+        return clf, clf.metadata_.get("metrics", {})
+
+    ccfg = cfg.classifier
+    tr, va = stratified_split(labels, ccfg.validation_fraction, ccfg.seed)
+    X = index.vectors
+    clf = EmbeddingClassifier.from_config(ccfg)
+    clf.fit(X[tr], labels[tr], X[va], labels[va])
+    clf.backbone_, clf.backbone_weights_, clf.dataset_ = cfg.backbone.name, cfg.backbone.weights, cfg.dataset.name
+    metrics = clf.evaluate(X[va], labels[va])
+    metrics["train_accuracy"] = clf.score(X[tr], labels[tr])
+    metrics["evaluated_on"] = ("validation part of the index split (also used for early stopping and the "
+                               "temperature); the query split is evaluated by `visualsearch evaluate`")
+
+    if ccfg.fine_tune:
+        clf, metrics = _fine_tune(cfg, clf, index, tr, va, metrics)
+
+    meta = {
+        "backbone": cfg.backbone.name,
+        "backbone_weights": cfg.backbone.weights,
+        "dataset": cfg.dataset.name,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "fingerprint": key,
+        "metrics": metrics,
+        "config": dataclasses.asdict(ccfg),
+        "validation_paths": index.table["path"].astype(str).iloc[va].tolist() if "path" in index.table else [],
+    }
+    clf.save(cfg.classifier_dir, meta)
+    cfg.reports_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(cfg.reports_dir / METRICS_FILE, metrics)
+    save_confusion_figure(metrics["confusion_matrix"], cfg.figures_dir / CONFUSION_FIGURE,
+                          title=f"Classifier ({cfg.dataset.name}, {cfg.backbone.name}) — validation, row-normalised")
+    log.info("classifier: accuracy %.3f, top-3 %.3f, ECE %.3f -> %.3f (T = %.2f); saved to %s",
+             metrics["accuracy"], metrics.get("top3_accuracy", float("nan")), metrics["ece_before"],
+             metrics["ece_after"], clf.temperature_, cfg.classifier_dir)
+    return clf, metrics
+
+
+def load_classifier(cfg) -> EmbeddingClassifier:
+    """Load the classifier of ``cfg`` and check it matches the configured backbone and dataset."""
+    directory = cfg.classifier_dir
+    if not (directory / METADATA_FILE).is_file():
+        raise ClassifierError(f"no trained classifier in {directory}; run `visualsearch train -c {cfg.source}` first")
+    clf = EmbeddingClassifier.load(directory)
+    if clf.backbone_ != cfg.backbone.name:
+        raise ClassifierError(f"the classifier in {directory} was trained on backbone {clf.backbone_!r} but "
+                              f"backbone.name is {cfg.backbone.name!r} in {cfg.source}; retrain with "
+                              f"`visualsearch train -c {cfg.source}`")
+    if clf.dataset_ and clf.dataset_ != cfg.dataset.name:
+        raise ClassifierError(f"the classifier in {directory} was trained on dataset {clf.dataset_!r} but "
+                              f"dataset.name is {cfg.dataset.name!r} in {cfg.source}; retrain with "
+                              f"`visualsearch train -c {cfg.source}`")
+    return clf
+
+
+def check_labels(classifier, index_labels: Iterable) -> None:
+    """Raise :class:`ClassifierError` if the classifier predicts labels the index does not hold.
+
+    A search narrowed to such a label would find nothing.
+    """
+    known = set(np.asarray(list(index_labels), dtype=object).astype(str))
+    extra = sorted(set(map(str, classifier.classes_)) - known)
+    if extra:
+        shown = ", ".join(repr(x) for x in extra[:20]) + (f", and {len(extra) - 20} more" if len(extra) > 20 else "")
+        raise ClassifierError(f"the classifier knows {len(extra)} label(s) the index lacks: {shown}. The index "
+                              "and the classifier come from different data; rebuild the index "
+                              "(`visualsearch index`) or retrain (`visualsearch train`).")
+
+
+# ---------------------------------------------------------------------------
+# Figures
+
+
+def save_confusion_figure(confusion: dict, path, *, title: str = "Confusion matrix (row-normalised)") -> Path:
+    """Save a row-normalised confusion matrix (``{"labels", "matrix"}``) as a PNG readable at ~60 classes."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    labels = [_short(str(x)) for x in confusion["labels"]]
+    cm = np.asarray(confusion["matrix"], dtype=np.float64)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    n = len(labels)
+    side = float(np.clip(0.22 * n + 3, 5, 24))
+    fontsize = float(np.clip(12 - n / 8, 5, 10))
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(n), labels, fontsize=fontsize)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if norm[i, j] > 0:
+                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=fontsize - 1,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning (optional, slow on CPU)
+
+
+def _fine_tune(cfg, head: EmbeddingClassifier, index, tr, va, metrics):
+    raise ClassifierError("classifier.fine_tune is not implemented yet; set classifier.fine_tune: false")
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def _as_matrix(X, name: str) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float32)
+    if X.ndim != 2:
+        raise ClassifierError(f"{name} must be a 2-D array (n, dim) of embeddings, not shape {X.shape}")
+    return X
+
+
+def _is_single_image(x: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(x, (str, os.PathLike, Image.Image)) or (isinstance(x, np.ndarray) and x.ndim in (2, 3))
+
+
+def _short(label: str, n: int = 24) -> str:
+    return label if len(label) <= n else label[: n - 1] + "…"
+
+
+def _write_json(path: Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
