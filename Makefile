@@ -1,0 +1,49 @@
+# VisualSearch: `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= application.yaml
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test report bench bench-full clean-generated
+
+## Print this help.
+help:
+	@awk '/^## /{doc=substr($$0,4); next} /^[a-zA-Z_-]+:/{if(doc){split($$1,t,":"); printf "  make %-16s %s\n", t[1], doc}; doc=""}' $(MAKEFILE_LIST)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## Create .venv (if missing) and install the project with its dev tools.
+install: $(STAMP)
+
+## Run the whole pipeline on the default dataset, then the notebook reports.
+demo: $(STAMP)
+	$(VENV)/bin/visualsearch run -c $(CONFIG) --report
+
+## Run the whole test suite.
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+## Run the numbered notebooks with papermill into HTML reports under reports/.
+report: $(STAMP)
+	$(VENV)/bin/visualsearch report -c $(CONFIG)
+
+## Quick benchmarks (extraction; search at 10k vectors).
+bench: $(STAMP)
+	$(PY) benchmarks/extract.py
+	$(PY) benchmarks/search.py --quick
+
+## Full search benchmark (10k, 100k, 1M vectors; takes a long while).
+bench-full: $(STAMP)
+	$(PY) benchmarks/search.py
+
+## Delete generated data, models and reports (keeps the folders).
+clean-generated:
+	find data models reports -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
