@@ -91,6 +91,8 @@ class Backbone:
     preprocess_fn: Callable[[np.ndarray], np.ndarray] = field(repr=False)
     classifier_model: object = field(default=None, repr=False)
     weights: str = ""
+    #: identity of the weights: feature caches never mix vectors of different keys
+    cache_key: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _embed_fn: object = field(default=None, repr=False)
     _logits_fn: object = field(default=None, repr=False)
@@ -296,7 +298,8 @@ def _load_lite(name: str, input_size: int, cache_dir: Path) -> Backbone:
         full.save_weights(tmp)
         os.replace(tmp, cache)
     return Backbone(name=name, input_size=input_size, dim=int(features.output.shape[-1]), keras_model=features,
-                    preprocess_fn=lite_preprocess, classifier_model=full, weights=str(pth))
+                    preprocess_fn=lite_preprocess, classifier_model=full, weights=str(pth),
+                    cache_key=f"{name}:{pth.name}")
 
 
 def _lite_factory(name: str, input_size: int):
@@ -338,6 +341,8 @@ def _reachable(host_port, timeout: float = 3.0) -> Optional[str]:
 def _load_resnet50(weights: Optional[str], cache_dir: Path) -> Backbone:
     import keras
 
+    from vslib.images import file_hash
+
     if weights in (None, ""):
         raise BackboneError("resnet50: backbone.weights is required: `imagenet` (downloads; needs internet) "
                             "or `/path/to/resnet50_weights.h5`")
@@ -373,10 +378,12 @@ def _load_resnet50(weights: Optional[str], cache_dir: Path) -> Backbone:
                 raise BackboneError(f"resnet50: {path} is not a ResNet50 weights file (with top: {first}; "
                                     f"without top: {second})") from None
             return Backbone(name="resnet50", input_size=224, dim=2048, keras_model=notop,
-                            preprocess_fn=resnet50_preprocess, classifier_model=None, weights=str(path))
+                            preprocess_fn=resnet50_preprocess, classifier_model=None, weights=str(path),
+                            cache_key=f"resnet50:sha256={file_hash(path)[:16]}")
     features = keras.Model(full.input, full.get_layer("avg_pool").output, name="resnet50_features")
     return Backbone(name="resnet50", input_size=224, dim=2048, keras_model=features,
-                    preprocess_fn=resnet50_preprocess, classifier_model=full, weights=str(weights))
+                    preprocess_fn=resnet50_preprocess, classifier_model=full, weights=str(weights),
+                    cache_key="resnet50:imagenet" if weights == "imagenet" else f"resnet50:sha256={file_hash(path)[:16]}")
 
 
 # ---------------------------------------------------------------------------

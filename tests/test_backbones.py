@@ -1,0 +1,124 @@
+"""Backbones: genuine ImageNet weights, embedding contract, registry errors, offline ResNet50."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import skimage.data
+
+from vslib import backbones
+from vslib.backbones import IMAGENET_CAT_CLASSES, IMAGENET_COFFEE_CLASSES, get_backbone
+from vslib.errors import BackboneError
+from vslib.images import load_for_model
+from vslib.pth import load_state_dict
+
+
+def _photos(size):
+    return np.stack([load_for_model(skimage.data.chelsea(), size), load_for_model(skimage.data.coffee(), size)])
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return get_backbone("efficientnet_lite0")
+
+
+def test_pth_reader_reads_legacy_state_dict_without_torch():
+    sd = load_state_dict(backbones._pth_path("efficientnet_lite0"))
+    assert len(sd) == 296
+    assert sd["_conv_stem.weight"].shape == (32, 3, 3, 3)
+    assert sd["_fc.weight"].shape == (1000, 1280) and sd["_fc.weight"].dtype == np.float32
+    assert np.isfinite(sd["_bn0.running_var"]).all() and (sd["_bn0.running_var"] >= 0).all()
+    import sys
+    assert "torch" not in sys.modules
+
+
+def _check_imagenet(bb):
+    top = bb.classify_imagenet(_photos(bb.input_size), top=5)
+    cat, coffee = top
+    assert {c for c, _ in cat} & set(IMAGENET_CAT_CLASSES), f"chelsea top-5 has no cat class: {cat}"
+    assert coffee[0][0] in (967, 968), f"coffee top-1 is not espresso/cup: {coffee}"
+    assert cat[0][0] in IMAGENET_CAT_CLASSES and cat[0][1] > 0.5  # confident, as genuine weights are
+
+
+def test_lite0_weights_are_genuine_imagenet(lite0):
+    _check_imagenet(lite0)
+
+
+def test_lite2_weights_are_genuine_imagenet():
+    bb = get_backbone("efficientnet_lite2")
+    assert bb.input_size == 260 and bb.dim == 1280
+    _check_imagenet(bb)
+
+
+def test_embedding_contract(lite0):
+    x = _photos(224)
+    e = lite0.embed(x)
+    assert e.shape == (2, 1280) and e.dtype == np.float32 and lite0.dim == 1280
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(e, lite0.embed(x))  # deterministic
+    # batch composition does not change a vector
+    np.testing.assert_allclose(lite0.embed(x[:1])[0], e[0], atol=1e-5)
+    assert float(e[0] @ e[1]) < 0.9  # a cat and a coffee cup are not the same picture
+
+
+def test_preprocess_is_the_lite_normalisation(lite0):
+    x = np.array([0, 127, 255], np.uint8)[None, None, :].repeat(224, 0).repeat(224, 1)[None]
+    p = lite0.preprocess(x)
+    assert p.dtype == np.float32
+    np.testing.assert_allclose(p[0, 0, 0], [-127 / 128, 0, 1])
+    with pytest.raises(ValueError, match="224x224"):
+        lite0.preprocess(np.zeros((1, 100, 100, 3), np.uint8))
+
+
+def test_backbone_is_built_once_per_process(lite0, tmp_path):
+    t = time.perf_counter()
+    assert get_backbone("efficientnet_lite0", cache_dir=tmp_path) is lite0
+    assert time.perf_counter() - t < 0.1
+
+
+def test_converted_weights_are_cached_and_reload_identically(lite0, tmp_path):
+    cache = tmp_path / "bb"
+    first = backbones._load_lite("efficientnet_lite0", 224, cache)
+    assert (cache / "efficientnet_lite0.weights.h5").exists()
+    again = backbones._load_lite("efficientnet_lite0", 224, cache)  # from the .h5 this time
+    x = _photos(224)
+    np.testing.assert_array_equal(again.embed(x), first.embed(x))
+    np.testing.assert_allclose(first.embed(x), lite0.embed(x), atol=1e-6)
+
+
+def test_unknown_backbone_names_the_choices():
+    with pytest.raises(BackboneError, match=r"Unsupported backbone 'vgg16'. Available backbones are \["):
+        get_backbone("vgg16")
+
+
+def test_resnet50_offline_fails_fast_naming_both_options(monkeypatch, tmp_path):
+    # no cached download in this KERAS_HOME; this machine has no internet
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    if backbones._reachable(backbones.RESNET50_URL_HOST, timeout=2.0) is None:
+        pytest.skip("online: the download would succeed")
+    t = time.perf_counter()
+    with pytest.raises(BackboneError) as e:
+        backbones._load_resnet50("imagenet", tmp_path)
+    assert time.perf_counter() - t < 15
+    msg = str(e.value)
+    assert "weights: imagenet" in msg and "weights: /path/to/resnet50_weights.h5" in msg
+
+
+def test_resnet50_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope.h5"
+    with pytest.raises(BackboneError, match="nope.h5"):
+        get_backbone("resnet50", weights=str(missing))
+
+
+def test_resnet50_local_weights_file(tmp_path):
+    import keras
+
+    path = tmp_path / "resnet50.weights.h5"
+    keras.applications.ResNet50(include_top=True, weights=None).save_weights(path)  # random, but a real file
+    bb = backbones._load_resnet50(str(path), tmp_path)
+    assert bb.dim == 2048 and bb.input_size == 224 and bb.has_classifier
+    e = bb.embed(_photos(224))
+    assert e.shape == (2, 2048) and e.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-5)
+    assert bb.cache_key.startswith("resnet50:sha256=")
