@@ -1,0 +1,374 @@
+"""Embedded FAISS index: exact inner-product search by default, any FAISS factory by config.
+
+Filtered search is a pre-filter: the allowed rows become an ``IDSelectorBitmap``
+that FAISS applies while it searches. When few rows match, or when an
+approximate (HNSW, …) search found fewer than k of them, the matching rows are
+ranked exactly with numpy instead, so a filter that matches at least k items
+always yields k hits.
+
+On disk (``cfg.index_dir``)::
+
+    meta.json            format, dim, factory, count, generation   (written last, atomically)
+    g000003/vectors.npy  float32 (count, dim)
+    g000003/metadata.parquet   id + one column per metadata field
+    g000003/faiss.index  the trained/built FAISS index (non-Flat factories only)
+
+A save writes a new generation folder, then replaces ``meta.json`` (which
+names it) in one rename, then deletes older generations, so a crash at any
+moment leaves the previous or the new state, never a mix.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from vslib.index.base import (Hit, IndexBackendError, IndexDimensionError, IndexNotFoundError, VectorIndex,
+                              exact_search, normalize_filter)
+
+log = logging.getLogger(__name__)
+
+FORMAT = "visualsearch-embedded-1"
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover - faiss-cpu is a dependency
+        raise IndexBackendError("the embedded index needs FAISS: pip install faiss-cpu") from None
+    return faiss
+
+
+class EmbeddedIndex(VectorIndex):
+    """FAISS index in this process, persisted to a directory (or in memory when ``path`` is None)."""
+
+    name = "embedded"
+    max_k = None
+    #: below this many matching rows a filtered search ranks them exactly with numpy
+    exact_below = 10_000
+    #: compact (drop removed rows) when more than this share of the rows is dead
+    compact_share = 0.5
+
+    def __init__(self, dim: int, path: Optional[os.PathLike] = None, factory: str = "Flat", ef_search: int = 128):
+        super().__init__(dim)
+        self.path = Path(path) if path is not None else None
+        self.factory = factory
+        self.ef_search = int(ef_search)
+        _make_faiss(dim, factory)  # fail now, naming the factory string, if it is not valid
+        self._vectors = np.empty((0, dim), np.float32)  # capacity buffer; rows [0, _n) are used
+        self._n = 0
+        self._ids: list[Optional[str]] = []
+        self._meta: list[Optional[dict]] = []
+        self._alive = np.empty(0, bool)
+        self._pos: dict[str, int] = {}
+        self._faiss = None
+        self._columns: dict = {}
+        self._filter_cache: dict = {}
+        self._dirty = False
+
+    # -- opening -------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Optional[os.PathLike], dim: Optional[int] = None, *, factory: str = "Flat",
+             ef_search: int = 128, create: bool = True) -> "EmbeddedIndex":
+        """Open the index saved in ``path``, or create an empty one.
+
+        Raises :class:`IndexNotFoundError` when there is none and ``create`` is
+        False, :class:`IndexDimensionError` when the saved vectors are not ``dim``-dimensional.
+        """
+        meta_file = Path(path) / "meta.json" if path is not None else None
+        if meta_file is None or not meta_file.exists():
+            if not create:
+                raise IndexNotFoundError(f"no embedded index in {path}; build it with `visualsearch index`")
+            if dim is None:
+                raise IndexBackendError(f"cannot create an embedded index in {path} without knowing the "
+                                        "vector dimension (pass dim=...)")
+            return cls(dim, path, factory, ef_search)
+        try:
+            meta = json.loads(meta_file.read_text())
+            saved_dim = int(meta["dim"])
+        except (OSError, ValueError, KeyError) as e:
+            raise IndexBackendError(f"{meta_file} is unreadable ({e}); delete {path} and rebuild the index") from None
+        if meta.get("format") != FORMAT:
+            raise IndexBackendError(f"{meta_file}: unknown format {meta.get('format')!r} (expected {FORMAT!r}); "
+                                    f"delete {path} and rebuild the index")
+        if dim is not None and dim != saved_dim:
+            raise IndexDimensionError(
+                f"the embedded index in {path} holds {saved_dim}-dimensional vectors but the backbone gives "
+                f"{dim}-dimensional ones; delete {path} or rebuild it with vslib.index.build(cfg, rebuild=True)")
+        self = cls(saved_dim, path, factory, ef_search)
+        self._load(Path(path) / meta["generation"], meta)
+        return self
+
+    def _load(self, folder: Path, meta: dict) -> None:
+        import pyarrow.parquet as pq
+
+        try:
+            vectors = np.load(folder / "vectors.npy")
+            table = pq.read_table(folder / "metadata.parquet").to_pylist()
+        except (OSError, ValueError) as e:
+            raise IndexBackendError(f"the embedded index in {self.path} is damaged ({e}); delete it and "
+                                    "rebuild with `visualsearch index`") from None
+        if vectors.shape != (meta["count"], self.dim) or len(table) != meta["count"]:
+            raise IndexBackendError(f"the embedded index in {self.path} is inconsistent (meta.json says "
+                                    f"{meta['count']} items, found {vectors.shape} vectors and {len(table)} "
+                                    "metadata rows); delete it and rebuild with `visualsearch index`")
+        ids, metas = [], []
+        for row in table:
+            ident = row.pop("id")
+            if "_json" in row:
+                row = json.loads(row["_json"])
+            ids.append(ident)
+            metas.append({k: v for k, v in row.items() if v is not None})
+        self._vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self._n = len(ids)
+        self._ids, self._meta = ids, metas
+        self._alive = np.ones(self._n, bool)
+        self._pos = {ident: i for i, ident in enumerate(ids)}
+        if meta.get("factory") == self.factory and (folder / "faiss.index").exists():
+            faiss = _faiss()
+            self._faiss = faiss.read_index(str(folder / "faiss.index"))
+            if self._faiss.ntotal != self._n or self._faiss.d != self.dim:
+                log.warning("%s does not match the saved vectors; rebuilding it", folder / "faiss.index")
+                self._faiss = None
+        elif self._n and meta.get("factory") != self.factory:
+            log.info("embedded index in %s was built with factory %r; rebuilding it as %r",
+                     self.path, meta.get("factory"), self.factory)
+            self._dirty = True
+
+    # -- the contract ------------------------------------------------------------
+    @property
+    def exact(self) -> bool:
+        return self.factory.strip().lower() in ("flat", "flat,", "idmap,flat")
+
+    def _add(self, ids, vectors, metadata):
+        replaced = [self._pos[i] for i in ids if i in self._pos]
+        if replaced:
+            self._kill(np.asarray(replaced))
+        start = self._n
+        self._reserve(start + len(ids))
+        self._vectors[start:start + len(ids)] = vectors
+        self._alive[start:start + len(ids)] = True
+        self._n += len(ids)
+        self._ids.extend(ids)
+        self._meta.extend(metadata)
+        for j, ident in enumerate(ids):
+            self._pos[ident] = start + j
+        self._changed()
+        self._maybe_compact()
+        return len(ids), []
+
+    def remove(self, ids) -> int:
+        self._check_open()
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        rows = [self._pos.pop(str(i)) for i in ids if str(i) in self._pos]
+        if rows:
+            self._kill(np.asarray(rows))
+            self._changed()
+            self._maybe_compact()
+        return len(rows)
+
+    def count(self, filter=None) -> int:
+        self._check_open()
+        filt = normalize_filter(filter)
+        if filt is None:
+            return len(self._pos)
+        return int(self._allowed(filt).sum())
+
+    def _search(self, queries, k, filt):
+        nq = len(queries)
+        if not self._pos:
+            return [[] for _ in range(nq)]
+        allowed = None
+        if filt is not None or len(self._pos) < self._n:
+            allowed = self._allowed(filt)
+        n_match = len(self._pos) if allowed is None else int(allowed.sum())
+        if n_match == 0:
+            return [[] for _ in range(nq)]
+        want = min(k, n_match)
+        if allowed is not None and n_match <= self.exact_below:
+            rows = np.flatnonzero(allowed)
+            scores, found = exact_search(self._vectors[:self._n], queries, k, rows)
+            return [self._hits(s, r) for s, r in zip(scores, found)]
+        index = self._index()
+        faiss = _faiss()
+        params = None
+        sel_bits = None
+        if allowed is not None:
+            sel_bits = np.packbits(allowed, bitorder="little")
+            sel = faiss.IDSelectorBitmap(len(sel_bits), faiss.swig_ptr(sel_bits))
+            params = (faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.ef_search, k))
+                      if hasattr(index, "hnsw") else faiss.SearchParameters(sel=sel))
+        elif hasattr(index, "hnsw"):
+            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
+        scores, found = index.search(queries, want, params=params)
+        del sel_bits  # the selector reads this buffer; keep it alive until here
+        out = []
+        short = []
+        for qi in range(nq):
+            ok = found[qi] >= 0
+            out.append(self._hits(scores[qi][ok], found[qi][ok]))
+            if ok.sum() < want:
+                short.append(qi)
+        if short:  # an approximate search missed some matches: rank those queries exactly
+            rows = None if allowed is None else np.flatnonzero(allowed)
+            s, r = exact_search(self._vectors[:self._n], queries[short], k, rows)
+            for j, qi in enumerate(short):
+                out[qi] = self._hits(s[j], r[j])
+        return out
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.save()
+        self.closed = True
+        self._faiss = None
+
+    def drop(self) -> None:
+        if self.path is not None and self.path.exists():
+            shutil.rmtree(self.path)
+        self._dirty = False
+        self.closed = True
+        self._faiss = None
+
+    def info(self) -> dict:
+        return {**super().info(), "factory": self.factory, "path": str(self.path) if self.path else None}
+
+    # -- persistence -----------------------------------------------------------------
+    def save(self) -> None:
+        """Write pending changes to ``path`` (atomically); nothing to do when unchanged or in memory."""
+        self._check_open()
+        if self.path is None or not self._dirty:
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._compact()
+        self.path.mkdir(parents=True, exist_ok=True)
+        meta_file = self.path / "meta.json"
+        old = json.loads(meta_file.read_text()).get("generation") if meta_file.exists() else None
+        number = int(old[1:]) + 1 if old and old[1:].isdigit() else 1
+        gen = f"g{number:06d}"
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.path))
+        np.save(tmp / "vectors.npy", self._vectors[:self._n])
+        rows = [{"id": i, **m} for i, m in zip(self._ids, self._meta)]
+        try:
+            table = pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.string())})
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # a field holds mixed types: keep it as JSON
+            table = pa.table({"id": self._ids, "_json": [json.dumps(m) for m in self._meta]})
+        pq.write_table(table, tmp / "metadata.parquet")
+        if not self.exact and self._n:
+            _faiss().write_index(self._index(), str(tmp / "faiss.index"))
+        if (self.path / gen).exists():
+            shutil.rmtree(self.path / gen)
+        os.replace(tmp, self.path / gen)
+        meta = {"format": FORMAT, "dim": self.dim, "factory": self.factory, "count": self._n, "generation": gen}
+        fd, tmp_meta = tempfile.mkstemp(prefix=".meta-", dir=self.path)
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_meta, meta_file)
+        for child in self.path.iterdir():  # older generations and leftovers of crashed saves
+            if child.name != gen and (child.name.startswith(("g", ".tmp-", ".meta-"))) and child.name != "meta.json":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        self._dirty = False
+        log.debug("saved %d vectors to %s/%s", self._n, self.path, gen)
+
+    # -- internals ------------------------------------------------------------------
+    def _hits(self, scores, rows) -> list[Hit]:
+        return [Hit(self._ids[r], float(s), dict(self._meta[r])) for s, r in zip(scores, rows)]
+
+    def _reserve(self, n: int) -> None:
+        if n <= len(self._vectors):
+            return
+        cap = max(n, 2 * len(self._vectors), 1024)
+        vectors = np.empty((cap, self.dim), np.float32)
+        vectors[:self._n] = self._vectors[:self._n]
+        alive = np.zeros(cap, bool)
+        alive[:self._n] = self._alive[:self._n]
+        self._vectors, self._alive = vectors, alive
+
+    def _kill(self, rows: np.ndarray) -> None:
+        self._alive[rows] = False
+        for r in rows:
+            self._meta[r] = {}
+
+    def _changed(self) -> None:
+        self._dirty = True
+        self._columns.clear()
+        self._filter_cache.clear()
+
+    def _maybe_compact(self) -> None:
+        dead = self._n - len(self._pos)
+        if dead > 1000 and dead > self.compact_share * self._n:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop dead rows; the FAISS index is rebuilt when next needed."""
+        if len(self._pos) == self._n:
+            return
+        keep = np.flatnonzero(self._alive[:self._n])
+        self._vectors = np.ascontiguousarray(self._vectors[keep])
+        self._ids = [self._ids[r] for r in keep]
+        self._meta = [self._meta[r] for r in keep]
+        self._n = len(keep)
+        self._alive = np.ones(self._n, bool)
+        self._pos = {ident: i for i, ident in enumerate(self._ids)}
+        self._faiss = None
+        self._columns.clear()
+        self._filter_cache.clear()
+
+    def _index(self):
+        """The FAISS index over rows [0, _n), brought up to date incrementally."""
+        if self._faiss is None:
+            self._faiss = _make_faiss(self.dim, self.factory)
+        index = self._faiss
+        if index.ntotal < self._n:
+            new = self._vectors[index.ntotal:self._n]
+            if not index.is_trained:
+                index.train(self._vectors[:self._n])
+            index.add(np.ascontiguousarray(new))
+        return index
+
+    def _column(self, field: str):
+        import pandas as pd
+
+        if field not in self._columns:
+            self._columns[field] = pd.Series([m.get(field) for m in self._meta[:self._n]], dtype=object)
+        return self._columns[field]
+
+    def _allowed(self, filt) -> np.ndarray:
+        """Boolean mask over rows [0, _n): alive and matching the (normalised) filter."""
+        key = repr(filt)
+        if key in self._filter_cache:
+            return self._filter_cache[key]
+        mask = self._alive[:self._n].copy()
+        for field, allowed in (filt or {}).items():
+            col = self._column(field)
+            allowed_set = set(allowed)
+            match = col.isin(allowed).to_numpy(bool)
+            lists = col.map(lambda v: isinstance(v, list)).to_numpy(bool)
+            if lists.any():  # list-valued metadata matches when any element is allowed
+                for r in np.flatnonzero(lists):
+                    match[r] = any(v in allowed_set for v in col.iat[r])
+            mask &= match
+        if len(self._filter_cache) > 64:
+            self._filter_cache.clear()
+        self._filter_cache[key] = mask
+        return mask
+
+
+def _make_faiss(dim: int, factory: str):
+    faiss = _faiss()
+    try:
+        return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise IndexBackendError(f"index.embedded.factory {factory!r} is not a FAISS index factory string "
+                                f"(e.g. 'Flat', 'HNSW32'): {first}") from None
