@@ -1,0 +1,411 @@
+"""Feature vectors of every manifest image, computed once and cached on disk.
+
+``visualsearch extract -c application.yaml`` runs :func:`extract`:
+
+* images are decoded and resized by :func:`vslib.images.load_for_model` in a
+  thread pool (Pillow releases the GIL) a few batches ahead of the model, which
+  runs batched in a compiled ``tf.function``;
+* each finished batch is written at once as a new shard
+  ``<features_dir>/shards/*.npz`` (written to a temporary file, then renamed),
+  keyed by image content hash. A run that is killed keeps every finished batch;
+  a rerun computes only the hashes no shard holds. ``features_dir`` is per
+  backbone and every shard records the backbone (and its weights), so vectors
+  of different backbones never mix;
+* the result, vectors plus the manifest rows they belong to (path, label,
+  split, content_hash), is written to ``<features_dir>/features-<dataset>.npz`` and read
+  back by :func:`load_features`.
+
+Images that fail to load are counted as skipped and listed with their reasons.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from vslib.errors import VisualSearchError
+from vslib.images import DEFAULT_MAX_PIXELS, ImageError, load_for_model
+
+log = logging.getLogger(__name__)
+
+#: columns of :attr:`FeatureSet.table`
+TABLE_COLUMNS = ("path", "label", "split", "content_hash")
+FEATURES_FILE = "features-{dataset}.npz"
+SHARDS_DIR = "shards"
+
+
+class QueryImageError(ImageError, VisualSearchError):
+    """A query image cannot be used (the CLI prints it without a traceback)."""
+
+
+# ---------------------------------------------------------------------------
+# Feature sets
+
+
+@dataclass
+class FeatureSet:
+    """L2-normalised vectors and the manifest rows they belong to, row for row.
+
+    Attributes
+    ----------
+    vectors : ndarray of float32, shape (n, dim)
+    table : DataFrame with columns path, label, split, content_hash
+    backbone : str
+        Name of the backbone that computed the vectors.
+    stats : dict
+        Of the :func:`extract` run that produced it (images, computed, reused, skipped, seconds).
+    skipped : DataFrame
+        Images that could not be loaded, with ``path`` and ``reason``.
+    """
+
+    vectors: np.ndarray
+    table: pd.DataFrame
+    backbone: str
+    stats: dict = field(default_factory=dict, repr=False)
+    skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["path", "reason"]), repr=False)
+
+    def __post_init__(self):
+        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        if self.vectors.ndim != 2 or len(self.vectors) != len(self.table):
+            raise ValueError(f"vectors {self.vectors.shape} do not match the table's {len(self.table)} rows")
+        self.table = self.table.reset_index(drop=True)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.shape[1]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.table["label"].to_numpy()
+
+    def split(self, name: str) -> "FeatureSet":
+        """The rows of split ``name`` ('index' or 'query')."""
+        mask = (self.table["split"] == name).to_numpy()
+        return FeatureSet(self.vectors[mask], self.table[mask], self.backbone, dict(self.stats), self.skipped)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write vectors and table to one ``.npz`` file, atomically."""
+        path = Path(path)
+        arrays = {c: self.table[c].astype(str).to_numpy(dtype=str) for c in TABLE_COLUMNS}
+        _atomic_savez(path, vectors=self.vectors, backbone=np.array(self.backbone), **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FeatureSet":
+        with np.load(path, allow_pickle=False) as z:
+            table = pd.DataFrame({c: z[c].astype(object) for c in TABLE_COLUMNS})
+            return cls(z["vectors"], table, str(z["backbone"]))
+
+
+def _atomic_savez(path: Path, /, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ---------------------------------------------------------------------------
+# The content-hash cache
+
+
+class FeatureCache:
+    """Append-only shards of ``content_hash -> vector`` for one backbone.
+
+    Parameters
+    ----------
+    directory : path
+        Folder of the shards (``<features_dir>/shards``).
+    backbone : str
+        Backbone name stored in, and checked against, every shard.
+    key : str
+        Identity of the backbone's weights; shards with another key are ignored.
+    """
+
+    def __init__(self, directory: str | os.PathLike, backbone: str, key: str):
+        self.directory = Path(directory)
+        self.backbone = backbone
+        self.key = key
+        self.vectors: dict[str, np.ndarray] = {}
+        self.shards: list[Path] = []
+        self.foreign: list[Path] = []
+        self._read()
+
+    def _read(self) -> None:
+        if not self.directory.exists():
+            return
+        for p in sorted(self.directory.glob("*.npz")):
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    backbone, key = str(z["backbone"]), str(z["key"])
+                    hashes, vecs = z["hashes"], z["vectors"]
+            except (OSError, ValueError, KeyError) as e:  # a torn file cannot happen (atomic rename), but say so
+                log.warning("ignoring unreadable feature shard %s: %s", p, e)
+                continue
+            if backbone != self.backbone or key != self.key:
+                log.warning("ignoring feature shard %s: computed by %s (%s), not %s (%s)",
+                            p, backbone, key, self.backbone, self.key)
+                self.foreign.append(p)
+                continue
+            self.shards.append(p)
+            for h, v in zip(hashes, vecs):
+                self.vectors[str(h)] = v
+
+    def __contains__(self, content_hash: str) -> bool:
+        return content_hash in self.vectors
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def add(self, hashes: Sequence[str], vectors: np.ndarray) -> Path:
+        """Write one batch as a new shard (atomically) and remember it."""
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.npz"
+        path = self.directory / name
+        _atomic_savez(path, hashes=np.asarray(list(hashes), dtype=str), vectors=np.asarray(vectors, np.float32),
+                      backbone=np.array(self.backbone), key=np.array(self.key))
+        self.shards.append(path)
+        for h, v in zip(hashes, vectors):
+            self.vectors[str(h)] = v
+        return path
+
+    def compact(self) -> None:
+        """Merge all shards into one (then delete the old ones and any foreign shards)."""
+        if len(self.shards) <= 1 and not self.foreign:
+            return
+        old = self.shards + self.foreign
+        hashes = list(self.vectors)
+        vecs = np.stack([self.vectors[h] for h in hashes]) if hashes else np.zeros((0, 0), np.float32)
+        self.shards = []
+        merged = self.add(hashes, vecs)
+        for p in old:
+            if p != merged:
+                p.unlink(missing_ok=True)
+        self.foreign = []
+
+    def get(self, hashes: Sequence[str]) -> np.ndarray:
+        return np.stack([self.vectors[h] for h in hashes]).astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------------------
+# The pipeline
+
+
+def _workers(n: int) -> int:
+    return n if n and n > 0 else (os.cpu_count() or 1)
+
+
+def iter_batches(sources: Sequence, size: int, batch_size: int, *, workers: int = 0,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, prefetch_batches: int = 2
+                 ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
+    """Decode and resize ``sources`` in a thread pool, ``prefetch_batches`` batches ahead.
+
+    Yields ``(positions, uint8 batch, failures)``: the positions in ``sources``
+    of the images in the batch, the images, and ``(position, reason)`` of those
+    in this stretch that could not be loaded.
+    """
+    def load(src):
+        try:
+            return load_for_model(src, size, max_pixels=max_pixels), None
+        except ImageError as e:
+            return None, e.reason
+
+    ahead = batch_size * (prefetch_batches + 1)
+    with ThreadPoolExecutor(max_workers=_workers(workers), thread_name_prefix="decode") as pool:
+        pending: collections.deque = collections.deque()
+        it = iter(enumerate(sources))
+
+        def fill():
+            while len(pending) < ahead:
+                try:
+                    i, src = next(it)
+                except StopIteration:
+                    return
+                pending.append((i, pool.submit(load, src)))
+
+        fill()
+        while pending:
+            pos, imgs, failed = [], [], []
+            while pending and len(imgs) < batch_size:
+                i, fut = pending.popleft()
+                img, reason = fut.result()
+                if img is None:
+                    failed.append((i, reason))
+                else:
+                    pos.append(i)
+                    imgs.append(img)
+                fill()
+            batch = np.stack(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8)
+            yield pos, batch, failed
+
+
+def embed_images(backbone, images: Iterable, *, batch_size: int = 32, workers: int = 0,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """L2-normalised float32 vectors ``(n, dim)`` of query images (paths, PIL images or arrays).
+
+    Raises
+    ------
+    QueryImageError
+        If an image cannot be loaded (the message names it and says why).
+    """
+    images = list(images)
+    out = np.zeros((len(images), backbone.dim), np.float32)
+    for pos, batch, failed in iter_batches(images, backbone.input_size, batch_size, workers=workers,
+                                           max_pixels=max_pixels):
+        if failed:
+            i, reason = failed[0]
+            src = images[i] if isinstance(images[i], (str, os.PathLike)) else f"image #{i}"
+            raise QueryImageError(src, reason)
+        if pos:
+            out[pos] = backbone.embed(batch)
+    return out
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, smoothing=0.1, dynamic_ncols=True)
+
+
+def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = None,
+            on_batch: Optional[Callable[[int, int], None]] = None, backbone=None) -> FeatureSet:
+    """Vectors of every usable manifest image, computing only what the cache lacks.
+
+    Parameters
+    ----------
+    cfg : Config
+    progress : bool
+        Show a progress bar (images/s).
+    manifest : DataFrame, optional
+        Rows to embed (default: :func:`vslib.datasets.load_manifest`).
+    on_batch : callable, optional
+        Called as ``on_batch(batches_done, images_done)`` after each batch is safely on disk.
+    backbone : Backbone, optional
+        Default: :func:`vslib.backbones.backbone_from_config`.
+
+    Returns
+    -------
+    FeatureSet
+        Also written to :func:`features_path`; ``stats`` holds
+        the figures of this run and ``skipped`` the images that failed to load.
+    """
+    from vslib.backbones import backbone_from_config
+
+    t0 = time.perf_counter()
+    if manifest is None:
+        from vslib.datasets import load_manifest
+
+        manifest = load_manifest(cfg)
+    if "status" in manifest.columns:
+        manifest = manifest[manifest["status"] == "ok"]
+    manifest = manifest.reset_index(drop=True)
+    missing_cols = [c for c in TABLE_COLUMNS if c not in manifest.columns]
+    if missing_cols:
+        raise VisualSearchError(f"manifest lacks columns {missing_cols}; run `visualsearch data prepare "
+                                f"-c {cfg.source} --force`")
+    bb = backbone if backbone is not None else backbone_from_config(cfg)
+    if bb.name != cfg.backbone.name:
+        raise VisualSearchError(f"backbone {bb.name!r} given but the config names {cfg.backbone.name!r}")
+    cache = FeatureCache(cfg.features_dir / SHARDS_DIR, bb.name, backbone_key(bb))
+
+    # one representative file per content hash still to compute
+    first_path = manifest.drop_duplicates("content_hash").set_index("content_hash")["path"]
+    todo = [h for h in first_path.index if h not in cache]
+    reused = len(first_path) - len(todo)
+    failed_hashes: dict[str, str] = {}
+    computed = 0
+    bs = cfg.backbone.batch_size
+    bar = _progress(len(todo), f"extract {bb.name}", progress)
+    if reused:
+        bar.set_postfix(reused=reused)
+    batches = 0
+    try:
+        sources = [first_path[h] for h in todo]
+        for pos, batch, failed in iter_batches(sources, bb.input_size, bs, workers=cfg.backbone.workers,
+                                               max_pixels=cfg.dataset.max_image_pixels):
+            for i, reason in failed:
+                failed_hashes[todo[i]] = reason
+            if pos:
+                vecs = bb.embed(batch)
+                cache.add([todo[i] for i in pos], vecs)
+                computed += len(pos)
+            batches += 1
+            bar.update(len(pos) + len(failed))
+            if on_batch is not None:
+                on_batch(batches, computed)
+    finally:
+        bar.close()
+    if computed or cache.foreign:
+        cache.compact()
+
+    ok = manifest["content_hash"].isin(cache.vectors.keys()).to_numpy()
+    table = manifest.loc[ok, list(TABLE_COLUMNS)].reset_index(drop=True)
+    vectors = cache.get(table["content_hash"].tolist()) if len(table) else np.zeros((0, bb.dim), np.float32)
+    skipped_rows = manifest.loc[~ok, ["path", "content_hash"]].copy()
+    skipped_rows["reason"] = skipped_rows["content_hash"].map(failed_hashes).fillna("not computed")
+    skipped = skipped_rows[["path", "reason"]].reset_index(drop=True)
+    seconds = time.perf_counter() - t0
+    stats = dict(backbone=bb.name, images=len(manifest), computed=computed, reused=reused,
+                 skipped=len(skipped), seconds=round(seconds, 3),
+                 images_per_s=round(computed / seconds, 2) if computed else None)
+    fs = FeatureSet(vectors, table, bb.name, stats, skipped)
+    fs.save(features_path(cfg))
+    log.info(summary(fs))
+    return fs
+
+
+def summary(fs: FeatureSet, limit: int = 5) -> str:
+    """One line of figures, then the skipped images with reasons."""
+    s = fs.stats
+    line = (f"extract {s.get('backbone', fs.backbone)}: {s.get('images', len(fs))} images, "
+            f"{s.get('computed', 0)} computed, {s.get('reused', 0)} reused from cache, "
+            f"{s.get('skipped', 0)} skipped, {s.get('seconds', 0):.1f} s")
+    if len(fs.skipped):
+        lines = [f"  skipped {r.path}: {r.reason}" for r in fs.skipped.head(limit).itertuples()]
+        if len(fs.skipped) > limit:
+            lines.append(f"  ... and {len(fs.skipped) - limit} more")
+        line += "\n" + "\n".join(lines)
+    return line
+
+
+def backbone_key(bb) -> str:
+    """Identity of a backbone's weights, stored in every shard."""
+    return getattr(bb, "cache_key", "") or f"{bb.name}:{Path(bb.weights).name if bb.weights else ''}"
+
+
+def features_path(cfg) -> Path:
+    """The feature file of ``cfg``'s dataset; shards are shared by datasets (content-keyed)."""
+    return cfg.features_dir / FEATURES_FILE.format(dataset=cfg.dataset.name)
+
+
+def load_features(cfg) -> FeatureSet:
+    """The feature set :func:`extract` wrote for ``cfg``'s dataset and backbone."""
+    path = features_path(cfg)
+    if not path.exists():
+        raise VisualSearchError(f"no features for backbone {cfg.backbone.name} at {path}; run "
+                                f"`visualsearch extract -c {cfg.source}` first")
+    try:
+        fs = FeatureSet.load(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise VisualSearchError(f"{path} is unreadable ({e}); run `visualsearch extract -c {cfg.source}` again") from None
+    if fs.backbone != cfg.backbone.name:
+        raise VisualSearchError(f"{path} holds {fs.backbone} vectors, but the config names {cfg.backbone.name}; "
+                                f"run `visualsearch extract -c {cfg.source}`")
+    return fs
