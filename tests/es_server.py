@@ -1,0 +1,121 @@
+"""Start and stop an Elasticsearch-API test server (PyPI's ``noida-db``, an emulator).
+
+Used by the test suite and by benchmarks::
+
+    with EsServer() as server:           # or: server = EsServer().start(); ...; server.stop()
+        print(server.url)                # http://127.0.0.1:<free port>
+
+The server runs as a child process on a free loopback port with its data in a
+temporary folder, and is stopped by its PID (terminate, then kill). Figures
+measured against it are emulator figures, not Elasticsearch's.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+
+def find_binary() -> Optional[str]:
+    """The ``noida-db`` executable next to this Python (the venv), or on PATH."""
+    here = Path(sys.executable).parent / "noida-db"
+    if here.exists():
+        return str(here)
+    return shutil.which("noida-db")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EsServer:
+    """A noida-db Elasticsearch emulator on ``127.0.0.1:<port>``."""
+
+    def __init__(self, port: Optional[int] = None, data_dir: Optional[str] = None, startup_timeout: float = 30.0):
+        self.port = port or free_port()
+        self._own_dir = data_dir is None
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="vs-es-")
+        self.startup_timeout = startup_timeout
+        self.proc: Optional[subprocess.Popen] = None
+        self.log_path = Path(self.data_dir) / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "EsServer":
+        binary = find_binary()
+        if binary is None:
+            raise RuntimeError("noida-db is not installed: pip install noida-db==0.2.3 (or set VS_ES_URL to a cluster)")
+        data = Path(self.data_dir) / "data"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [binary, "start", "--only", "elasticsearch", "--host", "127.0.0.1",
+             "--elasticsearch-port", str(self.port), "--data-dir", str(data)],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"noida-db exited with status {self.proc.returncode}: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"noida-db did not answer on {self.url} within {self.startup_timeout:g} s: "
+                                   f"{self.log_tail()}")
+            time.sleep(0.2)
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Stop the server by its PID: SIGTERM, then SIGKILL after 10 s; remove its temp data."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> "EsServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+if __name__ == "__main__":  # python tests/es_server.py: run one until Ctrl-C
+    with EsServer() as s:
+        print(f"Elasticsearch emulator at {s.url} (pid {s.proc.pid}); Ctrl-C stops it", flush=True)
+        try:
+            s.proc.wait()
+        except KeyboardInterrupt:
+            pass
