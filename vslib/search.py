@@ -1,0 +1,217 @@
+"""The hierarchical search engine: classify, narrow, retrieve.
+
+>>> with VisualSearch.from_config(load_config("application.yaml")) as engine:
+...     result = engine.search("cat.jpg", k=10, mode="adaptive")
+>>> result.predicted[0], result.hits[0]
+
+Modes
+-----
+``flat``
+    Nearest neighbours over the whole index.
+``hierarchical``
+    Pre-filter to the classifier's top-1 class (the original design, done right:
+    the filter is applied before ranking, so k hits come back whenever the
+    class holds k images).
+``adaptive``
+    Pre-filter to the smallest set of classes whose calibrated probability mass
+    reaches ``search.mass`` (at most ``search.max_classes``); when the
+    classifier is unsure (top probability below ``search.min_confidence``) it
+    searches flat. If the chosen classes hold fewer than k images, the list is
+    completed with the best hits from outside them.
+``oracle``
+    Pre-filter to the true class: the ceiling hierarchy can reach (evaluation only).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from vslib.config import MODES, Config, SearchConfig
+from vslib.errors import VisualSearchError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchResult:
+    """Ranked hits for one query, with the classes the classifier predicted."""
+
+    query: str
+    mode: str
+    predicted: list[tuple[str, float]]
+    hits: list[dict]
+    #: the classes the search was narrowed to (None: searched everything)
+    searched_labels: Optional[list[str]] = None
+    #: the mode actually used (adaptive falls back to flat when unsure)
+    effective_mode: str = ""
+    timings_ms: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "query": self.query,
+            "mode": self.mode,
+            "effective_mode": self.effective_mode or self.mode,
+            "searched_labels": self.searched_labels,
+            "predicted": [{"label": lbl, "probability": round(float(p), 6)} for lbl, p in self.predicted],
+            "hits": [{"path": h["path"], "label": h["label"], "score": round(float(h["score"]), 6)} for h in self.hits],
+        }
+
+    def to_text(self) -> str:
+        lines = [f"query: {self.query}  (mode {self.mode}"
+                 + (f" -> {self.effective_mode}" if self.effective_mode and self.effective_mode != self.mode else "")
+                 + ")"]
+        lines.append("predicted: " + ", ".join(f"{lbl} {p:.1%}" for lbl, p in self.predicted))
+        if self.searched_labels is not None:
+            lines.append("searched:  " + ", ".join(self.searched_labels))
+        for i, h in enumerate(self.hits, 1):
+            lines.append(f"{i:3d}. {h['score']:.4f}  {h['label']:<28}  {h['path']}")
+        return "\n".join(lines)
+
+
+def choose_labels(probs: np.ndarray, classes: Sequence[str], mode: str, scfg: SearchConfig,
+                  true_label: Optional[str] = None) -> Optional[list[str]]:
+    """The labels a query's search is narrowed to, or None for a flat search."""
+    if mode == "flat":
+        return None
+    if mode == "oracle":
+        if true_label is None:
+            raise VisualSearchError("oracle mode needs the query's true label (it exists for evaluation only)")
+        return [true_label]
+    order = np.argsort(-probs, kind="stable")
+    if mode == "hierarchical":
+        return [classes[order[0]]]
+    if mode == "adaptive":
+        if probs[order[0]] < scfg.min_confidence:
+            return None
+        chosen, mass = [], 0.0
+        for i in order[: scfg.max_classes]:
+            chosen.append(classes[i])
+            mass += float(probs[i])
+            if mass >= scfg.mass:
+                break
+        return chosen
+    raise VisualSearchError(f"unknown search mode {mode!r} (choices: {', '.join(MODES)})")
+
+
+def _hit_dict(hit) -> dict:
+    md = hit.metadata or {}
+    return {"id": hit.id, "path": md.get("path", ""), "label": md.get("label", ""), "score": float(hit.score)}
+
+
+class VisualSearch:
+    """Backbone + calibrated classifier + vector index.
+
+    Parameters
+    ----------
+    backbone : vslib.backbones.Backbone
+    classifier : vslib.classifier.EmbeddingClassifier
+    index : vslib.index.base.VectorIndex
+        Items carry ``label`` and ``path`` metadata.
+    search_cfg : SearchConfig
+    """
+
+    def __init__(self, backbone, classifier, index, search_cfg: Optional[SearchConfig] = None, *,
+                 max_image_pixels: Optional[int] = None):
+        self.backbone = backbone
+        self.classifier = classifier
+        self.index = index
+        self.cfg = search_cfg or SearchConfig()
+        self.max_image_pixels = max_image_pixels
+        self.classes = [str(c) for c in classifier.classes_]
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "VisualSearch":
+        """Load the backbone, the trained classifier and the built index of ``cfg``."""
+        from vslib import classifier as clf_mod
+        from vslib import index as index_mod
+        from vslib.backbones import backbone_from_config
+
+        clf = clf_mod.load_classifier(cfg)
+        idx = index_mod.open_index(cfg, create=False)
+        try:
+            if idx.count() == 0:
+                raise VisualSearchError(f"the {cfg.index.backend} index is empty; run "
+                                        f"`visualsearch index -c {cfg.source}` first")
+            clf_mod.check_labels(clf, [c for c in clf.classes_ if idx.count({"label": [str(c)]}) > 0])
+            return cls(backbone_from_config(cfg), clf, idx, cfg.search, max_image_pixels=cfg.dataset.max_image_pixels)
+        except BaseException:
+            idx.close()
+            raise
+
+    # -- context manager ----------------------------------------------------
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- searching ------------------------------------------------------------
+    def embed(self, images: Sequence) -> np.ndarray:
+        from vslib import features
+
+        kw = {"max_pixels": self.max_image_pixels} if self.max_image_pixels else {}
+        return features.embed_images(self.backbone, list(images), **kw)
+
+    def search(self, image, k: Optional[int] = None, mode: Optional[str] = None, *,
+               true_label: Optional[str] = None, top_classes: int = 5) -> SearchResult:
+        """Search with one image (path, PIL image or array)."""
+        import time
+
+        k = k or self.cfg.k
+        mode = mode or self.cfg.mode
+        t0 = time.perf_counter()
+        vec = self.embed([image])
+        t1 = time.perf_counter()
+        probs = (self.classifier.predict_image([image]) if getattr(self.classifier, "kind", "") == "fine_tuned"
+                 else self.classifier.predict_proba(vec))
+        t2 = time.perf_counter()
+        (hits, labels), = self.search_vectors(vec, k, mode, probs=probs,
+                                             true_labels=None if true_label is None else [true_label])
+        t3 = time.perf_counter()
+        order = np.argsort(-probs[0], kind="stable")[:top_classes]
+        return SearchResult(
+            query=str(image) if isinstance(image, (str, Path)) else type(image).__name__,
+            mode=mode,
+            predicted=[(self.classes[i], float(probs[0, i])) for i in order],
+            hits=hits,
+            searched_labels=labels,
+            effective_mode=mode if labels is not None or mode == "flat" else "flat",
+            timings_ms={"embed": (t1 - t0) * 1e3, "classify": (t2 - t1) * 1e3, "search": (t3 - t2) * 1e3},
+        )
+
+    def search_vectors(self, vectors: np.ndarray, k: int, mode: str, *, probs: Optional[np.ndarray] = None,
+                       true_labels: Optional[Sequence[str]] = None) -> list[tuple[list[dict], Optional[list[str]]]]:
+        """Search with embedded queries; returns ``(hits, searched_labels)`` per query.
+
+        ``probs`` are the classifier's calibrated probabilities (computed here
+        when not given); ``true_labels`` are needed for ``oracle`` mode only.
+        """
+        if mode not in MODES:
+            raise VisualSearchError(f"unknown search mode {mode!r} (choices: {', '.join(MODES)})")
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        if probs is None and mode in ("hierarchical", "adaptive"):
+            probs = self.classifier.predict_proba(vectors)  # an image-level (fine-tuned) model raises here
+        if mode == "flat":
+            return [([_hit_dict(h) for h in hits], None) for hits in self.index.search(vectors, k)]
+        out = []
+        for i, vec in enumerate(vectors):
+            labels = choose_labels(None if probs is None else probs[i], self.classes, mode, self.cfg,
+                                   None if true_labels is None else true_labels[i])
+            q = vec[None, :]
+            if labels is None:
+                hits = [_hit_dict(h) for h in self.index.search(q, k)[0]]
+            else:
+                hits = [_hit_dict(h) for h in self.index.search(q, k, filter={"label": labels})[0]]
+                if mode == "adaptive" and len(hits) < k:  # complete the list from outside the chosen classes
+                    seen = {h["id"] for h in hits}
+                    extra = [_hit_dict(h) for h in self.index.search(q, k + len(hits))[0]]
+                    hits += [h for h in extra if h["id"] not in seen][: k - len(hits)]
+            out.append((hits, labels))
+        return out
