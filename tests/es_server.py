@@ -26,7 +26,19 @@ from typing import Optional
 
 
 def find_binary() -> Optional[str]:
-    """The ``noida-db`` executable next to this Python (the venv), or on PATH."""
+    """The ``noida-db`` server binary shipped inside the ``noida_db`` package, or the one on PATH.
+
+    The package's console script is a Python wrapper that starts the binary as a
+    child; running the binary itself means the PID we stop is the server's.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("noida_db")
+    if spec and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            binary = Path(folder) / "noida-db"
+            if binary.is_file() and os.access(binary, os.X_OK):
+                return str(binary)
     here = Path(sys.executable).parent / "noida-db"
     if here.exists():
         return str(here)
@@ -88,14 +100,18 @@ class EsServer:
             return ""
 
     def stop(self) -> None:
-        """Stop the server by its PID: SIGTERM, then SIGKILL after 10 s; remove its temp data."""
+        """Stop the server by its PID: SIGTERM, then SIGKILL after 10 s; remove its temp data.
+
+        The signal goes to the process group the server leads (it was started in a
+        session of its own), so a wrapper's child cannot outlive it.
+        """
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             try:
-                os.kill(proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
             except ProcessLookupError:
                 pass

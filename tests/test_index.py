@@ -33,6 +33,7 @@ VARIANTS = {
     "es-knn-hnsw": ("elasticsearch", {"elasticsearch": {"index_options": {"type": "hnsw", "m": 16,
                                                                           "ef_construction": 100}}}),
     "es-exact": ("elasticsearch", {"elasticsearch": {"exact": True}}),
+    "es-cosine": ("elasticsearch", {"elasticsearch": {"similarity": "cosine", "index_options": {"type": "flat"}}}),
 }
 
 
@@ -371,3 +372,41 @@ def test_build_indexes_the_index_split_idempotently(variant, request, tmp_path):
             pass
     ids = item_ids(table)
     assert len(set(ids)) == n and ids[0] == "h000" and ids[1].startswith("h001-")
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16"])
+def test_embedded_faiss_selector_path(factory, tmp_path):
+    """Filtered search through FAISS's IDSelector (not the small-subset numpy path): exact for
+    Flat, and k hits for HNSW even with a selective filter (falls back to exact when HNSW misses)."""
+    cfg = _config(tmp_path, "embedded", {"embedded": {"factory": factory, "ef_search": 16}})
+    ids, x, meta = dataset(n=2000, n_labels=100)
+    q = unit_vectors(10, seed=5)
+    with open_index(cfg, dim=DIM) as index:
+        index.exact_below = 0
+        index.add(ids, x, meta)
+        index.remove(ids[:3])  # dead rows must be excluded as well
+        labels = np.array([m["label"] for m in meta])
+        for allowed in (["class0"], [f"class{i}" for i in range(50)]):
+            rows = np.flatnonzero(np.isin(labels, allowed) & (np.arange(len(ids)) >= 3))
+            hits = index.search(q, k=10, filter={"label": allowed})
+            assert [len(r) for r in hits] == [min(10, len(rows))] * len(q)
+            assert all(h.metadata["label"] in allowed for r in hits for h in r)
+            if index.exact:
+                _, found = exact_search(x, q, 10, rows)
+                assert hit_ids(hits) == [[ids[r] for r in row] for row in found]
+
+
+def test_embedded_ignores_leftovers_of_a_crashed_save(tmp_path):
+    cfg = _config(tmp_path, "embedded", {"embedded": {"factory": "Flat"}})
+    ids, x, meta = dataset(n=20)
+    with open_index(cfg, dim=DIM) as index:
+        index.add(ids, x, meta)
+    (cfg.index_dir / ".tmp-crashed").mkdir()
+    (cfg.index_dir / "g999999").mkdir()  # a generation meta.json never pointed to
+    with open_index(cfg, create=False) as index:
+        assert index.count() == 20
+        index.add(["new"], unit_vectors(1, seed=7))
+    with open_index(cfg, create=False) as index:
+        assert index.count() == 21
+    # the save after the add cleaned up: meta.json and the one generation it names
+    assert sorted(p.name for p in cfg.index_dir.iterdir()) == ["g000002", "meta.json"]
