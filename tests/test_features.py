@@ -173,3 +173,17 @@ def test_load_features_without_extract_says_what_to_run(make_config):
 def test_featureset_checks_alignment():
     with pytest.raises(ValueError):
         FeatureSet(np.zeros((2, 4), np.float32), pd.DataFrame({c: ["a"] for c in features.TABLE_COLUMNS}), "x")
+
+
+def test_rerun_with_everything_cached_does_not_load_tensorflow(setup):
+    import subprocess
+    import sys
+
+    cfg, manifest = setup
+    extract(cfg, progress=False)
+    code = ("import sys; from vslib.config import load_config; from vslib.features import extract; "
+            f"fs = extract(load_config({str(cfg.base_dir / 'application.yaml')!r}), progress=False); "
+            "assert fs.stats['computed'] == 0 and fs.stats['reused'] > 0, fs.stats; "
+            "assert 'tensorflow' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

@@ -299,7 +299,7 @@ def _load_lite(name: str, input_size: int, cache_dir: Path) -> Backbone:
         os.replace(tmp, cache)
     return Backbone(name=name, input_size=input_size, dim=int(features.output.shape[-1]), keras_model=features,
                     preprocess_fn=lite_preprocess, classifier_model=full, weights=str(pth),
-                    cache_key=f"{name}:{pth.name}")
+                    cache_key=weights_key(name))
 
 
 def _lite_factory(name: str, input_size: int):
@@ -341,8 +341,6 @@ def _reachable(host_port, timeout: float = 3.0) -> Optional[str]:
 def _load_resnet50(weights: Optional[str], cache_dir: Path) -> Backbone:
     import keras
 
-    from vslib.images import file_hash
-
     if weights in (None, ""):
         raise BackboneError("resnet50: backbone.weights is required: `imagenet` (downloads; needs internet) "
                             "or `/path/to/resnet50_weights.h5`")
@@ -379,11 +377,11 @@ def _load_resnet50(weights: Optional[str], cache_dir: Path) -> Backbone:
                                     f"without top: {second})") from None
             return Backbone(name="resnet50", input_size=224, dim=2048, keras_model=notop,
                             preprocess_fn=resnet50_preprocess, classifier_model=None, weights=str(path),
-                            cache_key=f"resnet50:sha256={file_hash(path)[:16]}")
+                            cache_key=weights_key("resnet50", str(path)))
     features = keras.Model(full.input, full.get_layer("avg_pool").output, name="resnet50_features")
     return Backbone(name="resnet50", input_size=224, dim=2048, keras_model=features,
                     preprocess_fn=resnet50_preprocess, classifier_model=full, weights=str(weights),
-                    cache_key="resnet50:imagenet" if weights == "imagenet" else f"resnet50:sha256={file_hash(path)[:16]}")
+                    cache_key=weights_key("resnet50", weights if weights == "imagenet" else str(path)))
 
 
 # ---------------------------------------------------------------------------
@@ -423,9 +421,35 @@ def get_backbone(name: str, weights: Optional[str] = None, cache_dir=None) -> Ba
         return _LOADED[key]
 
 
-def backbone_from_config(cfg) -> Backbone:
-    """The backbone ``cfg.backbone`` names, weights cached under ``cfg.models_dir / 'backbones'``."""
+def _config_weights(cfg) -> Optional[str]:
     weights = cfg.backbone.weights
     if cfg.backbone.name == "resnet50" and weights and weights != "imagenet":
         weights = str(cfg.path(weights))
-    return get_backbone(cfg.backbone.name, weights=weights, cache_dir=cfg.models_dir / "backbones")
+    return weights
+
+
+def backbone_from_config(cfg) -> Backbone:
+    """The backbone ``cfg.backbone`` names, weights cached under ``cfg.models_dir / 'backbones'``."""
+    return get_backbone(cfg.backbone.name, weights=_config_weights(cfg), cache_dir=cfg.models_dir / "backbones")
+
+
+def weights_key(name: str, weights: Optional[str] = None) -> str:
+    """Identity of a backbone's weights (:attr:`Backbone.cache_key`), without building the model."""
+    if name not in BACKBONES:
+        raise BackboneError(f"Unsupported backbone {name!r}. Available backbones are {sorted(BACKBONES)}")
+    if name.startswith("efficientnet_lite"):
+        return f"{name}:{_pth_path(name).name}"
+    if weights == "imagenet":
+        return "resnet50:imagenet"
+    from vslib.images import file_hash
+
+    path = Path(weights or "").expanduser()
+    if not weights or not path.is_file():
+        raise BackboneError(f"resnet50: weights file {str(weights)!r} (backbone.weights) does not exist; set "
+                            "`backbone.weights: imagenet` (needs internet) or `/path/to/resnet50_weights.h5`")
+    return f"resnet50:sha256={file_hash(path)[:16]}"
+
+
+def config_weights_key(cfg) -> str:
+    """:func:`weights_key` of ``cfg.backbone``: lets a cache check what it holds without TensorFlow."""
+    return weights_key(cfg.backbone.name, _config_weights(cfg))

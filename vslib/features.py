@@ -306,7 +306,7 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
         Also written to :func:`features_path`; ``stats`` holds
         the figures of this run and ``skipped`` the images that failed to load.
     """
-    from vslib.backbones import backbone_from_config
+    from vslib.backbones import BACKBONES, backbone_from_config, config_weights_key
 
     t0 = time.perf_counter()
     if manifest is None:
@@ -320,25 +320,33 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     if missing_cols:
         raise VisualSearchError(f"manifest lacks columns {missing_cols}; run `visualsearch data prepare "
                                 f"-c {cfg.source} --force`")
-    bb = backbone if backbone is not None else backbone_from_config(cfg)
-    if bb.name != cfg.backbone.name:
-        raise VisualSearchError(f"backbone {bb.name!r} given but the config names {cfg.backbone.name!r}")
-    cache = FeatureCache(cfg.features_dir / SHARDS_DIR, bb.name, backbone_key(bb))
+    name = backbone.name if backbone is not None else cfg.backbone.name
+    if name != cfg.backbone.name:
+        raise VisualSearchError(f"backbone {name!r} given but the config names {cfg.backbone.name!r}")
+    key = backbone_key(backbone) if backbone is not None else config_weights_key(cfg)
+    cache = FeatureCache(cfg.features_dir / SHARDS_DIR, name, key)
 
     # one representative file per content hash still to compute
     first_path = manifest.drop_duplicates("content_hash").set_index("content_hash")["path"]
     todo = [h for h in first_path.index if h not in cache]
     reused = len(first_path) - len(todo)
+    # build the model (seconds: TensorFlow) only when there is something to compute
+    bb = backbone
+    if bb is None and todo:
+        bb = backbone_from_config(cfg)
+    if bb is not None and backbone_key(bb) != key:
+        raise VisualSearchError(f"backbone weights {backbone_key(bb)} differ from the configured {key}")
     failed_hashes: dict[str, str] = {}
     computed = 0
     bs = cfg.backbone.batch_size
-    bar = _progress(len(todo), f"extract {bb.name}", progress)
+    bar = _progress(len(todo), f"extract {name}", progress)
     if reused:
         bar.set_postfix(reused=reused)
     batches = 0
     try:
         sources = [first_path[h] for h in todo]
-        for pos, batch, failed in iter_batches(sources, bb.input_size, bs, workers=cfg.backbone.workers,
+        size = bb.input_size if bb is not None else BACKBONES[name]["input_size"]
+        for pos, batch, failed in iter_batches(sources, size, bs, workers=cfg.backbone.workers,
                                                max_pixels=cfg.dataset.max_image_pixels):
             for i, reason in failed:
                 failed_hashes[todo[i]] = reason
@@ -357,15 +365,16 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
 
     ok = manifest["content_hash"].isin(cache.vectors.keys()).to_numpy()
     table = manifest.loc[ok, list(TABLE_COLUMNS)].reset_index(drop=True)
-    vectors = cache.get(table["content_hash"].tolist()) if len(table) else np.zeros((0, bb.dim), np.float32)
+    vectors = (cache.get(table["content_hash"].tolist()) if len(table)
+               else np.zeros((0, BACKBONES[name]["dim"]), np.float32))
     skipped_rows = manifest.loc[~ok, ["path", "content_hash"]].copy()
     skipped_rows["reason"] = skipped_rows["content_hash"].map(failed_hashes).fillna("not computed")
     skipped = skipped_rows[["path", "reason"]].reset_index(drop=True)
     seconds = time.perf_counter() - t0
-    stats = dict(backbone=bb.name, images=len(manifest), computed=computed, reused=reused,
+    stats = dict(backbone=name, images=len(manifest), computed=computed, reused=reused,
                  skipped=len(skipped), seconds=round(seconds, 3),
                  images_per_s=round(computed / seconds, 2) if computed else None)
-    fs = FeatureSet(vectors, table, bb.name, stats, skipped)
+    fs = FeatureSet(vectors, table, name, stats, skipped)
     fs.save(features_path(cfg))
     log.info(summary(fs))
     return fs
