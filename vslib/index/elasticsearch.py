@@ -106,7 +106,7 @@ def connect(es_cfg):
 
 def _clean(error, es_cfg) -> str:
     """An exception's text with any configured secret blanked out."""
-    text = str(error)
+    text = str(getattr(error, "message", "") or error)  # elastic_transport keeps the cause in .message
     for secret in (es_cfg.api_key, es_cfg.password):
         if secret:
             text = text.replace(secret, "***")
@@ -221,6 +221,10 @@ class ElasticsearchIndex(VectorIndex):
                 yield {"_op_type": "index", "_index": self.index_name, "_id": ident,
                        "_source": {**meta, VECTOR_FIELD: vec.tolist()}}
 
+        # bulk would silently auto-create a missing index with a dynamic mapping (no dense_vector)
+        if not self._call(self.client.indices.exists, index=self.index_name):
+            raise IndexNotFoundError(f"Elasticsearch index {self.index_name!r} does not exist at {self.where} "
+                                     "(deleted meanwhile?); open it again with create=True or run `visualsearch index`")
         failures = []
         try:
             for ok, item in streaming_bulk(
