@@ -199,6 +199,13 @@ class FeatureCache:
             if p != merged:
                 p.unlink(missing_ok=True)
         self.foreign = []
+        # temporary files of runs killed while writing (an hour old: surely not being written now)
+        for p in self.directory.glob(".*.tmp"):
+            try:
+                if time.time() - p.stat().st_mtime > 3600:
+                    p.unlink()
+            except OSError as e:
+                log.debug("could not remove %s: %s", p, e)
 
     def get(self, hashes: Sequence[str]) -> np.ndarray:
         return np.stack([self.vectors[h] for h in hashes]).astype(np.float32, copy=False)
