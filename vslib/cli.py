@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def cmd_train(args) -> int:
 def cmd_index(args) -> int:
     from vslib import index
 
-    index.build(_config(args))
+    index.build(_config(args), rebuild=args.rebuild)
     return 0
 
 
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("train", cmd_train, "train and calibrate the classifier on the index split")
     sp = add("index", cmd_index, "index the feature vectors of the index split")
     sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
+    sp.add_argument("--rebuild", action="store_true",
+                    help="delete the existing index first (needed after changing the backbone)")
     sp = add("evaluate", cmd_evaluate, "precision@k / mAP of every search mode on the query split")
     sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -141,8 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("faiss").setLevel(logging.WARNING)  # "could not load AVX512 ..." probing
     from vslib.config import ConfigError
     from vslib.errors import VisualSearchError
 

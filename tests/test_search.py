@@ -1,0 +1,196 @@
+"""Hierarchical search and its evaluation, on a small real set (Tux Paint, 10 per class)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vslib.config import SearchConfig, load_config
+from vslib.errors import VisualSearchError
+from vslib.evaluate import average_precision_at_k, precision_at_k
+from vslib.paths import PROJ_ROOT
+from vslib.search import VisualSearch, choose_labels
+
+from conftest import write_config
+
+# -- metrics against hand-computed cases ------------------------------------------
+
+
+def test_precision_at_k_hand_computed():
+    assert precision_at_k([1, 0, 1, 0], 2) == 0.5
+    assert precision_at_k([1, 0, 1, 0], 4) == 0.5
+    assert precision_at_k([1, 1], 5) == 0.4  # fewer hits than k: the missing ones are misses
+    assert precision_at_k([], 1) == 0.0
+
+
+def test_average_precision_hand_computed():
+    # relevant at ranks 1 and 3, two relevant items exist: (1/1 + 2/3) / 2
+    assert average_precision_at_k([1, 0, 1], 3, 2) == pytest.approx((1 + 2 / 3) / 2)
+    # five relevant exist but only 3 ranks count: divide by min(k, R) = 3
+    assert average_precision_at_k([1, 0, 1], 3, 5) == pytest.approx((1 + 2 / 3) / 3)
+    assert average_precision_at_k([0, 1, 1, 1], 4, 3) == pytest.approx((1 / 2 + 2 / 3 + 3 / 4) / 3)
+    assert average_precision_at_k([1, 1, 1], 3, 3) == 1.0
+    assert average_precision_at_k([0, 0], 2, 4) == 0.0
+    assert average_precision_at_k([1], 10, 0) == 0.0
+
+
+# -- which classes a search is narrowed to -----------------------------------------
+
+CLASSES = ["a", "b", "c", "d"]
+
+
+def test_choose_labels_per_mode():
+    cfg = SearchConfig(mass=0.8, min_confidence=0.3, max_classes=3)
+    p = np.array([0.1, 0.5, 0.35, 0.05])
+    assert choose_labels(p, CLASSES, "flat", cfg) is None
+    assert choose_labels(p, CLASSES, "hierarchical", cfg) == ["b"]
+    assert choose_labels(p, CLASSES, "adaptive", cfg) == ["b", "c"]  # 0.85 >= 0.8
+    assert choose_labels(p, CLASSES, "oracle", cfg, true_label="d") == ["d"]
+    unsure = np.array([0.26, 0.25, 0.25, 0.24])
+    assert choose_labels(unsure, CLASSES, "adaptive", cfg) is None  # falls back to flat
+    spread = np.array([0.31, 0.3, 0.2, 0.19])
+    assert choose_labels(spread, CLASSES, "adaptive", cfg) == ["a", "b", "c"]  # capped by max_classes
+    with pytest.raises(VisualSearchError, match="oracle mode needs the query's true label"):
+        choose_labels(p, CLASSES, "oracle", cfg)
+    with pytest.raises(VisualSearchError, match="unknown search mode 'fuzzy'"):
+        choose_labels(p, CLASSES, "fuzzy", cfg)
+
+
+# -- the real thing ---------------------------------------------------------------------
+
+
+def small_config(dir_: Path) -> Path:
+    return write_config(dir_, {"dataset": {"name": "tuxpaint", "max_per_class": 10},
+                               "classifier": {"epochs": 80},
+                               "evaluation": {"grid_queries": 3}})
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A small project run end to end once through the original entry point."""
+    d = tmp_path_factory.mktemp("project")
+    cfg_path = small_config(d)
+    r = subprocess.run([sys.executable, str(PROJ_ROOT / "VisualSearch.py"), "-yml", str(cfg_path)],
+                       capture_output=True, text=True, cwd=d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return load_config(cfg_path), r
+
+
+def test_run_end_to_end_writes_results_and_figures(project):
+    cfg, r = project
+    assert "== evaluate ==" in r.stdout and "| hierarchical |" in r.stdout
+    results = json.loads((cfg.reports_dir / "evaluation.json").read_text())
+    assert set(results) >= {"dataset", "backbone", "backend", "n_index", "n_query", "modes"}
+    assert results["dataset"] == "tuxpaint" and results["backbone"] == "efficientnet_lite0"
+    assert results["backend"] == "embedded"
+    assert set(results["modes"]) == {"flat", "hierarchical", "adaptive", "oracle"}
+    for m in results["modes"].values():
+        assert set(m) >= {"p@1", "p@5", "p@10", "map@10", "latency_ms_p50"}
+        assert all(0 <= m[k] <= 1 for k in ("p@1", "p@5", "p@10", "map@10"))
+    # a held-out query split that is never indexed
+    manifest = __import__("pandas").read_parquet(cfg.manifest_path)
+    ok = manifest[manifest["status"] == "ok"]
+    assert results["n_index"] == (ok["split"] == "index").sum()
+    assert results["n_query"] == (ok["split"] == "query").sum()
+    for name in ("precision_at_k.png", "results_flat.png", "results_adaptive.png", "confusion_matrix.png"):
+        assert (cfg.figures_dir / name).stat().st_size > 10_000
+    assert "| class |" in (cfg.reports_dir / "evaluation.md").read_text()
+
+
+def test_modes_behave_as_designed(project):
+    cfg, _ = project
+    m = json.loads((cfg.reports_dir / "evaluation.json").read_text())["modes"]
+    # the classifier works well above chance, so narrowing helps; adaptive never loses
+    # to flat beyond noise, and the oracle is the ceiling of hierarchy
+    assert m["hierarchical"]["p@10"] > m["flat"]["p@10"]
+    assert m["adaptive"]["p@10"] >= m["flat"]["p@10"] - 0.02
+    assert m["adaptive"]["map@10"] >= m["flat"]["map@10"] - 0.02
+    for k in ("p@1", "p@5", "p@10", "map@10"):
+        assert m["oracle"][k] >= m["hierarchical"][k]
+    assert m["oracle"]["p@1"] == 1.0  # every hit of the true class is relevant
+
+
+def test_rerun_reuses_every_cache(project):
+    cfg, _ = project
+    r = subprocess.run([sys.executable, "-m", "vslib.cli", "run", "-c", str(cfg.base_dir / "application.yaml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stderr
+    assert " 0 computed" in log and "reusing" in log  # no vectors recomputed, classifier not retrained
+
+
+def test_hierarchical_prefilter_returns_k_hits_of_the_predicted_class(project):
+    cfg, _ = project
+    from vslib.features import load_features
+
+    queries = load_features(cfg).split("query")
+    with VisualSearch.from_config(cfg) as engine:
+        probs = engine.classifier.predict_proba(queries.vectors)
+        out = engine.search_vectors(queries.vectors, 5, "hierarchical", probs=probs)
+        n_per_class = queries.table.shape[0]
+        for (hits, labels), p in zip(out, probs):
+            predicted = engine.classes[int(p.argmax())]
+            assert labels == [predicted]
+            assert [h["label"] for h in hits] == [predicted] * len(hits)
+            assert len(hits) == min(5, engine.index.count({"label": [predicted]}))
+        assert n_per_class > 0
+        flat = engine.search_vectors(queries.vectors[:3], 7, "flat")
+        assert all(len(h) == 7 and labels is None for h, labels in flat)
+
+
+def test_search_one_image_from_path_pil_and_array(project):
+    cfg, _ = project
+    from PIL import Image
+
+    from vslib.datasets import load_manifest
+
+    q = load_manifest(cfg).query("split == 'query'").iloc[0]
+    with VisualSearch.from_config(cfg) as engine:
+        by_path = engine.search(q["path"], k=4, mode="flat")
+        img = Image.open(q["path"])
+        by_pil = engine.search(img, k=4, mode="flat")
+        by_array = engine.search(np.asarray(img.convert("RGBA")), k=4, mode="flat")
+    assert [h["path"] for h in by_path.hits] == [h["path"] for h in by_pil.hits] == [h["path"] for h in by_array.hits]
+    assert len(by_path.hits) == 4 and by_path.hits[0]["score"] >= by_path.hits[-1]["score"]
+    assert sum(p for _, p in by_path.predicted) <= 1.0 + 1e-6
+    assert q["path"] not in {h["path"] for h in by_path.hits}  # queries are never indexed
+
+
+def test_search_cli_json_schema(project):
+    cfg, _ = project
+    from vslib.datasets import load_manifest
+
+    q = load_manifest(cfg).query("split == 'query'").iloc[0]
+    r = subprocess.run([sys.executable, "-m", "vslib.cli", "search", q["path"], "-c",
+                        str(cfg.base_dir / "application.yaml"), "-k", "6", "--mode", "adaptive", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["query"] == q["path"]
+    assert isinstance(out["predicted"], list) and set(out["predicted"][0]) == {"label", "probability"}
+    assert [p["probability"] for p in out["predicted"]] == sorted((p["probability"] for p in out["predicted"]), reverse=True)
+    assert len(out["hits"]) == 6 and all(set(h) == {"path", "label", "score"} for h in out["hits"])
+    assert all(Path(h["path"]).exists() for h in out["hits"])
+
+
+def test_search_cli_bad_image_is_one_clear_line(project, tmp_path):
+    cfg, _ = project
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("no pixels here")
+    r = subprocess.run([sys.executable, "-m", "vslib.cli", "search", str(bad), "-c",
+                        str(cfg.base_dir / "application.yaml")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == f"error: {bad}: not an image (unrecognised format)"
+    assert "Traceback" not in r.stderr
+
+
+def test_evaluate_cli_json(project):
+    cfg, _ = project
+    r = subprocess.run([sys.executable, "-m", "vslib.cli", "evaluate", "-c", str(cfg.base_dir / "application.yaml"),
+                        "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # stdout holds the table, then the JSON document
+    doc = json.loads(r.stdout[r.stdout.index("\n{") + 1:])
+    assert doc["modes"]["flat"]["p@1"] == json.loads((cfg.reports_dir / "evaluation.json").read_text())["modes"]["flat"]["p@1"]
