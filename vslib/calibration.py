@@ -9,10 +9,15 @@ before and after.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
-#: the temperature is searched in [1/_T_RANGE, _T_RANGE]
-_T_RANGE = 100.0
+log = logging.getLogger(__name__)
+
+#: the temperature is searched in [T_MIN, T_MAX]; a fit at a bound (e.g. every validation image
+#: right, so the NLL keeps falling as T -> 0) means too little validation data to calibrate well
+T_MIN, T_MAX = 0.05, 20.0
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -74,11 +79,16 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     y = np.asarray(y, dtype=np.int64)
     if len(y) == 0:
         return 1.0
-    bound = np.log(_T_RANGE)
-    res = minimize_scalar(lambda log_t: nll(logits, y, np.exp(log_t)), bounds=(-bound, bound),
+    lo, hi = np.log(T_MIN), np.log(T_MAX)
+    res = minimize_scalar(lambda log_t: nll(logits, y, np.exp(log_t)), bounds=(lo, hi),
                           method="bounded", options={"xatol": 1e-4})
     t = float(np.exp(res.x))
-    return t if nll(logits, y, t) < nll(logits, y, 1.0) else 1.0
+    if nll(logits, y, t) >= nll(logits, y, 1.0):
+        return 1.0
+    if min(res.x - lo, hi - res.x) < 1e-2:
+        log.warning("temperature %.3g is at the edge of [%g, %g]: %d validation rows are too few (or too "
+                    "easy) to calibrate reliably", t, T_MIN, T_MAX, len(y))
+    return t
 
 
 def calibration_report(logits: np.ndarray, y: np.ndarray, temperature: float, n_bins: int = 15) -> dict:

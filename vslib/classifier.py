@@ -56,7 +56,7 @@ def _keras():
 
 
 def _describe_counts(counts: dict, limit: int = 20) -> str:
-    items = [f"{label!r} ({n})" for label, n in sorted(counts.items(), key=lambda kv: (kv[1], str(kv[0])))]
+    items = [f"{str(label)!r} ({n})" for label, n in sorted(counts.items(), key=lambda kv: (kv[1], str(kv[0])))]
     more = f", and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
 
@@ -65,7 +65,7 @@ def check_trainable(labels: Sequence, min_per_class: int = MIN_PER_CLASS) -> Non
     """Raise :class:`ClassifierError` unless ``labels`` has >= 2 classes of >= ``min_per_class`` images."""
     values, counts = np.unique(np.asarray(labels, dtype=object).astype(str), return_counts=True)
     if len(values) < 2:
-        found = f"only {values[0]!r} ({counts[0]} images)" if len(values) else "no images at all"
+        found = f"only {str(values[0])!r} ({counts[0]} images)" if len(values) else "no images at all"
         raise ClassifierError(
             f"the classifier needs at least 2 classes in the index split; found {found}. "
             "Use a dataset with more categories (dataset.name / dataset.root in application.yaml).")
@@ -155,6 +155,7 @@ class EmbeddingClassifier:
         self.patience = patience
         self.verbose = verbose
 
+    kind = "embedding"
     _PARAMS = ("hidden_units", "dropout", "epochs", "batch_size", "learning_rate", "weight_decay",
                "validation_fraction", "seed", "calibrate", "patience", "verbose")
 
@@ -194,7 +195,7 @@ class EmbeddingClassifier:
         y = np.asarray(y, dtype=object).astype(str)
         pos = np.searchsorted(self.classes_, y)
         pos = np.clip(pos, 0, len(self.classes_) - 1)
-        unknown = sorted(set(y[self.classes_[pos] != y]))
+        unknown = sorted(map(str, set(y[self.classes_[pos] != y])))
         if unknown:
             raise ClassifierError(f"{where} has labels the training data lacks: {unknown[:20]}"
                                   f"{' ...' if len(unknown) > 20 else ''}")
@@ -224,7 +225,7 @@ class EmbeddingClassifier:
                 raise ClassifierError(f"X_val has {X_val.shape[1]} features but X has {X.shape[1]}")
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
-            raise ClassifierError(f"the training part holds a single class {self.classes_[0]!r}")
+            raise ClassifierError(f"the training part holds a single class {str(self.classes_[0])!r}")
         self.n_features_in_ = X.shape[1]
         yi = self._encode(y, "training data")
         yv = self._encode(y_val, "the validation data") if len(y_val) else np.zeros(0, np.int64)
@@ -353,7 +354,7 @@ class EmbeddingClassifier:
         meta = dict(metadata or {})
         meta.update({
             "format_version": FORMAT_VERSION,
-            "kind": "embedding",
+            "kind": self.kind,
             "params": self.get_params(),
             "n_features": int(self.n_features_in_),
             "n_classes": int(len(self.classes_)),
@@ -385,8 +386,11 @@ class EmbeddingClassifier:
         if meta.get("format_version") != FORMAT_VERSION:
             raise ClassifierError(f"{directory} holds a classifier of format {meta.get('format_version')}; "
                                   f"this version reads format {FORMAT_VERSION}. Retrain with `visualsearch train`.")
-        params = {k: v for k, v in meta.get("params", {}).items() if k in cls._PARAMS}
-        clf = cls(**params)
+        klass = FineTunedClassifier if meta.get("kind") == FineTunedClassifier.kind else EmbeddingClassifier
+        params = {k: v for k, v in meta.get("params", {}).items() if k in klass._PARAMS}
+        clf = klass(**params)
+        if "input_size" in meta:
+            clf.input_size_ = int(meta["input_size"])
         clf.model_ = _keras().models.load_model(directory / MODEL_FILE, compile=False)
         clf.classes_ = np.asarray(json.loads((directory / LABELS_FILE).read_text()), dtype=object).astype(str)
         clf.n_features_in_ = int(meta["n_features"])
@@ -567,8 +571,187 @@ def save_confusion_figure(confusion: dict, path, *, title: str = "Confusion matr
 # Fine-tuning (optional, slow on CPU)
 
 
+class FineTunedClassifier(EmbeddingClassifier):
+    """The backbone, its top ``fine_tune_layers`` layers trained further, under an :class:`EmbeddingClassifier` head.
+
+    Unlike the head alone it reads pixels: :meth:`predict_logits` and friends
+    take image files / PIL images / arrays (or a uint8 batch ``(n, h, w, 3)``
+    at the backbone's input size), not embeddings. :meth:`predict_image` works
+    the same for both kinds, so callers that classify query images should use it.
+    The images go through the backbone's own ``preprocess`` in training and
+    prediction alike. Slow on CPU: meant for small datasets.
+    """
+
+    _PARAMS = EmbeddingClassifier._PARAMS + ("fine_tune_layers", "fine_tune_epochs")
+    kind = "fine_tuned"
+
+    def __init__(self, fine_tune_layers: int = 20, fine_tune_epochs: int = 3, **params):
+        super().__init__(**params)
+        self.fine_tune_layers = fine_tune_layers
+        self.fine_tune_epochs = fine_tune_epochs
+
+    def fit(self, X, y, X_val=None, y_val=None, *, backbone=None, head: Optional[EmbeddingClassifier] = None):
+        """Fine-tune on image sources ``X`` (paths, PIL images or arrays) with labels ``y``.
+
+        ``backbone`` is a :class:`vslib.backbones.Backbone` (it is copied, never
+        changed); ``head`` a fitted :class:`EmbeddingClassifier` on its
+        embeddings, whose weights start the head (a fresh one is fitted when
+        omitted). Augmentation: random crops of 80-100 % of each side and
+        horizontal flips.
+        """
+        keras = _keras()
+        if backbone is None:
+            raise ClassifierError("FineTunedClassifier.fit needs backbone= (vslib.backbones.backbone_from_config(cfg))")
+        X, y = list(X), np.asarray(y, dtype=object).astype(str)
+        if X_val is None:
+            check_trainable(y)
+            tr, va = stratified_split(y, self.validation_fraction, self.seed)
+            X, X_val, y, y_val = [X[i] for i in tr], [X[i] for i in va], y[tr], y[va]
+        else:
+            X_val, y_val = list(X_val), np.asarray(y_val, dtype=object).astype(str)
+            check_trainable(np.concatenate([y, y_val]))
+        self.backbone_ = getattr(self, "backbone_", None) or backbone.name
+        self._backbone, self.input_size_ = backbone, int(backbone.input_size)
+        if head is None:
+            from vslib.features import embed_images
+
+            head = EmbeddingClassifier(**{k: v for k, v in self.get_params().items() if k in EmbeddingClassifier._PARAMS})
+            head.fit(embed_images(backbone, X), y, embed_images(backbone, X_val), y_val)
+        self.classes_, self.n_features_in_ = head.classes_, head.n_features_in_
+        yi, yv = self._encode(y, "training data"), self._encode(y_val, "the validation data")
+
+        keras.utils.set_random_seed(self.seed)
+        base = keras.models.clone_model(backbone.keras_model)
+        base.set_weights(backbone.keras_model.get_weights())
+        base.trainable = True
+        for i, layer in enumerate(base.layers):
+            # BatchNorm stays frozen (inference statistics): small batches would wreck them
+            layer.trainable = i >= len(base.layers) - self.fine_tune_layers and \
+                not isinstance(layer, keras.layers.BatchNormalization)
+        top = keras.models.clone_model(head.model_)
+        top.set_weights(head.model_.get_weights())
+        for layer in top.layers:  # Normalization caches mean/variance; set_weights alone leaves them stale
+            if hasattr(layer, "finalize_state"):
+                layer.finalize_state()
+        inp = keras.Input((self.input_size_, self.input_size_, 3), name="preprocessed_image")
+        feats = keras.layers.UnitNormalization(axis=-1, name="l2_normalise")(base(inp))
+        self.model_ = keras.Model(inp, top(feats), name="fine_tuned_classifier")
+        self.model_.compile(optimizer=keras.optimizers.Adam(self.learning_rate / 10),
+                            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                            metrics=["accuracy"])
+        train_data = _ImageBatches(X, yi, backbone, self.batch_size, augment=True, seed=self.seed)
+        val_data = _ImageBatches(X_val, yv, backbone, self.batch_size, augment=False) if len(yv) else None
+        callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.fine_tune_epochs,
+                                                   restore_best_weights=True)] if val_data else []
+        hist = self.model_.fit(train_data, validation_data=val_data, epochs=self.fine_tune_epochs,
+                               callbacks=callbacks, verbose=self.verbose)
+        self.history_ = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+        self.n_epochs_ = len(self.history_.get("loss", []))
+        self.n_train_, self.n_val_ = len(yi), len(yv)
+        self.temperature_, self.calibration_ = 1.0, {}
+        if len(yv):
+            logits = self.predict_logits(X_val)
+            if self.calibrate:
+                self.temperature_ = calibration.fit_temperature(logits, yv)
+            self.calibration_ = calibration.calibration_report(logits, yv, self.temperature_)
+        return self
+
+    def _pixels(self, X) -> np.ndarray:
+        from vslib.images import load_for_model
+
+        if isinstance(X, np.ndarray) and X.ndim == 4:
+            return X
+        if _is_single_image(X):
+            X = [X]
+        size = self.input_size_
+        return np.stack([load_for_model(x, size) for x in X]) if len(X) else np.zeros((0, size, size, 3), np.uint8)
+
+    def predict_logits(self, X) -> np.ndarray:
+        """Uncalibrated logits of images: a sequence of image sources or a uint8 batch (n, h, w, 3)."""
+        self._check_fitted()
+        if isinstance(X, np.ndarray) and X.ndim == 2 and np.issubdtype(X.dtype, np.floating):
+            raise ClassifierError("this classifier was fine-tuned on images and cannot classify embeddings; "
+                                  "pass the images (or use predict_image)")
+        bb = self._get_backbone()
+        out = [np.zeros((0, len(self.classes_)), np.float32)]
+        seq = X if isinstance(X, np.ndarray) and X.ndim == 4 else (list(X) if not _is_single_image(X) else [X])
+        for i in range(0, len(seq), 32):
+            out.append(np.asarray(self.model_(bb.preprocess(self._pixels(seq[i:i + 32])), training=False), np.float32))
+        return np.concatenate(out)
+
+    def predict_image(self, images, backbone=None) -> np.ndarray:
+        """Calibrated probabilities (n, n_classes) of image files, PIL images or arrays."""
+        if backbone is not None:
+            self._backbone = backbone
+        return self.predict_proba(images)
+
+    def save(self, directory, metadata: Optional[dict] = None) -> Path:
+        meta = dict(metadata or {})
+        meta["input_size"] = int(self.input_size_)
+        return super().save(directory, meta)
+
+
+class _ImageBatches:
+    """Keras ``PyDataset`` of (preprocessed images, labels), decoded per batch, optionally augmented."""
+
+    def __new__(cls, *args, **kwargs):
+        keras = _keras()
+
+        class ImageBatches(keras.utils.PyDataset):
+            def __init__(self, sources, labels, backbone, batch_size, augment=False, seed=0):
+                super().__init__()
+                self.sources, self.labels, self.backbone = list(sources), np.asarray(labels), backbone
+                self.batch_size, self.augment = int(batch_size), augment
+                self.rng = np.random.default_rng(seed)
+                self.order = np.arange(len(self.sources))
+
+            def __len__(self):
+                return int(np.ceil(len(self.sources) / self.batch_size))
+
+            def on_epoch_end(self):
+                if self.augment:
+                    self.order = self.rng.permutation(len(self.sources))
+
+            def _load(self, src):
+                from PIL import ImageOps
+
+                from vslib.images import load_image, resize_for_model
+
+                img = load_image(src)
+                if self.augment:
+                    w, h = img.size
+                    sw, sh = (max(1, int(round(d * self.rng.uniform(0.8, 1.0)))) for d in (w, h))
+                    x0, y0 = int(self.rng.integers(0, w - sw + 1)), int(self.rng.integers(0, h - sh + 1))
+                    img = img.crop((x0, y0, x0 + sw, y0 + sh))
+                    if self.rng.random() < 0.5:
+                        img = ImageOps.mirror(img)
+                return resize_for_model(img, self.backbone.input_size)
+
+            def __getitem__(self, i):
+                rows = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+                x = np.stack([self._load(self.sources[r]) for r in rows])
+                return self.backbone.preprocess(x), self.labels[rows]
+
+        return ImageBatches(*args, **kwargs)
+
+
 def _fine_tune(cfg, head: EmbeddingClassifier, index, tr, va, metrics):
-    raise ClassifierError("classifier.fine_tune is not implemented yet; set classifier.fine_tune: false")
+    from vslib.backbones import backbone_from_config
+
+    ccfg = cfg.classifier
+    paths = index.table["path"].astype(str).to_numpy()
+    labels = index.table["label"].astype(str).to_numpy()
+    backbone = backbone_from_config(cfg)
+    ft = FineTunedClassifier.from_config(ccfg)
+    ft.backbone_, ft.backbone_weights_, ft.dataset_ = cfg.backbone.name, cfg.backbone.weights, cfg.dataset.name
+    log.info("classifier: fine-tuning the top %d layers of %s for %d epochs on %d images (slow on CPU)",
+             ccfg.fine_tune_layers, cfg.backbone.name, ccfg.fine_tune_epochs, len(tr))
+    ft.fit(paths[tr], labels[tr], paths[va], labels[va], backbone=backbone, head=head)
+    ft_metrics = ft.evaluate(paths[va], labels[va])
+    ft_metrics["train_accuracy"] = ft.score(paths[tr], labels[tr])
+    ft_metrics["evaluated_on"] = metrics.get("evaluated_on")
+    ft_metrics["head_only"] = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}
+    return ft, ft_metrics
 
 
 # ---------------------------------------------------------------------------
