@@ -1,6 +1,7 @@
 """Shared fixtures: small configs written into temporary folders."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,17 @@ def make_config(tmp_path):
         return load_config(write_config(tmp_path, data))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def es_url():
+    """URL of the Elasticsearch to test against: VS_ES_URL, or an emulator started here."""
+    from es_server import EsServer, find_binary
+
+    if os.environ.get("VS_ES_URL"):
+        yield os.environ["VS_ES_URL"].split(",")[0].strip()
+        return
+    if find_binary() is None:
+        pytest.skip("noida-db is not installed (pip install noida-db==0.2.3) and VS_ES_URL is not set")
+    with EsServer() as server:
+        yield server.url

@@ -41,18 +41,6 @@ VARIANTS = {
 # fixtures
 
 
-@pytest.fixture(scope="session")
-def es_url():
-    """URL of the Elasticsearch to test against: VS_ES_URL, or an emulator started here."""
-    if os.environ.get("VS_ES_URL"):
-        yield os.environ["VS_ES_URL"].split(",")[0].strip()
-        return
-    if find_binary() is None:
-        pytest.skip("noida-db is not installed (pip install noida-db==0.2.3) and VS_ES_URL is not set")
-    with EsServer() as server:
-        yield server.url
-
-
 def _config(tmp_path, backend: str, settings: dict, es_url=None, index_name=None):
     index = {"backend": backend, **{k: dict(v) for k, v in settings.items()}}
     if backend == "elasticsearch":

@@ -194,3 +194,30 @@ def test_evaluate_cli_json(project):
     # stdout holds the table, then the JSON document
     doc = json.loads(r.stdout[r.stdout.index("\n{") + 1:])
     assert doc["modes"]["flat"]["p@1"] == json.loads((cfg.reports_dir / "evaluation.json").read_text())["modes"]["flat"]["p@1"]
+
+
+def test_same_search_on_elasticsearch_backend(project, es_url):
+    """The engine gives the same answers over Elasticsearch (emulator, or VS_ES_URL) as over FAISS."""
+    import os
+    import uuid
+
+    from vslib import evaluate, index
+
+    cfg, _ = project
+    embedded = json.loads((cfg.reports_dir / "evaluation.json").read_text())
+    es = {"index_name": f"vs-test-{uuid.uuid4().hex[:10]}", "index_options": {"type": "hnsw", "m": 16, "ef_construction": 200}}
+    if not os.environ.get("VS_ES_URL"):
+        es["hosts"] = [es_url]
+    es_cfg = load_config(cfg.base_dir / "application.yaml",
+                         overrides={"index": {"backend": "elasticsearch", "elasticsearch": es},
+                                    "paths": {"reports": str(cfg.base_dir / "reports-es")}})
+    info = index.build(es_cfg, progress=False)
+    try:
+        assert info["count"] == embedded["n_index"]
+        results = evaluate.evaluate(es_cfg, figures=False, echo=lambda s: None)
+        assert results["backend"] == "elasticsearch"
+        for mode in ("flat", "hierarchical", "oracle"):
+            for k in ("p@1", "p@10", "map@10"):
+                assert results["modes"][mode][k] == pytest.approx(embedded["modes"][mode][k], abs=0.02), (mode, k)
+    finally:
+        index.open_index(es_cfg, create=False).drop()
