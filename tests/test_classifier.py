@@ -275,3 +275,19 @@ def test_fine_tune_tiny_subset(pipeline, tmp_path):
     assert isinstance(loaded, FineTunedClassifier)
     img = query.table["path"].iloc[0]
     np.testing.assert_allclose(loaded.predict_image(img), ft.predict_image(img), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_with_fine_tune_setting(pipeline, tmp_path):
+    """``classifier.fine_tune: true`` through train(cfg): saved, reloaded as a FineTunedClassifier."""
+    cfg, _, query = pipeline
+    ft_cfg = dataclasses.replace(
+        cfg, classifier=dataclasses.replace(cfg.classifier, fine_tune=True, fine_tune_layers=5, fine_tune_epochs=1),
+        paths=dataclasses.replace(cfg.paths, models=str(tmp_path / "models"), reports=str(tmp_path / "reports")))
+    clf, m = train(ft_cfg)
+    assert isinstance(clf, FineTunedClassifier)
+    assert m["accuracy"] > 5 * m["chance"] and "head_only" in m
+    loaded = load_classifier(ft_cfg)
+    assert isinstance(loaded, FineTunedClassifier)
+    img = query.table["path"].iloc[0]
+    np.testing.assert_allclose(loaded.predict_image(img), clf.predict_image(img), atol=1e-5)

@@ -327,10 +327,10 @@ class EmbeddingClassifier:
         self._check_fitted()
         if _is_single_image(images):
             images = [images]
+        trained_on = getattr(self, "backbone_", None)
         if backbone is None:
             backbone = self._get_backbone()
-        elif getattr(backbone, "name", None) not in (None, getattr(self, "backbone_", None)) \
-                and getattr(self, "backbone_", None):
+        elif trained_on and backbone.name != trained_on:
             raise ClassifierError(f"the classifier was trained on backbone {self.backbone_!r} but was given "
                                   f"{backbone.name!r}")
         return self.predict_proba(features.embed_images(backbone, list(images)))
