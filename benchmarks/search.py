@@ -234,7 +234,7 @@ def synthetic(n: int, nq: int, dim: int, seed: int, cache_dir: Optional[Path]) -
     unrealistically hard case for graph indexes.
     """
     rank, spread, noise = 16, 0.6, 0.25
-    key = f"synthetic-n{n}-q{nq}-d{dim}-s{seed}-c{N_CLUSTERS}-r{rank}-a{spread}-b{noise}"
+    key = f"synthetic2-n{n}-q{nq}-d{dim}-s{seed}-c{N_CLUSTERS}-r{rank}-a{spread}-b{noise}"
     source = (f"synthetic: {N_CLUSTERS} clusters on the unit sphere, per-cluster rank-{rank} variation "
               f"(scale {spread}) + isotropic noise (scale {noise}), normalised; labels = cluster % {N_LABELS}")
     if cache_dir is not None and (cache_dir / f"{key}.x.npy").exists():
@@ -268,8 +268,8 @@ def synthetic(n: int, nq: int, dim: int, seed: int, cache_dir: Optional[Path]) -
             if len(idx) == 0:
                 continue
             m = len(idx)
-            pts = (centres[c] + spread * (crng.standard_normal((m, rank), dtype=np.float32) @ basis)
-                   * np.sqrt(dim / rank)
+            # basis rows have norm ~1, so the variation has norm ~spread and the noise norm ~noise
+            pts = (centres[c] + (spread / np.sqrt(rank)) * (crng.standard_normal((m, rank), dtype=np.float32) @ basis)
                    + noise * crng.standard_normal((m, dim), dtype=np.float32) / np.sqrt(dim))
             target[np.sort(idx)] = _normalise(pts)
     labels = (cluster % N_LABELS).astype(np.int32)
@@ -433,7 +433,8 @@ def embedded_breakdown(index) -> dict:
         if hasattr(fi, "hnsw"):
             h = fi.hnsw
             links = h.neighbors.size() * 4 + h.levels.size() * 4 + h.offsets.size() * 8
-            codes = fi.storage.ntotal * fi.storage.code_size if hasattr(fi.storage, "code_size") else 0
+            storage = faiss.downcast_index(fi.storage)
+            codes = storage.ntotal * storage.code_size if hasattr(storage, "code_size") else 0
             out["faiss_bytes"] = int(links + codes)
             out["faiss_link_bytes"] = int(links)
         elif hasattr(fi, "code_size"):
@@ -699,6 +700,12 @@ def main(argv=None) -> dict:
     print(header(report), flush=True)
     es = EsRunner(args.es_url)
     t_start = time.perf_counter()
+
+    def save():  # after every backend, so a long run that is stopped leaves what it measured
+        report["elapsed_s"] = time.perf_counter() - t_start
+        report["targets"] = check_targets(report["sizes"])
+        write(report, args.out)
+
     try:
         for n in sizes:
             print(f"\n== {fmt_size(n)} vectors ==", flush=True)
@@ -714,10 +721,13 @@ def main(argv=None) -> dict:
             if "numpy" in args.backends:
                 _print_row(rows[0], col.raw_bytes)
                 res["results"] += rows
+                save()
             if "embedded-exact" in args.backends:
                 res["results"] += run_embedded(col, "Flat", [], budget)
+                save()
             if "embedded-hnsw" in args.backends:
                 res["results"] += run_embedded(col, f"HNSW{args.hnsw_m}", efs, budget)
+                save()
             es_which = [b for b in args.backends if b.startswith("es-")]
             if es_which and n <= args.es_max_size:
                 try:
@@ -729,9 +739,7 @@ def main(argv=None) -> dict:
             elif es_which:
                 res["notes"].append(f"Elasticsearch rows not run at this size (--es-max-size "
                                     f"{fmt_size(args.es_max_size)})")
-            report["elapsed_s"] = time.perf_counter() - t_start
-            report["targets"] = check_targets(report["sizes"])
-            write(report, args.out)  # after every size, so a long run leaves partial results
+            save()
             del col
             gc.collect()
     finally:
