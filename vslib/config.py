@@ -184,7 +184,7 @@ class Config:
 
     @property
     def features_dir(self) -> Path:
-        """Feature cache of the configured dataset and backbone."""
+        """Feature cache of the configured backbone (vectors are keyed by image content, so datasets share it)."""
         return self.data_dir / "features" / self.backbone.name
 
     @property
