@@ -149,6 +149,7 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         logging.getLogger("faiss").setLevel(logging.WARNING)  # "could not load AVX512 ..." probing
+        logging.getLogger("elastic_transport").setLevel(logging.ERROR)  # per-request lines; errors say it all
     from vslib.config import ConfigError
     from vslib.errors import VisualSearchError
 
