@@ -221,3 +221,29 @@ def test_same_search_on_elasticsearch_backend(project, es_url):
                 assert results["modes"][mode][k] == pytest.approx(embedded["modes"][mode][k], abs=0.02), (mode, k)
     finally:
         index.open_index(es_cfg, create=False).drop()
+
+
+def test_adaptive_class_weight_ranks_exactly_over_the_chosen_classes(project):
+    """Merged per-class lists equal a brute-force ranking of every item in the chosen classes."""
+    cfg, _ = project
+    from vslib.features import load_features
+    from vslib.index import item_ids
+
+    feats = load_features(cfg)
+    idx, queries = feats.split("index"), feats.split("query")
+    ids = np.array(item_ids(idx.table))
+    with VisualSearch.from_config(cfg) as engine:
+        engine.cfg = SearchConfig(mass=0.99, min_confidence=0.0, max_classes=4, class_weight=0.2)
+        probs = engine.classifier.predict_proba(queries.vectors)
+        out = engine.search_vectors(queries.vectors, 6, "adaptive", probs=probs)
+        checked = 0
+        for q, p, (hits, labels) in zip(queries.vectors, probs, out):
+            if labels is None or len(labels) < 2:
+                continue
+            logp = {c: np.log(p[engine.classes.index(c)]) for c in labels}
+            mask = idx.table["label"].isin(labels).to_numpy()
+            adjusted = idx.vectors[mask] @ q + 0.2 * np.array([logp[c] for c in idx.table["label"][mask]])
+            expected = ids[mask][np.argsort(-adjusted, kind="stable")[:6]]
+            assert [h["id"] for h in hits] == list(expected)
+            checked += 1
+        assert checked >= 5  # the classifier is unsure often enough to exercise the merge

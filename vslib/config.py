@@ -122,6 +122,7 @@ class SearchConfig:
     mass: float = _f(0.9, min=0.0, max=1.0, help="adaptive: probability mass of the classes searched")
     min_confidence: float = _f(0.2, min=0.0, max=1.0, help="adaptive: below this top probability, search flat")
     max_classes: int = _f(5, min=1, help="adaptive: at most this many classes")
+    class_weight: float = _f(0.2, min=0.0, help="adaptive: hits rank by similarity + class_weight * log(class probability)")
 
 
 @dataclass

@@ -16,8 +16,13 @@ Modes
     Pre-filter to the smallest set of classes whose calibrated probability mass
     reaches ``search.mass`` (at most ``search.max_classes``); when the
     classifier is unsure (top probability below ``search.min_confidence``) it
-    searches flat. If the chosen classes hold fewer than k images, the list is
-    completed with the best hits from outside them.
+    searches flat. Hits inside the chosen classes are ranked by
+    ``similarity + search.class_weight * log p(class)``: a likelier class wins
+    close calls, a much closer image from a less likely class still gets in.
+    (Each class is searched on its own and the lists merged, so the ranking is
+    exact.) If the chosen classes hold fewer than k images, the list is
+    completed with the best hits from outside them. Hits report the plain
+    similarity as their score.
 ``oracle``
     Pre-filter to the true class: the ceiling hierarchy can reach (evaluation only).
 """
@@ -207,11 +212,23 @@ class VisualSearch:
             q = vec[None, :]
             if labels is None:
                 hits = [_hit_dict(h) for h in self.index.search(q, k)[0]]
+            elif mode == "adaptive" and len(labels) > 1 and self.cfg.class_weight > 0:
+                hits = self._class_weighted(q, k, labels, probs[i])
             else:
                 hits = [_hit_dict(h) for h in self.index.search(q, k, filter={"label": labels})[0]]
-                if mode == "adaptive" and len(hits) < k:  # complete the list from outside the chosen classes
-                    seen = {h["id"] for h in hits}
-                    extra = [_hit_dict(h) for h in self.index.search(q, k + len(hits))[0]]
-                    hits += [h for h in extra if h["id"] not in seen][: k - len(hits)]
+            if mode == "adaptive" and labels is not None and len(hits) < k:
+                # complete the list from outside the chosen classes
+                seen = {h["id"] for h in hits}
+                extra = [_hit_dict(h) for h in self.index.search(q, k + len(hits))[0]]
+                hits += [h for h in extra if h["id"] not in seen][: k - len(hits)]
             out.append((hits, labels))
         return out
+
+    def _class_weighted(self, q: np.ndarray, k: int, labels: list[str], probs: np.ndarray) -> list[dict]:
+        """Top k over ``labels`` by similarity + class_weight * log p(class), merged from per-class searches."""
+        ranked = []
+        for label in labels:
+            bonus = self.cfg.class_weight * float(np.log(max(float(probs[self.classes.index(label)]), 1e-12)))
+            ranked += [(h["score"] + bonus, h) for h in map(_hit_dict, self.index.search(q, k, filter={"label": [label]})[0])]
+        ranked.sort(key=lambda t: -t[0])
+        return [h for _, h in ranked[:k]]
