@@ -398,3 +398,40 @@ def test_embedded_ignores_leftovers_of_a_crashed_save(tmp_path):
         assert index.count() == 21
     # the save after the add cleaned up: meta.json and the one generation it names
     assert sorted(p.name for p in cfg.index_dir.iterdir()) == ["g000002", "meta.json"]
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
+def test_embedded_vectors_held_once_and_correct_across_changes(tmp_path, factory):
+    """Once FAISS holds the vectors, the index reads them from FAISS's storage (no second copy);
+    adding, replacing, removing and reopening around that must keep results exact."""
+    from vslib.index.embedded import EmbeddedIndex
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = [f"v{i}" for i in range(3000)]
+    q = x[:4] + 0.05
+    idx = EmbeddedIndex.open(tmp_path / "ix", 32, factory=factory, ef_search=3000)
+    idx.add(ids[:2000], x[:2000])
+    idx.search(q, 5)  # builds FAISS: our copy of the vectors is dropped
+    assert idx._view_owner is not None and not idx._vectors.flags.owndata
+    idx.add(ids[2000:], x[2000:])  # appends after a view
+    y = x.copy()
+    y[10] = -y[10]
+    idx.add([ids[10]], y[10:11])  # replace
+    idx.remove([ids[20]])
+
+    def expected(vectors, alive):
+        s = q @ vectors[alive].T
+        order = np.argsort(-s, axis=1)[:, :5]
+        return [[ids[j] for j in np.flatnonzero(alive)[row]] for row in order]
+
+    alive = np.ones(3000, bool)
+    alive[20] = False
+    got = [[h.id for h in hits] for hits in idx.search(q, 5)]
+    assert got == expected(y, alive)
+    idx.close()
+    again = EmbeddedIndex.open(tmp_path / "ix", factory=factory, ef_search=3000)
+    assert again.count() == 2999
+    assert [[h.id for h in hits] for hits in again.search(q, 5)] == expected(y, alive)
+    again.close()

@@ -88,6 +88,7 @@ class ClassifierConfig:
 class EmbeddedIndexConfig:
     factory: str = _f("Flat", help="FAISS index factory string: Flat (exact), HNSW32, ...")
     ef_search: int = _f(128, min=1, help="HNSW search breadth")
+    ef_construction: int = _f(200, min=8, help="HNSW build breadth (FAISS's own default is 40)")
 
 
 @dataclass

@@ -52,7 +52,8 @@ def open_index(cfg, dim: Optional[int] = None, *, create: bool = True, backend: 
     cls = backend_class(name)
     if name == "embedded":
         e = cfg.index.embedded
-        return cls.open(cfg.index_dir, dim, factory=e.factory, ef_search=e.ef_search, create=create)
+        return cls.open(cfg.index_dir, dim, factory=e.factory, ef_search=e.ef_search,
+                        ef_construction=e.ef_construction, create=create)
     if name == "elasticsearch":
         return cls.open(cfg.index.elasticsearch, dim, create=create)
     raise IndexBackendError(f"backend {name!r} is registered but open_index does not know how to configure it")

@@ -55,11 +55,15 @@ class EmbeddedIndex(VectorIndex):
     #: compact (drop removed rows) when more than this share of the rows is dead
     compact_share = 0.5
 
-    def __init__(self, dim: int, path: Optional[os.PathLike] = None, factory: str = "Flat", ef_search: int = 128):
+    def __init__(self, dim: int, path: Optional[os.PathLike] = None, factory: str = "Flat", ef_search: int = 128,
+                 ef_construction: int = 200):
         super().__init__(dim)
         self.path = Path(path) if path is not None else None
         self.factory = factory
         self.ef_search = int(ef_search)
+        self.ef_construction = int(ef_construction)
+        #: the FAISS index whose storage ``_vectors`` is a view of (kept alive while the view is used)
+        self._view_owner = None
         _make_faiss(dim, factory)  # fail now, naming the factory string, if it is not valid
         self._vectors = np.empty((0, dim), np.float32)  # capacity buffer; rows [0, _n) are used
         self._n = 0
@@ -75,7 +79,7 @@ class EmbeddedIndex(VectorIndex):
     # -- opening -------------------------------------------------------------
     @classmethod
     def open(cls, path: Optional[os.PathLike], dim: Optional[int] = None, *, factory: str = "Flat",
-             ef_search: int = 128, create: bool = True) -> "EmbeddedIndex":
+             ef_search: int = 128, ef_construction: int = 200, create: bool = True) -> "EmbeddedIndex":
         """Open the index saved in ``path``, or create an empty one.
 
         Raises :class:`IndexNotFoundError` when there is none and ``create`` is
@@ -88,7 +92,7 @@ class EmbeddedIndex(VectorIndex):
             if dim is None:
                 raise IndexBackendError(f"cannot create an embedded index in {path} without knowing the "
                                         "vector dimension (pass dim=...)")
-            return cls(dim, path, factory, ef_search)
+            return cls(dim, path, factory, ef_search, ef_construction)
         try:
             meta = json.loads(meta_file.read_text())
             saved_dim = int(meta["dim"])
@@ -101,7 +105,7 @@ class EmbeddedIndex(VectorIndex):
             raise IndexDimensionError(
                 f"the embedded index in {path} holds {saved_dim}-dimensional vectors but the backbone gives "
                 f"{dim}-dimensional ones; delete {path} or rebuild it with vslib.index.build(cfg, rebuild=True)")
-        self = cls(saved_dim, path, factory, ef_search)
+        self = cls(saved_dim, path, factory, ef_search, ef_construction)
         self._load(Path(path) / meta["generation"], meta)
         return self
 
@@ -109,7 +113,7 @@ class EmbeddedIndex(VectorIndex):
         import pyarrow.parquet as pq
 
         try:
-            vectors = np.load(folder / "vectors.npy")
+            vectors = np.load(folder / "vectors.npy", mmap_mode="r")  # copied below only if FAISS lacks them
             table = pq.read_table(folder / "metadata.parquet").to_pylist()
         except (OSError, ValueError) as e:
             raise IndexBackendError(f"the embedded index in {self.path} is damaged ({e}); delete it and "
@@ -125,7 +129,7 @@ class EmbeddedIndex(VectorIndex):
                 row = json.loads(row["_json"])
             ids.append(ident)
             metas.append({k: v for k, v in row.items() if v is not None})
-        self._vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self._vectors = vectors
         self._n = len(ids)
         self._ids, self._meta = ids, metas
         self._alive = np.ones(self._n, bool)
@@ -140,6 +144,8 @@ class EmbeddedIndex(VectorIndex):
             log.info("embedded index in %s was built with factory %r; rebuilding it as %r",
                      self.path, meta.get("factory"), self.factory)
             self._dirty = True
+        if self._faiss is None or not self._adopt_storage(self._faiss):
+            self._vectors = np.array(vectors, dtype=np.float32)  # into memory: the file may be replaced
 
     # -- the contract ------------------------------------------------------------
     @property
@@ -285,14 +291,30 @@ class EmbeddedIndex(VectorIndex):
         return [Hit(self._ids[r], float(s), dict(self._meta[r])) for s, r in zip(scores, rows)]
 
     def _reserve(self, n: int) -> None:
-        if n <= len(self._vectors):
+        if n <= len(self._vectors) and self._view_owner is None:
             return
-        cap = max(n, 2 * len(self._vectors), 1024)
+        # a view of FAISS's storage is never written to: new rows go into a buffer of our own
+        cap = max(n, 2 * self._n if self._view_owner is None else n, 1024)
         vectors = np.empty((cap, self.dim), np.float32)
         vectors[:self._n] = self._vectors[:self._n]
         alive = np.zeros(cap, bool)
         alive[:self._n] = self._alive[:self._n]
         self._vectors, self._alive = vectors, alive
+        self._view_owner = None
+
+    def _adopt_storage(self, index) -> bool:
+        """Use the FAISS index's own float storage as ``_vectors``, so the vectors are held once.
+
+        Works for indexes that store raw float vectors (Flat, HNSW<M>, HNSW<M>,Flat);
+        returns False for compressed storage (PQ, SQ, ...), where we keep our own copy.
+        """
+        faiss = _faiss()
+        flat = faiss.downcast_index(index.storage) if hasattr(index, "storage") else index
+        if not isinstance(flat, faiss.IndexFlat) or flat.ntotal != self._n or flat.d != self.dim or not self._n:
+            return False
+        self._vectors = faiss.rev_swig_ptr(flat.get_xb(), self._n * self.dim).reshape(self._n, self.dim)
+        self._view_owner = index  # keeps the C++ storage alive as long as the view is in use
+        return True
 
     def _kill(self, rows: np.ndarray) -> None:
         self._alive[rows] = False
@@ -315,6 +337,7 @@ class EmbeddedIndex(VectorIndex):
             return
         keep = np.flatnonzero(self._alive[:self._n])
         self._vectors = np.ascontiguousarray(self._vectors[keep])
+        self._view_owner = None
         self._ids = [self._ids[r] for r in keep]
         self._meta = [self._meta[r] for r in keep]
         self._n = len(keep)
@@ -328,12 +351,15 @@ class EmbeddedIndex(VectorIndex):
         """The FAISS index over rows [0, _n), brought up to date incrementally."""
         if self._faiss is None:
             self._faiss = _make_faiss(self.dim, self.factory)
+            if hasattr(self._faiss, "hnsw"):
+                self._faiss.hnsw.efConstruction = self.ef_construction
         index = self._faiss
         if index.ntotal < self._n:
             new = self._vectors[index.ntotal:self._n]
             if not index.is_trained:
                 index.train(self._vectors[:self._n])
             index.add(np.ascontiguousarray(new))
+            self._adopt_storage(index)  # our copy of the vectors can go: FAISS holds them now
         return index
 
     def _column(self, field: str):
