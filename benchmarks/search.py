@@ -426,7 +426,9 @@ def embedded_breakdown(index) -> dict:
     """Where an EmbeddedIndex's memory goes (reads its internals: the vector buffer and the FAISS index)."""
     vec = getattr(index, "_vectors", None)
     fi = getattr(index, "_faiss", None)
-    out = {"vector_buffer_bytes": int(vec.nbytes) if vec is not None else 0, "faiss_bytes": 0}
+    shared = getattr(index, "_view_owner", None) is not None  # the vectors are a view of FAISS's storage
+    out = {"vector_buffer_bytes": 0 if shared or vec is None else int(vec.nbytes), "faiss_bytes": 0,
+           "vectors_shared_with_faiss": shared, "ef_construction": getattr(index, "ef_construction", None)}
     if fi is not None:
         import faiss
 
