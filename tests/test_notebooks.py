@@ -1,0 +1,189 @@
+"""The numbered notebooks: committed clean, run end to end by papermill, exported to HTML.
+
+The full run executes all five notebooks on a small Tux Paint subset in a
+temporary project (under a minute on two CPU cores, most of it kernel
+start-up, TensorFlow imports and UMAP's first compilation), so it is not
+marked slow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import papermill as pm
+import pytest
+import yaml
+
+from vslib import report
+from vslib.config import ConfigError, load_config
+from vslib.paths import NOTEBOOKS_DIR, PROJ_ROOT
+from vslib.report import ReportError, error_outputs, list_notebooks, notebook_config, run_notebooks
+
+STAMPS = Path("/usr/share/tuxpaint/stamps")
+needs_stamps = pytest.mark.skipif(not STAMPS.is_dir(),
+                                  reason="Tux Paint stamps not installed (apt-get install tuxpaint-stamps-default)")
+EXPECTED = ["01_train_classifier.ipynb", "02_extract_features.ipynb", "03_index.ipynb",
+            "04_evaluate_retrieval.ipynb", "05_query_explorer.ipynb"]
+#: small settings for the notebooks' own parameters
+SMALL = {"samples_per_class": 2, "sample_classes": 4, "timing_images": 8, "grid_queries": 2,
+         "umap_points": 120, "umap_thumbnails": 5, "demo_k": 4}
+
+
+def _config(dir_: Path, **sections) -> Path:
+    data = {
+        "dataset": {"name": "tuxpaint", "max_per_class": 8, "install": False},
+        "backbone": {"name": "efficientnet_lite0", "batch_size": 32, "workers": 2},
+        "classifier": {"epochs": 30},
+        "index": {"backend": "embedded", "elasticsearch": {"hosts": ["http://127.0.0.1:9"], "request_timeout": 1}},
+        "evaluation": {"max_queries": 24},
+        "paths": {"data": "data", "models": "models", "reports": "reports"},
+    }
+    for k, v in sections.items():
+        data[k] = {**data.get(k, {}), **v}
+    p = Path(dir_) / "application.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+# ---------------------------------------------------------------------------
+# The committed notebooks
+
+
+def test_the_five_numbered_notebooks_exist_in_order():
+    assert [p.name for p in list_notebooks()] == EXPECTED
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_committed_without_outputs_and_with_one_documented_parameters_cell(name):
+    nb = nbformat.read(str(NOTEBOOKS_DIR / name), as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), f"{name} has outputs"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{name}: {len(tagged)} cells tagged parameters"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    params = pm.inspect_notebook(str(NOTEBOOKS_DIR / name))
+    assert {"config_path", "dataset", "backbone", "backend", "max_per_class", "data_dir", "reports_dir"} <= set(params)
+    for p in params.values():
+        assert p["help"], f"{name}: parameter {p['name']} has no comment"
+
+
+def test_notebook_config_applies_the_parameters(tmp_path):
+    path = _config(tmp_path)
+    cfg = notebook_config(path, backend="elasticsearch", max_per_class=5, max_queries=3,
+                          reports_dir=str(tmp_path / "out"), overrides={"evaluation": {"grid_queries": 1}})
+    assert cfg.index.backend == "elasticsearch" and cfg.dataset.max_per_class == 5
+    assert cfg.evaluation.max_queries == 3 and cfg.evaluation.grid_queries == 1
+    assert cfg.reports_dir == tmp_path / "out" and cfg.data_dir == tmp_path / "data"
+    assert notebook_config(path).dataset.max_per_class == 8  # None keeps the file's value
+    with pytest.raises(ConfigError, match="index.backend 'elastic'"):
+        notebook_config(path, backend="elastic")
+
+
+def test_parameters_round_trip_through_notebook_config(tmp_path):
+    cfg = load_config(_config(tmp_path), overrides={"index": {"backend": "elasticsearch"}})
+    params = report.notebook_parameters(cfg)
+    assert Path(params["config_path"]).is_absolute() and Path(params["reports_dir"]).is_absolute()
+    again = notebook_config(**params)
+    assert (again.data_dir, again.models_dir, again.reports_dir) == (cfg.data_dir, cfg.models_dir, cfg.reports_dir)
+    assert dataclasses.replace(again, paths=cfg.paths) == cfg
+
+
+# ---------------------------------------------------------------------------
+# Running them
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A small temporary project: its config and where its reports go."""
+    return load_config(_config(tmp_path_factory.mktemp("reports")))
+
+
+@pytest.fixture(scope="module")
+def full_run(project):
+    lines = []
+    runs = run_notebooks(project, parameters=SMALL, echo=lines.append)
+    return runs, lines
+
+
+@needs_stamps
+def test_all_notebooks_run_into_html_reports(project, full_run):
+    runs, lines = full_run
+    out = project.reports_dir
+    assert [r["name"] for r in runs] == EXPECTED and all(r["status"] == "ok" for r in runs)
+    for name in EXPECTED:
+        stem = Path(name).stem
+        html = out / f"{stem}.html"
+        executed = out / "notebooks" / name
+        assert html.stat().st_size > 10_000, html
+        assert executed.exists()
+        assert error_outputs(executed) == [], f"{name} has error outputs"
+        assert any(name in ln and "ok" in ln for ln in lines), lines  # progress per notebook
+    index = (out / "index.html").read_text()
+    for name in EXPECTED:
+        assert f'href="{Path(name).stem}.html"' in index
+    assert "Retrieval summary" in index  # notebook 04's evaluation, summarised
+    # outputs went to the configured folders, not the project's
+    for fig in ("class_counts.png", "confusion_matrix.png", "similarity_histogram.png", "precision_at_k.png",
+                "umap.png", "results_adaptive.png"):
+        assert (project.figures_dir / fig).exists(), fig
+    assert json.loads((out / "evaluation.json").read_text())["n_query"] == 24
+
+
+@needs_stamps
+def test_the_executed_notebooks_used_the_injected_parameters_and_this_venv(project, full_run):
+    nb = nbformat.read(str(project.reports_dir / "notebooks" / "04_evaluate_retrieval.ipynb"), as_version=4)
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1
+    src = injected[0].source
+    assert repr(str(project.reports_dir)) in src or f'"{project.reports_dir}"' in src
+    assert "umap_points = 120" in src and "demo_k" not in src  # each notebook gets the parameters it declares
+    setup = "".join(o.get("text", "") for o in nb.cells[2].outputs)
+    assert str(Path(sys.executable).parent) in setup, setup  # the kernel ran this venv's python
+    explorer_nb = nbformat.read(str(project.reports_dir / "notebooks" / "05_query_explorer.ipynb"), as_version=4)
+    shown = [o for c in explorer_nb.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
+    assert any("predicted classes" in o["data"]["text/html"] for o in shown)  # the static demo
+
+
+@needs_stamps
+def test_a_failing_notebook_names_the_notebook_and_the_cell(project):
+    with pytest.raises(ReportError) as err:
+        run_notebooks(project, notebooks=["03"], parameters={"backend": "bogus"}, echo=lambda *_: None)
+    e = err.value
+    msg = str(e)
+    assert e.notebook == "03_index.ipynb" and e.cell is not None
+    assert "03_index.ipynb" in msg and f"cell {e.cell}" in msg and "'bogus' is not allowed" in msg
+    assert "notebook_config" in msg  # the failing cell's first line
+    assert e.executed.exists() and (project.reports_dir / "03_index.html").exists()  # what ran is exported
+    index = (project.reports_dir / "index.html").read_text()
+    assert "failed" in index
+
+
+@needs_stamps
+def test_a_missing_config_file_is_reported_with_the_notebook(project, tmp_path):
+    with pytest.raises(ReportError, match=r"02_extract_features.ipynb failed in cell \d+.*does not exist"):
+        run_notebooks(project, notebooks=["02_extract_features"], echo=lambda *_: None,
+                      parameters={"config_path": str(tmp_path / "missing.yaml")})
+
+
+def test_unknown_notebook_names_the_available_ones(project):
+    with pytest.raises(ReportError, match="'07_nothing' not found.*01_train_classifier.ipynb"):
+        run_notebooks(project, notebooks=["07_nothing"], echo=lambda *_: None)
+
+
+def test_the_cli_report_command_reaches_run_notebooks(monkeypatch, tmp_path):
+    from vslib import cli
+
+    seen = {}
+    monkeypatch.setattr(report, "run_notebooks", lambda cfg, **kw: seen.setdefault("cfg", cfg))
+    assert cli.main(["report", "-c", str(_config(tmp_path))]) == 0
+    assert seen["cfg"].dataset.max_per_class == 8
+
+
+def test_makefile_report_and_demo_targets_produce_the_reports():
+    make = (PROJ_ROOT / "Makefile").read_text()
+    assert "visualsearch report -c $(CONFIG)" in make
+    assert "run -c $(CONFIG) --report" in make
