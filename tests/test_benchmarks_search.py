@@ -66,3 +66,21 @@ def test_search_benchmark_elasticsearch_emulator(tmp_path):
         assert r["emulator"] is True and r["qps_single"] > 0 and r["qps_batch"] is None
     exact = next(r for r in es if r["backend"] == "es-exact")
     assert exact["recall"] >= 0.999 and exact["filtered_recall"] >= 0.999
+
+
+@pytest.mark.slow
+def test_quick_mode_as_documented(tmp_path):
+    """`benchmarks/search.py --quick`, exactly as README documents it (10k vectors, about a minute)."""
+    out = tmp_path / "quick"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no-cache", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "search.json").read_text())
+    assert list(report["sizes"]) == ["10000"]
+    rows = report["sizes"]["10000"]["results"]
+    assert {"numpy", "embedded-exact", "embedded-hnsw"} <= {r["backend"] for r in rows}
+    hnsw = [r for r in rows if r["backend"] == "embedded-hnsw"]
+    assert max(r["recall"] for r in hnsw) >= 0.95
+    # the embedded index holds the vectors once (FAISS's storage), plus the HNSW links
+    assert all(r["index_bytes"] <= 1.5 * report["sizes"]["10000"]["raw_bytes"] for r in hnsw)
+    assert "Targets:" in proc.stdout
