@@ -117,26 +117,17 @@ def test_an_unreachable_backend_chosen_anyway_is_a_message_not_a_traceback(cfg):
 
 
 @pytest.mark.elasticsearch
-def test_elasticsearch_backend_when_a_server_runs(cfg):
+def test_elasticsearch_backend_when_a_server_runs(cfg, es_url):
     import dataclasses
-    import os
 
     from vslib import index as vindex
 
-    es_server = pytest.importorskip("es_server", reason="tests/es_server.py")
-    url = os.environ.get("VS_ES_URL")
-    server = None
-    if not url:
-        if es_server.find_binary() is None:
-            pytest.skip("no Elasticsearch: set VS_ES_URL or install noida-db")
-        server = es_server.EsServer().start()
-        url = server.url
+    es = dataclasses.replace(cfg.index.elasticsearch, hosts=[es_url], request_timeout=10,
+                             index_name="vs-explorer-test")
+    es_cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, backend="elasticsearch",
+                                                                elasticsearch=es))
+    vindex.build(es_cfg, rebuild=True, progress=False)
     try:
-        es = dataclasses.replace(cfg.index.elasticsearch, hosts=[url], request_timeout=10,
-                                 index_name="vs-explorer-test")
-        es_cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, backend="elasticsearch",
-                                                                    elasticsearch=es))
-        vindex.build(es_cfg, rebuild=True, progress=False)
         with QueryExplorer(es_cfg) as ex:
             assert set(ex.backend.options) == {"embedded", "elasticsearch"}
             assert ex.backend.value == "elasticsearch"
@@ -147,5 +138,4 @@ def test_elasticsearch_backend_when_a_server_runs(cfg):
             assert len(flat_es.hits) == len(flat_emb.hits) == 3
             assert flat_es.hits[0]["path"] == flat_emb.hits[0]["path"]
     finally:
-        if server is not None:
-            server.stop()
+        vindex.open_index(es_cfg, create=False).drop()
