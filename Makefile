@@ -6,7 +6,7 @@ CONFIG ?= application.yaml
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test report bench bench-full clean-generated
+.PHONY: help install data demo test report bench bench-full clean-generated
 
 ## Print this help.
 help:
@@ -23,12 +23,16 @@ $(STAMP): pyproject.toml | $(PY)
 ## Create .venv (if missing) and install the project with its dev tools.
 install: $(STAMP)
 
+## Install the Debian dataset packages (Tux Paint stamps, Fashion-MNIST) when missing; needs root.
+data: $(STAMP)
+	$(VENV)/bin/visualsearch data install
+
 ## Run the whole pipeline on the default dataset, then the notebook reports.
-demo: $(STAMP)
+demo: $(STAMP) data
 	$(VENV)/bin/visualsearch run -c $(CONFIG) --report
 
 ## Run the whole test suite.
-test: $(STAMP)
+test: $(STAMP) data
 	$(PY) -m pytest -q
 
 ## Run the numbered notebooks with papermill into HTML reports under reports/.

@@ -22,8 +22,6 @@ from vslib.classifier import (EmbeddingClassifier, FineTunedClassifier, check_la
 from vslib.config import load_config
 from vslib.errors import ClassifierError
 
-STAMPS = Path("/usr/share/tuxpaint/stamps")
-pytestmark = pytest.mark.skipif(not STAMPS.is_dir(), reason="Tux Paint stamps not installed (apt-get install tuxpaint-stamps-default)")
 
 
 def _config(dir_: Path, **sections):

@@ -15,8 +15,6 @@ from vslib import features, report
 from vslib.config import load_config
 from vslib.explorer import QueryExplorer, elasticsearch_status
 
-STAMPS = Path("/usr/share/tuxpaint/stamps")
-pytestmark = pytest.mark.skipif(not STAMPS.is_dir(), reason="Tux Paint stamps not installed (apt-get install tuxpaint-stamps-default)")
 
 
 @pytest.fixture(scope="module")

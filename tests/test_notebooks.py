@@ -22,9 +22,6 @@ from vslib.config import ConfigError, load_config
 from vslib.paths import NOTEBOOKS_DIR, PROJ_ROOT
 from vslib.report import ReportError, error_outputs, list_notebooks, notebook_config, run_notebooks
 
-STAMPS = Path("/usr/share/tuxpaint/stamps")
-needs_stamps = pytest.mark.skipif(not STAMPS.is_dir(),
-                                  reason="Tux Paint stamps not installed (apt-get install tuxpaint-stamps-default)")
 EXPECTED = ["01_train_classifier.ipynb", "02_extract_features.ipynb", "03_index.ipynb",
             "04_evaluate_retrieval.ipynb", "05_query_explorer.ipynb"]
 #: small settings for the notebooks' own parameters
@@ -109,7 +106,6 @@ def full_run(project):
     return runs, lines
 
 
-@needs_stamps
 def test_all_notebooks_run_into_html_reports(project, full_run):
     runs, lines = full_run
     out = project.reports_dir
@@ -133,7 +129,6 @@ def test_all_notebooks_run_into_html_reports(project, full_run):
     assert json.loads((out / "evaluation.json").read_text())["n_query"] == 24
 
 
-@needs_stamps
 def test_the_executed_notebooks_used_the_injected_parameters_and_this_venv(project, full_run):
     nb = nbformat.read(str(project.reports_dir / "notebooks" / "04_evaluate_retrieval.ipynb"), as_version=4)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
@@ -148,7 +143,6 @@ def test_the_executed_notebooks_used_the_injected_parameters_and_this_venv(proje
     assert any("predicted classes" in o["data"]["text/html"] for o in shown)  # the static demo
 
 
-@needs_stamps
 def test_a_failing_notebook_names_the_notebook_and_the_cell(project):
     with pytest.raises(ReportError) as err:
         run_notebooks(project, notebooks=["03"], parameters={"backend": "bogus"}, echo=lambda *_: None)
@@ -162,7 +156,6 @@ def test_a_failing_notebook_names_the_notebook_and_the_cell(project):
     assert "failed" in index
 
 
-@needs_stamps
 def test_a_missing_config_file_is_reported_with_the_notebook(project, tmp_path):
     with pytest.raises(ReportError, match=r"02_extract_features.ipynb failed in cell \d+.*does not exist"):
         run_notebooks(project, notebooks=["02_extract_features"], echo=lambda *_: None,
@@ -189,7 +182,6 @@ def test_makefile_report_and_demo_targets_produce_the_reports():
     assert "run -c $(CONFIG) --report" in make
 
 
-@needs_stamps
 @pytest.mark.elasticsearch
 def test_index_notebook_on_elasticsearch_shows_the_mapping(tmp_path, es_url):
     import os

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from vslib.paths import DEFAULT_CONFIG
 
@@ -41,6 +40,13 @@ def cmd_prepare(args) -> int:
     from vslib import datasets
 
     datasets.prepare(_config(args), force=args.force)
+    return 0
+
+
+def cmd_install(args) -> int:
+    from vslib import datasets
+
+    datasets.install_system_datasets()
     return 0
 
 
@@ -119,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("-c", "--config", "-yml", default=str(DEFAULT_CONFIG))
     prep.add_argument("--force", action="store_true", help="re-check every image instead of reusing the manifest")
     prep.set_defaults(func=cmd_prepare)
+    inst = dsub.add_parser("install", help="install the Debian dataset packages (Tux Paint stamps, Fashion-MNIST) "
+                                           "when missing; needs root")
+    inst.set_defaults(func=cmd_install)
 
     add("extract", cmd_extract, "compute (or reuse cached) feature vectors for every image")
     add("train", cmd_train, "train and calibrate the classifier on the index split")

@@ -300,6 +300,20 @@ class Caltech101Dataset(Dataset):
         return found
 
 
+#: Debian packages of the offline datasets, and the folder each installs
+SYSTEM_PACKAGES = {TUXPAINT_PACKAGE: TUXPAINT_ROOT, FASHION_MNIST_PACKAGE: FASHION_MNIST_ROOT}
+
+
+def install_system_datasets(echo: Callable[[str], None] = print) -> None:
+    """Install the Debian dataset packages that are missing (the demo's and the tests' data)."""
+    for package, root in SYSTEM_PACKAGES.items():
+        if root.is_dir():
+            echo(f"{package}: present ({root})")
+        else:
+            apt_install(package, f"{package} ({root})")
+            echo(f"{package}: installed ({root})")
+
+
 #: registry: ``dataset.name`` -> class
 DATASETS: dict[str, type[Dataset]] = {
     "tuxpaint": TuxPaintDataset,
