@@ -52,35 +52,57 @@ def precision_curve(results: dict, ks: Sequence[int], *, save_as: Optional[str |
     return fig
 
 
+def _draw_thumbnail(ax, path, size: int, caption: str = "", edge: str = "black") -> None:
+    """A thumbnail in ``ax`` with a coloured frame; an unreadable image says so instead of failing."""
+    from vslib.images import ImageError, thumbnail
+
+    try:
+        ax.imshow(np.asarray(thumbnail(path, size)))
+    except ImageError:
+        ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
+    ax.set_xticks([]), ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_edgecolor(edge)
+        s.set_linewidth(3 if edge != "black" else 1)
+    if caption:
+        ax.set_title(caption, fontsize=6)
+
+
+def sample_grid(paths_by_label: dict, *, per_class: int = 6, thumb: int = 96,
+                save_as: Optional[str | Path] = None):
+    """One row per class: its first ``per_class`` images, the label on the left."""
+    plt = _plt()
+    labels = list(paths_by_label)
+    fig, axes = plt.subplots(len(labels), per_class, figsize=(1.3 * per_class, 1.3 * len(labels)), squeeze=False)
+    for row, label in zip(axes, labels):
+        paths = list(paths_by_label[label])[:per_class]
+        for j, ax in enumerate(row):
+            if j < len(paths):
+                _draw_thumbnail(ax, paths[j], thumb)
+            else:
+                ax.axis("off")
+        row[0].set_ylabel(_short(str(label), 14), fontsize=7)
+    fig.tight_layout()
+    if save_as:
+        save_fig(fig, save_as)
+    return fig
+
+
 def result_grid(query_paths: Sequence[str], query_labels: Sequence[str], hits: Sequence[Sequence[dict]], *,
                 k: int = 8, title: str = "", thumb: int = 96, save_as: Optional[str | Path] = None):
     """One row per query: the query, then its top-k hits framed green (same label) or red."""
-    from vslib.images import ImageError, thumbnail
-
     plt = _plt()
     n = len(query_paths)
     k = min(k, max((len(h) for h in hits), default=0)) or 1
     fig, axes = plt.subplots(n, k + 1, figsize=(1.25 * (k + 1), 1.45 * n + 0.4), squeeze=False)
-
-    def show(ax, path, edge, caption):
-        try:
-            ax.imshow(np.asarray(thumbnail(path, thumb)))
-        except ImageError:
-            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
-        ax.set_xticks([]), ax.set_yticks([])
-        for s in ax.spines.values():
-            s.set_edgecolor(edge)
-            s.set_linewidth(3 if edge != "black" else 1)
-        ax.set_title(caption, fontsize=6)
-
     for r in range(n):
-        show(axes[r, 0], query_paths[r], "black", f"query\n{_short(query_labels[r])}")
+        _draw_thumbnail(axes[r, 0], query_paths[r], thumb, f"query\n{_short(query_labels[r])}")
         for c in range(k):
             ax = axes[r, c + 1]
             if c < len(hits[r]):
                 h = hits[r][c]
-                show(ax, h["path"], GOOD if h["label"] == query_labels[r] else BAD,
-                     f"{_short(h['label'])}\n{h['score']:.3f}")
+                _draw_thumbnail(ax, h["path"], thumb, f"{_short(h['label'])}\n{h['score']:.3f}",
+                                GOOD if h["label"] == query_labels[r] else BAD)
             else:
                 ax.axis("off")
     if title:
