@@ -46,16 +46,6 @@ def file_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def image_size(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """Validate an image file fully and return its (width, height) after EXIF rotation.
-
-    Decodes the whole file (so truncation is caught) unless it is over
-    ``max_pixels``, which is refused from the header alone.
-    """
-    img = load_image(path, max_pixels=max_pixels)
-    return img.size
-
-
 def load_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Load ``src`` (path, PIL image or array) as an 8-bit RGB image.

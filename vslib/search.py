@@ -29,6 +29,7 @@ Modes
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -167,8 +168,6 @@ class VisualSearch:
     def search(self, image, k: Optional[int] = None, mode: Optional[str] = None, *,
                true_label: Optional[str] = None, top_classes: int = 5) -> SearchResult:
         """Search with one image (path, PIL image or array)."""
-        import time
-
         k = k or self.cfg.k
         mode = mode or self.cfg.mode
         t0 = time.perf_counter()
