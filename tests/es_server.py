@@ -60,6 +60,7 @@ class EsServer:
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="vs-es-")
         self.startup_timeout = startup_timeout
         self.proc: Optional[subprocess.Popen] = None
+        self._log = None
         self.log_path = Path(self.data_dir) / "server.log"
 
     @property
@@ -72,23 +73,30 @@ class EsServer:
             raise RuntimeError("noida-db is not installed: pip install noida-db==0.2.3 (or set VS_ES_URL to a cluster)")
         data = Path(self.data_dir) / "data"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [binary, "start", "--only", "elasticsearch", "--host", "127.0.0.1",
-             "--elasticsearch-port", str(self.port), "--data-dir", str(data)],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(
+                [binary, "start", "--only", "elasticsearch", "--host", "127.0.0.1",
+                 "--elasticsearch-port", str(self.port), "--data-dir", str(data)],
+                stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            self._wait_until_up()
+        except BaseException:  # a failed start or Ctrl-C while waiting: never leave the server running
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_up(self) -> None:
+        """Poll the server until it answers 200; raise (with its log, read before stop() deletes it) if not."""
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self.proc.poll() is not None:
-                self.stop()
                 raise RuntimeError(f"noida-db exited with status {self.proc.returncode}: {self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.url, timeout=1) as r:
                     if r.status == 200:
-                        return self
+                        return
             except (urllib.error.URLError, OSError):
                 pass
             if time.monotonic() > deadline:
-                self.stop()
                 raise RuntimeError(f"noida-db did not answer on {self.url} within {self.startup_timeout:g} s: "
                                    f"{self.log_tail()}")
             time.sleep(0.2)
@@ -115,7 +123,7 @@ class EsServer:
                 proc.wait(timeout=10)
             except ProcessLookupError:
                 pass
-        if getattr(self, "_log", None) is not None:
+        if self._log is not None:
             self._log.close()
             self._log = None
         if self._own_dir:
