@@ -158,12 +158,11 @@ class Backbone:
 
     def classify_imagenet(self, images: np.ndarray, top: int = 5) -> list[list[tuple[int, float]]]:
         """Top ImageNet-1k classes of each image as ``[(class_index, probability), ...]``."""
+        from vslib.calibration import softmax
+
         logits = self.imagenet_logits(images).astype(np.float64)
-        if self.name == "resnet50":  # keras' ResNet50 head already ends in softmax
-            p = logits
-        else:
-            e = np.exp(logits - logits.max(axis=1, keepdims=True))
-            p = e / e.sum(axis=1, keepdims=True)
+        # keras' ResNet50 head already ends in softmax
+        p = logits if self.name == "resnet50" else softmax(logits)
         order = np.argsort(-p, axis=1)[:, :top]
         return [[(int(i), float(p[r, i])) for i in row] for r, row in enumerate(order)]
 
