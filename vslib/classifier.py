@@ -240,21 +240,22 @@ class EmbeddingClassifier:
         hist = self.model_.fit(X, yi, validation_data=validation, epochs=self.epochs,
                                batch_size=self.batch_size, shuffle=True, callbacks=callbacks,
                                verbose=self.verbose)
+        self._finish_fit(hist, yi, X_val, yv)
+        log.info("classifier: %d classes, %d train / %d validation, %d epochs, temperature %.3f",
+                 len(self.classes_), self.n_train_, self.n_val_, self.n_epochs_, self.temperature_)
+        return self
+
+    def _finish_fit(self, hist, yi: np.ndarray, X_val, yv: np.ndarray) -> None:
+        """Record the training history and sizes; fit the temperature on the validation data."""
         self.history_ = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
         self.n_epochs_ = len(self.history_.get("loss", []))
         self.n_train_, self.n_val_ = len(yi), len(yv)
-
-        self.temperature_ = 1.0
+        self.temperature_, self.calibration_ = 1.0, {}
         if len(yv):
             logits = self.predict_logits(X_val)
             if self.calibrate:
                 self.temperature_ = calibration.fit_temperature(logits, yv)
             self.calibration_ = calibration.calibration_report(logits, yv, self.temperature_)
-        else:
-            self.calibration_ = {}
-        log.info("classifier: %d classes, %d train / %d validation, %d epochs, temperature %.3f",
-                 len(self.classes_), self.n_train_, self.n_val_, self.n_epochs_, self.temperature_)
-        return self
 
     # -- predicting ---------------------------------------------------------
     def _check_fitted(self):
@@ -645,15 +646,7 @@ class FineTunedClassifier(EmbeddingClassifier):
                                                    restore_best_weights=True)] if val_data else []
         hist = self.model_.fit(train_data, validation_data=val_data, epochs=self.fine_tune_epochs,
                                callbacks=callbacks, verbose=self.verbose)
-        self.history_ = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
-        self.n_epochs_ = len(self.history_.get("loss", []))
-        self.n_train_, self.n_val_ = len(yi), len(yv)
-        self.temperature_, self.calibration_ = 1.0, {}
-        if len(yv):
-            logits = self.predict_logits(X_val)
-            if self.calibrate:
-                self.temperature_ = calibration.fit_temperature(logits, yv)
-            self.calibration_ = calibration.calibration_report(logits, yv, self.temperature_)
+        self._finish_fit(hist, yi, X_val, yv)
         return self
 
     def _pixels(self, X) -> np.ndarray:
