@@ -213,9 +213,6 @@ class ElasticsearchIndex(VectorIndex):
         return bool(self.exact_mode) or self.index_options.get("type") == "flat"
 
     def _add(self, ids, vectors, metadata):
-        es = _es()
-        from elasticsearch.helpers import streaming_bulk
-
         def actions():
             for ident, vec, meta in zip(ids, vectors, metadata):
                 yield {"_op_type": "index", "_index": self.index_name, "_id": ident,
@@ -225,32 +222,18 @@ class ElasticsearchIndex(VectorIndex):
         if not self._call(self.client.indices.exists, index=self.index_name):
             raise IndexNotFoundError(f"Elasticsearch index {self.index_name!r} does not exist at {self.where} "
                                      "(deleted meanwhile?); open it again with create=True or run `visualsearch index`")
-        failures = []
-        try:
-            for ok, item in streaming_bulk(
-                    self.client, actions(), chunk_size=self.chunk_size, max_retries=self.max_retries,
-                    initial_backoff=self.initial_backoff, max_backoff=30, retry_on_status=RETRY_STATUS,
-                    raise_on_error=False, raise_on_exception=False, yield_ok=False):
-                if not ok:
-                    failures.append(_failure(item))
-        except es.TransportError as e:  # the cluster went away between chunks
-            raise IndexUnreachableError(f"indexing into {self.index_name!r} at {self.where} failed: {e}") from None
+        failures = [_failure(item) for ok, item in self._bulk(actions()) if not ok]
         self._refresh()
         return len(ids) - len(failures), failures
 
     def remove(self, ids) -> int:
         self._check_open()
-        from elasticsearch.helpers import streaming_bulk
-
         ids = [ids] if isinstance(ids, str) else [str(i) for i in ids]
         if not ids:
             return 0
         removed, failures = 0, []
         actions = ({"_op_type": "delete", "_index": self.index_name, "_id": i} for i in ids)
-        for ok, item in streaming_bulk(self.client, actions, chunk_size=self.chunk_size,
-                                       max_retries=self.max_retries, initial_backoff=self.initial_backoff,
-                                       retry_on_status=RETRY_STATUS, raise_on_error=False,
-                                       raise_on_exception=False):
+        for ok, item in self._bulk(actions):
             result = item.get("delete", {})
             if ok and result.get("result") == "deleted":
                 removed += 1
@@ -296,8 +279,10 @@ class ElasticsearchIndex(VectorIndex):
 
     def drop(self) -> None:
         if not self.closed:
-            self.client.options(ignore_status=404).indices.delete(index=self.index_name)
-            self.close()
+            try:
+                self._call(self.client.options(ignore_status=404).indices.delete, index=self.index_name)
+            finally:
+                self.close()
 
     def info(self) -> dict:
         return {**super().info(), "index_name": self.index_name, "hosts": self.where,
@@ -308,6 +293,18 @@ class ElasticsearchIndex(VectorIndex):
     def _score(self, s: float) -> float:
         # knn: (1 + sim) / 2 for dot_product and cosine; script_score: sim + 1
         return float(s) - 1.0 if self.exact_mode else 2.0 * float(s) - 1.0
+
+    def _bulk(self, actions):
+        """``streaming_bulk`` with our retry settings: ``(ok, item)`` for every action (failures included)."""
+        es = _es()
+        from elasticsearch.helpers import streaming_bulk
+
+        try:
+            yield from streaming_bulk(self.client, actions, chunk_size=self.chunk_size, max_retries=self.max_retries,
+                                      initial_backoff=self.initial_backoff, max_backoff=30,
+                                      retry_on_status=RETRY_STATUS, raise_on_error=False, raise_on_exception=False)
+        except es.TransportError as e:  # the cluster went away between chunks
+            raise IndexUnreachableError(f"bulk request to {self.index_name!r} at {self.where} failed: {e}") from None
 
     def _refresh(self) -> None:
         self._call(self.client.indices.refresh, index=self.index_name)
