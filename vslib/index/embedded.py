@@ -312,7 +312,9 @@ class EmbeddedIndex(VectorIndex):
         flat = faiss.downcast_index(index.storage) if hasattr(index, "storage") else index
         if not isinstance(flat, faiss.IndexFlat) or flat.ntotal != self._n or flat.d != self.dim or not self._n:
             return False
-        self._vectors = faiss.rev_swig_ptr(flat.get_xb(), self._n * self.dim).reshape(self._n, self.dim)
+        view = faiss.rev_swig_ptr(flat.get_xb(), self._n * self.dim).reshape(self._n, self.dim)
+        view.flags.writeable = False  # FAISS owns this memory: a write through the view would corrupt the index
+        self._vectors = view
         self._view_owner = index  # keeps the C++ storage alive as long as the view is in use
         return True
 
