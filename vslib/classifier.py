@@ -649,15 +649,13 @@ class FineTunedClassifier(EmbeddingClassifier):
         self._finish_fit(hist, yi, X_val, yv)
         return self
 
-    def _pixels(self, X) -> np.ndarray:
+    def _pixels(self, batch) -> np.ndarray:
+        """A non-empty slice of image sources as uint8 (n, size, size, 3); a slice of a uint8 batch is one already."""
         from vslib.images import load_for_model
 
-        if isinstance(X, np.ndarray) and X.ndim == 4:
-            return X
-        if _is_single_image(X):
-            X = [X]
-        size = self.input_size_
-        return np.stack([load_for_model(x, size) for x in X]) if len(X) else np.zeros((0, size, size, 3), np.uint8)
+        if isinstance(batch, np.ndarray):
+            return batch
+        return np.stack([load_for_model(x, self.input_size_) for x in batch])
 
     def predict_logits(self, X) -> np.ndarray:
         """Uncalibrated logits of images: a sequence of image sources or a uint8 batch (n, h, w, 3)."""
