@@ -133,6 +133,7 @@ class QueryExplorer:
         self.last_query = None
         self._upload_image = None
         self._upload_name = ""
+        self._upload_error: Optional[str] = None
         self._busy = False
 
         queries = features.load_features(cfg).split("query").table
@@ -228,7 +229,7 @@ class QueryExplorer:
         """``(image, label or None, display name)`` of the current query; raises VisualSearchError if unusable."""
         if self.source.value == UPLOAD:
             if self._upload_image is None:
-                raise VisualSearchError(getattr(self, "_upload_error", None)
+                raise VisualSearchError(self._upload_error
                                         or "no file uploaded yet: use the upload button, or switch to the query split")
             return self._upload_image, None, self._upload_name
         path = self.dropdown.value
