@@ -746,9 +746,7 @@ def main(argv=None) -> dict:
             gc.collect()
     finally:
         es.stop()
-    report["elapsed_s"] = time.perf_counter() - t_start
-    report["targets"] = check_targets(report["sizes"])
-    write(report, args.out)
+    save()
     print("\nTargets:")
     for t in report["targets"]:
         print(f"  {t['status']:<4} {t['target']} {t['where']}: {t['detail']}")
