@@ -199,7 +199,7 @@ def export_html(executed: Path, html_path: Path) -> Path:
 
 
 def error_outputs(executed: Path) -> list[dict]:
-    """``(cell index, ename, evalue)`` of every error output in an executed notebook."""
+    """``{"cell", "ename", "evalue"}`` of every error output in an executed notebook."""
     import nbformat
 
     nb = nbformat.read(str(executed), as_version=4)
@@ -357,13 +357,12 @@ def write_index(cfg: Config, runs: Sequence[dict], *, total: Optional[float] = N
 
 
 def _evaluation_section(cfg: Config) -> list[str]:
-    from vslib.evaluate import RESULTS_JSON
+    from vslib.evaluate import RESULTS_JSON, load_results
 
-    p = cfg.reports_dir / RESULTS_JSON
     try:
-        res = json.loads(p.read_text())
+        res = load_results(cfg)
         modes = res["modes"]
-    except (OSError, ValueError, KeyError):
+    except (VisualSearchError, OSError, ValueError, KeyError):  # not evaluated yet, or an unreadable file
         return []
     if not modes:
         return []
