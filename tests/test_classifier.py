@@ -160,6 +160,16 @@ def test_model_of_another_backbone_is_refused(pipeline, trained, tmp_path):
         load_classifier(other)
 
 
+@pytest.mark.parametrize("broken", ["model.keras", "metadata.json"])
+def test_corrupt_saved_model_says_how_to_retrain(pipeline, trained, tmp_path, broken):
+    cfg, _, _ = pipeline
+    directory = tmp_path / "clf"
+    shutil.copytree(cfg.classifier_dir, directory)
+    (directory / broken).write_bytes(b"not what save() wrote")
+    with pytest.raises(ClassifierError, match="unreadable.*visualsearch train"):
+        EmbeddingClassifier.load(directory)
+
+
 def test_labels_the_index_lacks(trained):
     clf, _, _ = trained
     labels = list(map(str, clf.classes_))

@@ -383,7 +383,12 @@ class EmbeddingClassifier:
         missing = [f for f in (MODEL_FILE, LABELS_FILE, METADATA_FILE) if not (directory / f).is_file()]
         if missing:
             raise ClassifierError(f"no complete classifier in {directory} (missing {', '.join(missing)})")
-        meta = json.loads((directory / METADATA_FILE).read_text())
+        try:
+            meta = json.loads((directory / METADATA_FILE).read_text())
+            labels = json.loads((directory / LABELS_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise ClassifierError(f"the classifier in {directory} is unreadable ({e}); retrain with "
+                                  "`visualsearch train`") from None
         if meta.get("format_version") != FORMAT_VERSION:
             raise ClassifierError(f"{directory} holds a classifier of format {meta.get('format_version')}; "
                                   f"this version reads format {FORMAT_VERSION}. Retrain with `visualsearch train`.")
@@ -392,8 +397,12 @@ class EmbeddingClassifier:
         clf = klass(**params)
         if "input_size" in meta:
             clf.input_size_ = int(meta["input_size"])
-        clf.model_ = _keras().models.load_model(directory / MODEL_FILE, compile=False)
-        clf.classes_ = np.asarray(json.loads((directory / LABELS_FILE).read_text()), dtype=object).astype(str)
+        try:
+            clf.model_ = _keras().models.load_model(directory / MODEL_FILE, compile=False)
+        except (OSError, ValueError) as e:
+            raise ClassifierError(f"{directory / MODEL_FILE} is unreadable ({e}); retrain with "
+                                  "`visualsearch train`") from None
+        clf.classes_ = np.asarray(labels, dtype=object).astype(str)
         clf.n_features_in_ = int(meta["n_features"])
         clf.n_train_, clf.n_val_ = int(meta.get("n_train", 0)), int(meta.get("n_val", 0))
         clf.n_epochs_ = int(meta.get("n_epochs", 0))
