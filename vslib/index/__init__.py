@@ -48,15 +48,7 @@ def open_index(cfg, dim: Optional[int] = None, *, create: bool = True, backend: 
     create : bool
         Create the index when missing; otherwise raise :class:`IndexNotFoundError`.
     """
-    name = backend or cfg.index.backend
-    cls = backend_class(name)
-    if name == "embedded":
-        e = cfg.index.embedded
-        return cls.open(cfg.index_dir, dim, factory=e.factory, ef_search=e.ef_search,
-                        ef_construction=e.ef_construction, create=create)
-    if name == "elasticsearch":
-        return cls.open(cfg.index.elasticsearch, dim, create=create)
-    raise IndexBackendError(f"backend {name!r} is registered but open_index does not know how to configure it")
+    return backend_class(backend or cfg.index.backend).from_config(cfg, dim, create=create)
 
 
 def item_ids(table) -> list[str]:

@@ -86,6 +86,11 @@ class VectorIndex(abc.ABC):
         self.dim = int(dim)
         self.closed = False
 
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, cfg, dim: Optional[int] = None, *, create: bool = True) -> "VectorIndex":
+        """Open this backend's index with its settings from ``cfg`` (see :func:`vslib.index.open_index`)."""
+
     # -- the contract ---------------------------------------------------------
     @property
     @abc.abstractmethod

@@ -184,6 +184,10 @@ class ElasticsearchIndex(VectorIndex):
             client.close()
             raise
 
+    @classmethod
+    def from_config(cls, cfg, dim: Optional[int] = None, *, create: bool = True) -> "ElasticsearchIndex":
+        return cls.open(cfg.index.elasticsearch, dim, create=create)
+
     def _create(self) -> None:
         es = _es()
         mappings = {

@@ -109,6 +109,12 @@ class EmbeddedIndex(VectorIndex):
         self._load(Path(path) / meta["generation"], meta)
         return self
 
+    @classmethod
+    def from_config(cls, cfg, dim: Optional[int] = None, *, create: bool = True) -> "EmbeddedIndex":
+        e = cfg.index.embedded
+        return cls.open(cfg.index_dir, dim, factory=e.factory, ef_search=e.ef_search,
+                        ef_construction=e.ef_construction, create=create)
+
     def _load(self, folder: Path, meta: dict) -> None:
         import pyarrow.parquet as pq
 
