@@ -70,6 +70,11 @@ class BackboneConfig:
 
 @dataclass
 class ClassifierConfig:
+    head: Literal["ensemble", "linear", "knn", "mlp"] = _f(
+        "ensemble", help="ensemble | linear | knn (cross-fitted on the whole index split) | mlp (Keras)")
+    folds: int = _f(5, min=2, max=20, help="cross-fitting folds for choosing settings and the temperature")
+    C: Optional[float] = _f(None, min=1e-6, help="linear/ensemble: inverse regularisation; null = chosen out of fold")
+    neighbors: Optional[int] = _f(None, min=1, help="knn/ensemble: votes per query; null = chosen leave-one-out")
     hidden_units: int = _f(0, min=0, help="0 = softmax head only; >0 adds one hidden layer")
     dropout: float = _f(0.2, min=0.0, max=0.95)
     epochs: int = _f(60, min=1)
@@ -124,6 +129,8 @@ class SearchConfig:
     min_confidence: float = _f(0.2, min=0.0, max=1.0, help="adaptive: below this top probability, search flat")
     max_classes: int = _f(5, min=1, help="adaptive: at most this many classes")
     class_weight: float = _f(0.2, min=0.0, help="adaptive: hits rank by similarity + class_weight * log(class probability)")
+    tune: bool = _f(True, help="adaptive: choose mass, min_confidence, max_classes and class_weight on the "
+                              "index split when training (the values above are then only the fallback)")
 
 
 @dataclass

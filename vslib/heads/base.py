@@ -1,0 +1,311 @@
+"""The contract every classifier head keeps: fit on all the data, calibrate out of fold.
+
+A head maps embeddings ``(n, dim)`` to calibrated class probabilities. The
+heads here use *cross-fitting*: :meth:`Head.fit` first computes out-of-fold
+logits for every training row (each row predicted by a model that never saw
+it), chooses its own hyperparameters and a temperature on those, and only
+then fits the final model on **all** rows. No image is held back, and the
+calibration is honest.
+
+After :meth:`Head.fit`:
+
+``classes_``
+    the labels, sorted; columns of every probability matrix.
+``oof_logits_``, ``oof_proba_``
+    out-of-fold logits and calibrated probabilities of the training rows
+    (what the adaptive search settings are tuned on, :func:`vslib.search.tune_adaptive`).
+``temperature_``, ``calibration_``
+    the temperature fitted on the out-of-fold logits and NLL/ECE before and after.
+``selected_``
+    the hyperparameters chosen out of fold, with their out-of-fold scores.
+
+Subclasses implement ``_cross_fit(X, yi) -> oof_logits`` (choosing their
+hyperparameters), ``_fit_final(X, yi)``, ``_logits(X)`` and ``_state()`` /
+``_load_state(arrays)`` for persistence.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from vslib import calibration
+from vslib.errors import ClassifierError
+
+STATE_FILE = "head.npz"
+LABELS_FILE = "labels.json"
+METADATA_FILE = "metadata.json"
+
+
+def as_matrix(X, name: str = "X") -> np.ndarray:
+    X = np.asarray(X, dtype=np.float32)
+    if X.ndim != 2:
+        raise ClassifierError(f"{name} must be a 2-D array (n, dim) of embeddings, not shape {X.shape}")
+    return X
+
+
+def n_folds(yi: np.ndarray, folds: int) -> int:
+    """Folds for cross-fitting: at most ``folds``, at most the smallest class size, at least 2."""
+    return int(max(2, min(folds, np.bincount(yi).min())))
+
+
+def fold_indices(yi: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified, seeded ``(train, held_out)`` row indices; every row is held out exactly once."""
+    from sklearn.model_selection import StratifiedKFold
+
+    skf = StratifiedKFold(n_folds(yi, folds), shuffle=True, random_state=seed)
+    return list(skf.split(np.zeros(len(yi)), yi))
+
+
+class ClassifierMixin:
+    """Prediction, evaluation and image helpers shared by every head (needs ``classes_`` and ``predict_logits``)."""
+
+    temperature_: float = 1.0
+
+    def _check_fitted(self):
+        if not hasattr(self, "classes_"):
+            raise ClassifierError(f"this {type(self).__name__} is not fitted yet; call fit() or load_classifier(cfg)")
+
+    def _encode(self, y, where: str) -> np.ndarray:
+        y = np.asarray(y, dtype=object).astype(str)
+        pos = np.clip(np.searchsorted(self.classes_, y), 0, len(self.classes_) - 1)
+        unknown = sorted(map(str, set(y[self.classes_[pos] != y])))
+        if unknown:
+            raise ClassifierError(f"{where} has labels the training data lacks: {unknown[:20]}"
+                                  f"{' ...' if len(unknown) > 20 else ''}")
+        return pos.astype(np.int64)
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Calibrated probabilities ``softmax(logits / temperature_)`` (n, n_classes)."""
+        return calibration.softmax(self.predict_logits(X), self.temperature_)
+
+    def predict(self, X) -> np.ndarray:
+        """The most probable label of each row."""
+        return self.classes_[self.predict_logits(X).argmax(axis=1)]
+
+    def score(self, X, y) -> float:
+        """Accuracy on ``(X, y)``."""
+        return float(np.mean(self.predict(X) == np.asarray(y, dtype=object).astype(str)))
+
+    def evaluate(self, X, y, *, top_k: int = 3) -> dict:
+        """Accuracy, top-k accuracy, per-class precision/recall, confusion matrix, NLL and ECE."""
+        self._check_fitted()
+        return classification_report(self.predict_logits(X), self._encode(y, "the evaluation data"),
+                                     self.classes_, self.temperature_, top_k=top_k)
+
+    def predict_image(self, images, backbone=None) -> np.ndarray:
+        """Calibrated probabilities (n, n_classes) of image files, PIL images or uint8 arrays.
+
+        A single image gives one row. The images are embedded with ``backbone``
+        (default: the one the classifier was trained on) exactly as the feature
+        cache embeds them.
+        """
+        from vslib import features
+
+        self._check_fitted()
+        if is_single_image(images):
+            images = [images]
+        trained_on = getattr(self, "backbone_", None)
+        if backbone is None:
+            backbone = self._get_backbone()
+        elif trained_on and backbone.name != trained_on:
+            raise ClassifierError(f"the classifier was trained on backbone {trained_on!r} but was given "
+                                  f"{backbone.name!r}")
+        return self.predict_proba(features.embed_images(backbone, list(images)))
+
+    def _get_backbone(self):
+        if getattr(self, "_backbone", None) is None:
+            name = getattr(self, "backbone_", None)
+            if not name:
+                raise ClassifierError("this classifier does not know its backbone; pass backbone= to predict_image")
+            from vslib.backbones import get_backbone
+
+            self._backbone = get_backbone(name, weights=getattr(self, "backbone_weights_", None))
+        return self._backbone
+
+
+def classification_report(logits: np.ndarray, yi: np.ndarray, classes: Sequence, temperature: float,
+                          *, top_k: int = 3) -> dict:
+    """The metrics of :meth:`ClassifierMixin.evaluate` from logits and integer labels."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    proba = calibration.softmax(logits, temperature)
+    pred = proba.argmax(axis=1)
+    k = min(top_k, len(classes))
+    topk = np.argsort(-proba, axis=1)[:, :k]
+    labels = np.arange(len(classes))
+    prec, rec, f1, support = precision_recall_fscore_support(yi, pred, labels=labels, zero_division=0)
+    cm = confusion_matrix(yi, pred, labels=labels)
+    return {
+        "n": int(len(yi)),
+        "n_classes": int(len(classes)),
+        "chance": 1.0 / len(classes),
+        "accuracy": float(np.mean(pred == yi)),
+        f"top{k}_accuracy": float(np.mean((topk == yi[:, None]).any(axis=1))),
+        **calibration.calibration_report(logits, yi, temperature),
+        "macro_precision": float(prec.mean()),
+        "macro_recall": float(rec.mean()),
+        "per_class": {str(c): {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for c, p, r, f, s in zip(classes, prec, rec, f1, support)},
+        "confusion_matrix": {"labels": [str(c) for c in classes], "matrix": cm.tolist()},
+    }
+
+
+class Head(ClassifierMixin):
+    """Base of the cross-fitted heads (``linear``, ``knn``, ``ensemble``).
+
+    Parameters common to all: ``folds`` (cross-fitting folds, capped by the
+    smallest class), ``seed``, ``calibrate`` (fit a temperature out of fold).
+    """
+
+    kind = "head"
+    _PARAMS: tuple[str, ...] = ("folds", "seed", "calibrate")
+
+    def __init__(self, folds: int = 5, seed: int = 42, calibrate: bool = True):
+        self.folds = folds
+        self.seed = seed
+        self.calibrate = calibrate
+
+    @classmethod
+    def from_config(cls, ccfg, **kw):
+        """Build from a :class:`vslib.config.ClassifierConfig` (``cfg.classifier``)."""
+        params = {p: getattr(ccfg, p) for p in cls._PARAMS if hasattr(ccfg, p)}
+        params.update(kw)
+        return cls(**params)
+
+    def get_params(self) -> dict:
+        return {p: getattr(self, p) for p in self._PARAMS}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
+
+    # -- the contract subclasses fill in ---------------------------------------
+    def _cross_fit(self, X: np.ndarray, yi: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _fit_final(self, X: np.ndarray, yi: np.ndarray) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _logits(self, X: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _state(self) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _load_state(self, arrays: dict[str, np.ndarray]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- fitting ---------------------------------------------------------------
+    def fit(self, X, y) -> "Head":
+        """Cross-fit (hyperparameters, temperature) on ``X``, ``y``, then fit on all of it."""
+        from vslib.classifier import check_trainable
+
+        X = as_matrix(X)
+        y = np.asarray(y, dtype=object).astype(str)
+        if len(y) != len(X):
+            raise ClassifierError(f"X has {len(X)} rows but y has {len(y)} labels")
+        check_trainable(y)
+        self.classes_ = np.unique(y)
+        self.n_features_in_ = X.shape[1]
+        yi = self._encode(y, "training data")
+        self.selected_ = {}
+        oof = np.asarray(self._cross_fit(X, yi), dtype=np.float64)
+        self.temperature_ = calibration.fit_temperature(oof, yi) if self.calibrate else 1.0
+        self.calibration_ = calibration.calibration_report(oof, yi, self.temperature_)
+        self.oof_logits_ = oof
+        self.oof_proba_ = calibration.softmax(oof, self.temperature_)
+        self.oof_accuracy_ = float(np.mean(oof.argmax(1) == yi))
+        self._fit_final(X, yi)
+        self.n_train_ = len(yi)
+        return self
+
+    def predict_logits(self, X) -> np.ndarray:
+        """Uncalibrated logits (n, n_classes), columns in the order of ``classes_``."""
+        self._check_fitted()
+        X = as_matrix(X)
+        if X.shape[1] != self.n_features_in_:
+            raise ClassifierError(f"X has {X.shape[1]} features but the classifier was trained on "
+                                  f"{self.n_features_in_} (another backbone?)")
+        if len(X) == 0:
+            return np.zeros((0, len(self.classes_)), np.float64)
+        return np.asarray(self._logits(X), dtype=np.float64)
+
+    # -- persistence -------------------------------------------------------------
+    def save(self, directory, metadata: Optional[dict] = None) -> Path:
+        """Write ``head.npz``, ``labels.json`` and ``metadata.json`` (last: it marks a complete model)."""
+        from vslib.classifier import FORMAT_VERSION
+
+        self._check_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = dict(metadata or {})
+        meta.update({
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "params": self.get_params(),
+            "selected": self.selected_,
+            "n_features": int(self.n_features_in_),
+            "n_classes": int(len(self.classes_)),
+            "n_train": int(self.n_train_),
+            "oof_accuracy": self.oof_accuracy_,
+            "temperature": float(self.temperature_),
+            "calibration": self.calibration_,
+        })
+        for attr in ("backbone_", "backbone_weights_", "dataset_"):
+            if getattr(self, attr, None) is not None:
+                meta.setdefault(attr.rstrip("_"), getattr(self, attr))
+        tmp = directory / (STATE_FILE + ".tmp.npz")
+        np.savez(tmp, **self._state())
+        os.replace(tmp, directory / STATE_FILE)
+        write_json(directory / LABELS_FILE, [str(c) for c in self.classes_])
+        write_json(directory / METADATA_FILE, meta)
+        self.metadata_ = meta
+        return directory
+
+    @classmethod
+    def _from_saved(cls, directory: Path, meta: dict, labels: list) -> "Head":
+        params = {k: v for k, v in meta.get("params", {}).items() if k in cls._PARAMS}
+        head = cls(**params)
+        head.classes_ = np.asarray(labels, dtype=object).astype(str)
+        head.n_features_in_ = int(meta["n_features"])
+        try:
+            with np.load(directory / STATE_FILE) as z:
+                head._load_state({k: z[k] for k in z.files})
+        except (OSError, ValueError, KeyError) as e:
+            raise ClassifierError(f"{directory / STATE_FILE} is unreadable ({e}); retrain with "
+                                  "`visualsearch train`") from None
+        head.n_train_ = int(meta.get("n_train", 0))
+        head.selected_ = meta.get("selected", {})
+        head.oof_accuracy_ = meta.get("oof_accuracy")
+        head.temperature_ = float(meta.get("temperature", 1.0))
+        head.calibration_ = meta.get("calibration", {})
+        return head
+
+
+def is_single_image(x: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(x, (str, os.PathLike, Image.Image)) or (isinstance(x, np.ndarray) and x.ndim in (2, 3))
+
+
+def write_json(path: Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
