@@ -1,15 +1,22 @@
 """First level of the hierarchy: predict an image's category, with calibrated probabilities.
 
-The default classifier is a light Keras head (standardise, optional hidden
-layer with dropout, then a linear layer giving logits) trained on the cached
-embeddings of the *index* split. A stratified, seeded part of the index split
-is held out for early stopping, for fitting a temperature (see
-:mod:`vslib.calibration`) and for the reported metrics. The query split is
-never read here: it belongs to :mod:`vslib.evaluate`.
+``classifier.head`` picks the head trained on the cached embeddings of the
+*index* split (the query split is never read here: it belongs to
+:mod:`vslib.evaluate`):
 
-The saved ``model.keras`` outputs raw logits; the temperature lives in
-``metadata.json`` and is applied in numpy by :meth:`EmbeddingClassifier.predict_proba`,
-so every caller gets the same calibrated probabilities.
+``ensemble`` (default), ``linear``, ``knn``
+    cross-fitted heads of :mod:`vslib.heads`: trained on the whole index
+    split, with their settings and temperature chosen out of fold.
+``mlp``
+    :class:`EmbeddingClassifier`, a light Keras head (standardise, optional
+    hidden layer with dropout, then logits); a stratified part of the index
+    split is held out for early stopping and the temperature.
+
+:func:`train` also chooses the adaptive search settings on the index split
+(:func:`vslib.ranking.tune_adaptive`) from the head's out-of-fold
+probabilities and stores them with the model. Temperatures live in
+``metadata.json`` and are applied in numpy by ``predict_proba``, so every
+caller gets the same calibrated probabilities.
 
 >>> clf, metrics = train(cfg)            # or: visualsearch train -c application.yaml
 >>> clf = load_classifier(cfg)
@@ -31,11 +38,14 @@ import numpy as np
 
 from vslib import calibration
 from vslib.errors import ClassifierError
+from vslib.heads import HEADS
+from vslib.heads.base import ClassifierMixin, as_matrix as _as_matrix, classification_report
+from vslib.heads.base import is_single_image as _is_single_image, write_json as _write_json
 
 log = logging.getLogger(__name__)
 
 #: bump when a change to this module makes older saved models stale
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.json"
 METADATA_FILE = "metadata.json"
@@ -116,8 +126,8 @@ def stratified_split(labels: Sequence, fraction: float, seed: int = 42) -> tuple
 # The estimator
 
 
-class EmbeddingClassifier:
-    """Softmax (optionally one hidden layer) head on embeddings, temperature-calibrated.
+class EmbeddingClassifier(ClassifierMixin):
+    """``mlp``: softmax (optionally one hidden layer) Keras head on embeddings, temperature-calibrated.
 
     Parameters
     ----------
@@ -190,16 +200,6 @@ class EmbeddingClassifier:
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])
         return model
-
-    def _encode(self, y, where: str) -> np.ndarray:
-        y = np.asarray(y, dtype=object).astype(str)
-        pos = np.searchsorted(self.classes_, y)
-        pos = np.clip(pos, 0, len(self.classes_) - 1)
-        unknown = sorted(map(str, set(y[self.classes_[pos] != y])))
-        if unknown:
-            raise ClassifierError(f"{where} has labels the training data lacks: {unknown[:20]}"
-                                  f"{' ...' if len(unknown) > 20 else ''}")
-        return pos.astype(np.int64)
 
     def fit(self, X, y, X_val=None, y_val=None) -> "EmbeddingClassifier":
         """Train on ``X`` (n, dim) with labels ``y``; early-stop and calibrate on the validation data.
@@ -276,76 +276,6 @@ class EmbeddingClassifier:
         return np.concatenate([np.asarray(self.model_(X[i:i + step], training=False), np.float32)
                                for i in range(0, len(X), step)])
 
-    def predict_proba(self, X) -> np.ndarray:
-        """Calibrated probabilities ``softmax(logits / temperature_)`` (n, n_classes)."""
-        return calibration.softmax(self.predict_logits(X), self.temperature_)
-
-    def predict(self, X) -> np.ndarray:
-        """The most probable label of each row."""
-        return self.classes_[self.predict_logits(X).argmax(axis=1)]
-
-    def score(self, X, y) -> float:
-        """Accuracy on ``(X, y)``."""
-        return float(np.mean(self.predict(X) == np.asarray(y, dtype=object).astype(str)))
-
-    def evaluate(self, X, y, *, top_k: int = 3) -> dict:
-        """Accuracy, top-k accuracy, per-class precision/recall, confusion matrix, NLL and ECE."""
-        from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
-        self._check_fitted()
-        yi = self._encode(y, "the evaluation data")
-        logits = self.predict_logits(X)
-        proba = calibration.softmax(logits, self.temperature_)
-        pred = proba.argmax(axis=1)
-        k = min(top_k, len(self.classes_))
-        topk = np.argsort(-proba, axis=1)[:, :k]
-        labels = np.arange(len(self.classes_))
-        prec, rec, f1, support = precision_recall_fscore_support(yi, pred, labels=labels, zero_division=0)
-        cm = confusion_matrix(yi, pred, labels=labels)
-        return {
-            "n": int(len(yi)),
-            "n_classes": int(len(self.classes_)),
-            "chance": 1.0 / len(self.classes_),
-            "accuracy": float(np.mean(pred == yi)),
-            f"top{k}_accuracy": float(np.mean((topk == yi[:, None]).any(axis=1))),
-            **calibration.calibration_report(logits, yi, self.temperature_),
-            "macro_precision": float(prec.mean()),
-            "macro_recall": float(rec.mean()),
-            "per_class": {str(c): {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                          for c, p, r, f, s in zip(self.classes_, prec, rec, f1, support)},
-            "confusion_matrix": {"labels": [str(c) for c in self.classes_], "matrix": cm.tolist()},
-        }
-
-    def predict_image(self, images, backbone=None) -> np.ndarray:
-        """Calibrated probabilities (n, n_classes) of image files, PIL images or uint8 arrays.
-
-        A single image gives one row. The images are embedded with ``backbone``
-        (default: the one the classifier was trained on) exactly as the feature
-        cache embeds them.
-        """
-        from vslib import features
-
-        self._check_fitted()
-        if _is_single_image(images):
-            images = [images]
-        trained_on = getattr(self, "backbone_", None)
-        if backbone is None:
-            backbone = self._get_backbone()
-        elif trained_on and backbone.name != trained_on:
-            raise ClassifierError(f"the classifier was trained on backbone {self.backbone_!r} but was given "
-                                  f"{backbone.name!r}")
-        return self.predict_proba(features.embed_images(backbone, list(images)))
-
-    def _get_backbone(self):
-        if getattr(self, "_backbone", None) is None:
-            name = getattr(self, "backbone_", None)
-            if not name:
-                raise ClassifierError("this classifier does not know its backbone; pass backbone= to predict_image")
-            from vslib.backbones import get_backbone
-
-            self._backbone = get_backbone(name, weights=getattr(self, "backbone_weights_", None))
-        return self._backbone
-
     # -- persistence --------------------------------------------------------
     def save(self, directory, metadata: Optional[dict] = None) -> Path:
         """Write ``model.keras``, ``labels.json`` and ``metadata.json`` into ``directory``."""
@@ -377,24 +307,14 @@ class EmbeddingClassifier:
         return directory
 
     @classmethod
-    def load(cls, directory) -> "EmbeddingClassifier":
-        """Load what :meth:`save` wrote. Raises :class:`ClassifierError` if it is missing or incomplete."""
-        directory = Path(directory)
-        missing = [f for f in (MODEL_FILE, LABELS_FILE, METADATA_FILE) if not (directory / f).is_file()]
-        if missing:
-            raise ClassifierError(f"no complete classifier in {directory} (missing {', '.join(missing)})")
-        try:
-            meta = json.loads((directory / METADATA_FILE).read_text())
-            labels = json.loads((directory / LABELS_FILE).read_text())
-        except (OSError, ValueError) as e:
-            raise ClassifierError(f"the classifier in {directory} is unreadable ({e}); retrain with "
-                                  "`visualsearch train`") from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ClassifierError(f"{directory} holds a classifier of format {meta.get('format_version')}; "
-                                  f"this version reads format {FORMAT_VERSION}. Retrain with `visualsearch train`.")
-        klass = FineTunedClassifier if meta.get("kind") == FineTunedClassifier.kind else EmbeddingClassifier
-        params = {k: v for k, v in meta.get("params", {}).items() if k in klass._PARAMS}
-        clf = klass(**params)
+    def load(cls, directory):
+        """Load any saved classifier (every head kind): see :func:`load_model`."""
+        return load_model(directory)
+
+    @classmethod
+    def _from_saved(cls, directory: Path, meta: dict, labels: list) -> "EmbeddingClassifier":
+        params = {k: v for k, v in meta.get("params", {}).items() if k in cls._PARAMS}
+        clf = cls(**params)
         if "input_size" in meta:
             clf.input_size_ = int(meta["input_size"])
         try:
@@ -408,14 +328,40 @@ class EmbeddingClassifier:
         clf.n_epochs_ = int(meta.get("n_epochs", 0))
         clf.temperature_ = float(meta.get("temperature", 1.0))
         clf.calibration_ = meta.get("calibration", {})
-        clf.backbone_ = meta.get("backbone")
-        clf.backbone_weights_ = meta.get("backbone_weights")
-        clf.dataset_ = meta.get("dataset")
-        clf.metadata_ = meta
         if clf.model_.output_shape[-1] != len(clf.classes_):
             raise ClassifierError(f"{directory}: the model has {clf.model_.output_shape[-1]} outputs but "
                                   f"{LABELS_FILE} lists {len(clf.classes_)} labels; retrain with `visualsearch train`")
         return clf
+
+
+def load_model(directory):
+    """Load what a head's ``save`` wrote, whatever its kind. Raises :class:`ClassifierError` if missing or incomplete."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / METADATA_FILE).read_text())
+        labels = json.loads((directory / LABELS_FILE).read_text())
+    except FileNotFoundError as e:
+        raise ClassifierError(f"no complete classifier in {directory} (missing {Path(e.filename).name})") from None
+    except (OSError, ValueError) as e:
+        raise ClassifierError(f"the classifier in {directory} is unreadable ({e}); retrain with "
+                              "`visualsearch train`") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ClassifierError(f"{directory} holds a classifier of format {meta.get('format_version')}; "
+                              f"this version reads format {FORMAT_VERSION}. Retrain with `visualsearch train`.")
+    kinds = {**HEADS, EmbeddingClassifier.kind: EmbeddingClassifier, FineTunedClassifier.kind: FineTunedClassifier}
+    klass = kinds.get(meta.get("kind"))
+    if klass is None:
+        raise ClassifierError(f"{directory} holds a classifier of unknown kind {meta.get('kind')!r} "
+                              f"(known: {', '.join(sorted(kinds))}); retrain with `visualsearch train`")
+    state = directory / (MODEL_FILE if issubclass(klass, EmbeddingClassifier) else "head.npz")
+    if not state.is_file():
+        raise ClassifierError(f"no complete classifier in {directory} (missing {state.name})")
+    clf = klass._from_saved(directory, meta, labels)
+    clf.backbone_ = meta.get("backbone")
+    clf.backbone_weights_ = meta.get("backbone_weights")
+    clf.dataset_ = meta.get("dataset")
+    clf.metadata_ = meta
+    return clf
 
 
 # ---------------------------------------------------------------------------
@@ -425,7 +371,8 @@ class EmbeddingClassifier:
 def fingerprint(index_features, cfg) -> str:
     """A key of everything training depends on: the index vectors and labels, backbone, dataset, settings."""
     h = hashlib.sha256()
-    h.update(f"v{FORMAT_VERSION}|{cfg.backbone.name}|{cfg.backbone.weights}|{cfg.dataset.name}|".encode())
+    h.update(f"v{FORMAT_VERSION}|{cfg.backbone.name}|{cfg.backbone.weights}|{cfg.dataset.name}|"
+             f"k={tuning_k(cfg)}|".encode())
     h.update(json.dumps(dataclasses.asdict(cfg.classifier), sort_keys=True).encode())
     h.update(np.ascontiguousarray(index_features.vectors, dtype=np.float32).tobytes())
     table = index_features.table
@@ -441,27 +388,72 @@ def _cached(cfg, key: str):
         meta = json.loads((directory / METADATA_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if meta.get("fingerprint") != key or not (directory / MODEL_FILE).is_file():
+    if meta.get("fingerprint") != key:
         return None
     try:
-        return EmbeddingClassifier.load(directory)
+        return load_model(directory)
     except (ClassifierError, OSError, ValueError) as e:
         log.warning("retraining: the saved classifier in %s cannot be loaded (%s)", directory, e)
         return None
 
 
+def make_head(ccfg):
+    """An unfitted head of ``classifier.head`` with its settings from ``ccfg`` (a :class:`ClassifierConfig`)."""
+    if ccfg.head == "mlp":
+        return EmbeddingClassifier.from_config(ccfg)
+    kw = {"folds": ccfg.folds, "seed": ccfg.seed, "calibrate": ccfg.calibrate}
+    if ccfg.head in ("linear", "ensemble"):
+        kw["C"] = ccfg.C
+    if ccfg.head in ("knn", "ensemble"):
+        kw["n_neighbors"] = ccfg.neighbors
+    return HEADS[ccfg.head](**kw)
+
+
+def fit_head(X: np.ndarray, labels: np.ndarray, ccfg):
+    """Fit the head of ``ccfg`` on ``(X, labels)``.
+
+    Returns ``(head, rows, proba, metrics)``: ``proba`` are calibrated
+    probabilities of ``X[rows]`` from models that never saw those rows (every
+    row, out of fold, for the cross-fitted heads; the held-out validation
+    part for ``mlp``), and ``metrics`` are computed on them.
+    """
+    head = make_head(ccfg)
+    if isinstance(head, EmbeddingClassifier):
+        tr, va = stratified_split(labels, ccfg.validation_fraction, ccfg.seed)
+        head.fit(X[tr], labels[tr], X[va], labels[va])
+        metrics = head.evaluate(X[va], labels[va])
+        metrics["train_accuracy"] = head.score(X[tr], labels[tr])
+        metrics["evaluated_on"] = ("validation part of the index split (also used for early stopping and the "
+                                   "temperature); the query split is evaluated by `visualsearch evaluate`")
+        return head, va, head.predict_proba(X[va]), metrics
+    head.fit(X, labels)
+    yi = head._encode(labels, "training data")
+    metrics = classification_report(head.oof_logits_, yi, head.classes_, head.temperature_)
+    metrics["train_accuracy"] = head.score(X, labels)
+    metrics["selected"] = head.selected_
+    metrics["evaluated_on"] = ("out-of-fold predictions on the whole index split (each image predicted by a model "
+                               "that never saw it); the query split is evaluated by `visualsearch evaluate`")
+    return head, np.arange(len(labels)), head.oof_proba_, metrics
+
+
+def tuning_k(cfg) -> int:
+    """The depth the adaptive settings are tuned for: the deepest of ``search.k`` and ``evaluation.ks``."""
+    return int(max([cfg.search.k, *cfg.evaluation.ks]))
+
+
 def train(cfg, *, force: bool = False):
     """Train, calibrate, evaluate and save the classifier of ``cfg``; return ``(classifier, metrics)``.
 
-    Trains on the index split of the feature cache (:func:`vslib.features.load_features`),
-    holding out ``classifier.validation_fraction`` of each class for early
-    stopping, the temperature and the metrics. Writes ``model.keras``,
-    ``labels.json`` and ``metadata.json`` to ``cfg.classifier_dir``, the metrics
+    Fits ``classifier.head`` on the index split of the feature cache
+    (:func:`vslib.features.load_features`, see :func:`fit_head`), chooses the
+    adaptive search settings on the same split from out-of-fold probabilities
+    (:func:`vslib.ranking.tune_adaptive`; kept in ``metadata.json`` under
+    ``search``), and writes the model to ``cfg.classifier_dir``, the metrics
     to ``reports/classifier_metrics.json`` and the confusion matrix to
     ``reports/figures/confusion_matrix.png``. A model trained on the same
     features and settings is reused unless ``force``.
     """
-    from vslib import features
+    from vslib import features, ranking
 
     index = features.load_features(cfg).split("index")
     labels = index.table["label"].astype(str).to_numpy()
@@ -472,18 +464,15 @@ def train(cfg, *, force: bool = False):
         return clf, clf.metadata_.get("metrics", {})
 
     ccfg = cfg.classifier
-    tr, va = stratified_split(labels, ccfg.validation_fraction, ccfg.seed)
     X = index.vectors
-    clf = EmbeddingClassifier.from_config(ccfg)
-    clf.fit(X[tr], labels[tr], X[va], labels[va])
+    clf, rows, proba, metrics = fit_head(X, labels, ccfg)
     clf.backbone_, clf.backbone_weights_, clf.dataset_ = cfg.backbone.name, cfg.backbone.weights, cfg.dataset.name
-    metrics = clf.evaluate(X[va], labels[va])
-    metrics["train_accuracy"] = clf.score(X[tr], labels[tr])
-    metrics["evaluated_on"] = ("validation part of the index split (also used for early stopping and the "
-                               "temperature); the query split is evaluated by `visualsearch evaluate`")
+    yi = clf._encode(labels, "training data")
+    search_settings = ranking.tune_adaptive(X, yi, proba, k=tuning_k(cfg), rows=rows, seed=ccfg.seed)
 
     if ccfg.fine_tune:
-        clf, metrics = _fine_tune(cfg, clf, index, tr, va, metrics)
+        tr, va = stratified_split(labels, ccfg.validation_fraction, ccfg.seed)
+        clf, metrics = _fine_tune(cfg, clf if isinstance(clf, EmbeddingClassifier) else None, index, tr, va, metrics)
 
     meta = {
         "backbone": cfg.backbone.name,
@@ -492,26 +481,27 @@ def train(cfg, *, force: bool = False):
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "fingerprint": key,
         "metrics": metrics,
+        "search": search_settings,
         "config": dataclasses.asdict(ccfg),
-        "validation_paths": index.table["path"].astype(str).iloc[va].tolist() if "path" in index.table else [],
     }
     clf.save(cfg.classifier_dir, meta)
     cfg.reports_dir.mkdir(parents=True, exist_ok=True)
     _write_json(cfg.reports_dir / METRICS_FILE, metrics)
     save_confusion_figure(metrics["confusion_matrix"], cfg.figures_dir / CONFUSION_FIGURE,
-                          title=f"Classifier ({cfg.dataset.name}, {cfg.backbone.name}) — validation, row-normalised")
-    log.info("classifier: accuracy %.3f, top-3 %.3f, ECE %.3f -> %.3f (T = %.2f); saved to %s",
-             metrics["accuracy"], metrics.get("top3_accuracy", float("nan")), metrics["ece_before"],
+                          title=f"Classifier ({cfg.dataset.name}, {cfg.backbone.name}, {ccfg.head} head) — "
+                                "out of fold, row-normalised")
+    log.info("classifier: %s head, accuracy %.3f, top-3 %.3f, ECE %.3f -> %.3f (T = %.2f); saved to %s",
+             ccfg.head, metrics["accuracy"], metrics.get("top3_accuracy", float("nan")), metrics["ece_before"],
              metrics["ece_after"], clf.temperature_, cfg.classifier_dir)
     return clf, metrics
 
 
-def load_classifier(cfg) -> EmbeddingClassifier:
+def load_classifier(cfg):
     """Load the classifier of ``cfg`` and check it matches the configured backbone and dataset."""
     directory = cfg.classifier_dir
     if not (directory / METADATA_FILE).is_file():
         raise ClassifierError(f"no trained classifier in {directory}; run `visualsearch train -c {cfg.source}` first")
-    clf = EmbeddingClassifier.load(directory)
+    clf = load_model(directory)
     if clf.backbone_ != cfg.backbone.name:
         raise ClassifierError(f"the classifier in {directory} was trained on backbone {clf.backbone_!r} but "
                               f"backbone.name is {cfg.backbone.name!r} in {cfg.source}; retrain with "
@@ -735,7 +725,7 @@ class _ImageBatches:
         return ImageBatches(*args, **kwargs)
 
 
-def _fine_tune(cfg, head: EmbeddingClassifier, index, tr, va, metrics):
+def _fine_tune(cfg, head: Optional[EmbeddingClassifier], index, tr, va, metrics):
     from vslib.backbones import backbone_from_config
 
     ccfg = cfg.classifier
@@ -758,38 +748,5 @@ def _fine_tune(cfg, head: EmbeddingClassifier, index, tr, va, metrics):
 # Helpers
 
 
-def _as_matrix(X, name: str) -> np.ndarray:
-    X = np.asarray(X, dtype=np.float32)
-    if X.ndim != 2:
-        raise ClassifierError(f"{name} must be a 2-D array (n, dim) of embeddings, not shape {X.shape}")
-    return X
-
-
-def _is_single_image(x: Any) -> bool:
-    from PIL import Image
-
-    return isinstance(x, (str, os.PathLike, Image.Image)) or (isinstance(x, np.ndarray) and x.ndim in (2, 3))
-
-
 def _short(label: str, n: int = 24) -> str:
     return label if len(label) <= n else label[: n - 1] + "…"
-
-
-def _write_json(path: Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -74,7 +74,9 @@ def cmd_index(args) -> int:
 def cmd_evaluate(args) -> int:
     from vslib import evaluate
 
-    result = evaluate.evaluate(_config(args))
+    # with --json, stdout holds the JSON alone; the table goes to stderr
+    echo = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    result = evaluate.evaluate(_config(args), seeds=args.seeds, echo=echo)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
@@ -138,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("evaluate", cmd_evaluate, "precision@k / mAP of every search mode on the query split")
     sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
+    sp.add_argument("--seeds", type=int, default=1, metavar="N",
+                    help="also repeat split, training, tuning and search in memory on N seeded splits "
+                         "(the configured seed and the N-1 following) and report means and pooled gains")
     sp = add("search", cmd_search, "find the images that look like IMAGE")
     sp.add_argument("image", help="query image file")
     sp.add_argument("-k", type=int, default=None, help="number of hits (default: search.k)")

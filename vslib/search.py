@@ -21,16 +21,22 @@ Modes
     close calls, a much closer image from a less likely class still gets in.
     (Each class is searched on its own and the lists merged, so the ranking is
     exact.) If the chosen classes hold fewer than k images, the list is
-    completed with the best hits from outside them. Hits report the plain
-    similarity as their score.
+    completed with the best hits from outside them (marked ``outside``).
+    With ``search.tune`` (the default) these settings are the ones
+    :func:`vslib.classifier.train` chose on the index split.
 ``oracle``
-    Pre-filter to the true class: the ceiling hierarchy can reach (evaluation only).
+    Pre-filter to the query's true label (evaluation only). A diagnostic, not
+    a ceiling: its p@k is 1 whenever the class holds k images.
+
+Every hit carries ``score`` (the cosine similarity) and ``rank_score`` (what
+the list is ordered by: the similarity, plus ``class_weight * log p(class)``
+in adaptive mode), and lists are always in rank order.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -55,6 +61,8 @@ class SearchResult:
     #: the mode actually used (adaptive falls back to flat when unsure)
     effective_mode: str = ""
     timings_ms: dict = field(default_factory=dict)
+    #: the adaptive settings used and where they came from
+    settings: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -63,7 +71,10 @@ class SearchResult:
             "effective_mode": self.effective_mode or self.mode,
             "searched_labels": self.searched_labels,
             "predicted": [{"label": lbl, "probability": round(float(p), 6)} for lbl, p in self.predicted],
-            "hits": [{"path": h["path"], "label": h["label"], "score": round(float(h["score"]), 6)} for h in self.hits],
+            "search_settings": self.settings,
+            "hits": [{"path": h["path"], "label": h["label"], "score": round(float(h["score"]), 6),
+                      "rank_score": round(float(h.get("rank_score", h["score"])), 6),
+                      **({"outside": True} if h.get("outside") else {})} for h in self.hits],
         }
 
     def to_text(self) -> str:
@@ -73,8 +84,11 @@ class SearchResult:
         lines.append("predicted: " + ", ".join(f"{lbl} {p:.1%}" for lbl, p in self.predicted))
         if self.searched_labels is not None:
             lines.append("searched:  " + ", ".join(self.searched_labels))
+        lines.append("  #  similarity  rank score  label")
         for i, h in enumerate(self.hits, 1):
-            lines.append(f"{i:3d}. {h['score']:.4f}  {h['label']:<28}  {h['path']}")
+            note = "  (outside the searched classes)" if h.get("outside") else ""
+            lines.append(f"{i:3d}. {h['score']:10.4f}  {h.get('rank_score', h['score']):10.4f}  "
+                         f"{h['label']:<28}  {h['path']}{note}")
         return "\n".join(lines)
 
 
@@ -103,9 +117,22 @@ def choose_labels(probs: np.ndarray, classes: Sequence[str], mode: str, scfg: Se
     raise VisualSearchError(f"unknown search mode {mode!r} (choices: {', '.join(MODES)})")
 
 
-def _hit_dict(hit) -> dict:
+def _hit_dict(hit, bonus: float = 0.0) -> dict:
     md = hit.metadata or {}
-    return {"id": hit.id, "path": md.get("path", ""), "label": md.get("label", ""), "score": float(hit.score)}
+    score = float(hit.score)
+    return {"id": hit.id, "path": md.get("path", ""), "label": md.get("label", ""), "score": score,
+            "rank_score": score + bonus}
+
+
+def effective_settings(scfg: SearchConfig, classifier) -> tuple[SearchConfig, dict]:
+    """``scfg`` with the adaptive settings the classifier was tuned with (when ``scfg.tune``), and their source."""
+    tuned = (getattr(classifier, "metadata_", None) or {}).get("search") or {}
+    keys = ("mass", "min_confidence", "max_classes", "class_weight")
+    if scfg.tune and all(k in tuned for k in keys):
+        chosen = replace(scfg, **{k: tuned[k] for k in keys})
+        return chosen, {**{k: tuned[k] for k in keys}, "source": "tuned on the index split at training"}
+    why = "search.tune is false" if not scfg.tune else "the classifier holds no tuned settings"
+    return scfg, {**{k: getattr(scfg, k) for k in keys}, "source": f"application.yaml ({why})"}
 
 
 class VisualSearch:
@@ -125,7 +152,7 @@ class VisualSearch:
         self.backbone = backbone
         self.classifier = classifier
         self.index = index
-        self.cfg = search_cfg or SearchConfig()
+        self.cfg, self.settings = effective_settings(search_cfg or SearchConfig(), classifier)
         self.max_image_pixels = max_image_pixels
         self.classes = [str(c) for c in classifier.classes_]
 
@@ -187,6 +214,7 @@ class VisualSearch:
             hits=hits,
             searched_labels=labels,
             effective_mode=mode if labels is not None or mode == "flat" else "flat",
+            settings=self.settings if mode == "adaptive" else {},
             timings_ms={"embed": (t1 - t0) * 1e3, "classify": (t2 - t1) * 1e3, "search": (t3 - t2) * 1e3},
         )
 
@@ -216,9 +244,9 @@ class VisualSearch:
             else:
                 hits = [_hit_dict(h) for h in self.index.search(q, k, filter={"label": labels})[0]]
             if mode == "adaptive" and labels is not None and len(hits) < k:
-                # complete the list from outside the chosen classes
+                # complete the list from outside the chosen classes, after them, by similarity
                 seen = {h["id"] for h in hits}
-                extra = [_hit_dict(h) for h in self.index.search(q, k + len(hits))[0]]
+                extra = [{**_hit_dict(h), "outside": True} for h in self.index.search(q, k + len(hits))[0]]
                 hits += [h for h in extra if h["id"] not in seen][: k - len(hits)]
             out.append((hits, labels))
         return out
@@ -228,6 +256,6 @@ class VisualSearch:
         ranked = []
         for label in labels:
             bonus = self.cfg.class_weight * float(np.log(max(float(probs[self.classes.index(label)]), 1e-12)))
-            ranked += [(h["score"] + bonus, h) for h in map(_hit_dict, self.index.search(q, k, filter={"label": [label]})[0])]
-        ranked.sort(key=lambda t: -t[0])
-        return [h for _, h in ranked[:k]]
+            ranked += [_hit_dict(h, bonus) for h in self.index.search(q, k, filter={"label": [label]})[0]]
+        ranked.sort(key=lambda h: -h["rank_score"])
+        return ranked[:k]
