@@ -394,6 +394,34 @@ def measure(search, queries: np.ndarray, labels: np.ndarray, truth: np.ndarray, 
     return out
 
 
+#: adaptive search's pattern per query: one unfiltered search plus one per likely class (search.max_classes)
+ADAPTIVE_CLASSES = 5
+
+
+def requests_per_query(index, q: np.ndarray, ql: np.ndarray) -> dict:
+    """HTTP requests per query an Elasticsearch index sends: before (one search per call) and after (_msearch)."""
+    n = len(q)
+
+    def sent(fn) -> int:
+        r0 = index.requests
+        fn()
+        return index.requests - r0
+
+    rows = np.repeat(q, 1 + ADAPTIVE_CLASSES, axis=0)
+    filters = [None if j == 0 else {"label": [f"l{(int(lab) + j - 1) % 20:02d}"]}
+               for lab in ql for j in range(1 + ADAPTIVE_CLASSES)]
+    labels = [f"l{i:02d}" for i in range(20)]
+    return {
+        "rpq_single": sent(lambda: [index.search(q[i:i + 1], K) for i in range(n)]) / n,
+        "rpq_batch": sent(lambda: index.search(q, K)) / n,
+        "rpq_adaptive_loop": sent(lambda: [index.search(rows[i:i + 1], K, f) for i, f in enumerate(filters)]) / n,
+        "rpq_adaptive_msearch": sent(lambda: index.search_many(rows, K, filters)) / n,
+        "class_count_requests_loop": sent(lambda: [index.count({"label": [lab]}) for lab in labels]),
+        "class_count_requests_agg": sent(lambda: index.count_values("label", labels)),
+        "rpq_queries": n, "msearch_batch": index.msearch_batch,
+    }
+
+
 def row_ids(hits_per_query) -> list:
     return [[int(h.id) for h in hits] for hits in hits_per_query]
 
@@ -519,6 +547,7 @@ class EsRunner:
 
         url = self.ensure()
         cfg = ElasticsearchConfig(hosts=[url], index_name=f"bench-{uuid.uuid4().hex[:8]}", request_timeout=300.0,
+                                  search_timeout=600.0, bulk_timeout=600.0,
                                   index_options={"type": "hnsw", "m": 16, "ef_construction": 100})
         index = ElasticsearchIndex.open(cfg, col.vectors.shape[1], create=True)
         before = server_rss(self.pid)
@@ -548,10 +577,15 @@ class EsRunner:
                     index.num_candidates = nc
                 row = {"backend": name, "setting": "script_score" if nc is None else f"knn num_candidates={nc}",
                        "exact": nc is None, "num_candidates": nc, **common}
-                # the backend sends one request per query whatever the batch, so only single-query QPS is timed
-                row.update(measure(search, q, ql, col.truth[:nq], col.truth_f[:nq], budget, batched=False))
+                # batched: the backend sends the queries as _msearch requests of msearch_batch searches
+                row.update(measure(search, q, ql, col.truth[:nq], col.truth_f[:nq], budget, batched=True))
+                row.update(requests_per_query(index, q[:min(nq, 20)], ql[:min(nq, 20)]))
                 rows.append(row)
                 _print_row(row, col.raw_bytes)
+                print(f"      requests/query: one at a time {row['rpq_single']:.2f}, batched {row['rpq_batch']:.2f}; "
+                      f"adaptive pattern (1 + {ADAPTIVE_CLASSES} class searches) {row['rpq_adaptive_loop']:.2f} -> "
+                      f"{row['rpq_adaptive_msearch']:.2f}; class counts {row['class_count_requests_loop']} -> "
+                      f"{row['class_count_requests_agg']} requests", flush=True)
             return rows
         finally:
             index.drop()
@@ -647,8 +681,8 @@ def markdown(report: dict) -> str:
     lines = ["# Search benchmark", "", header(report), "",
              f"Run: `{report['command']}` on {report['started']}, {report['elapsed_s']:.0f} s; "
              f"k = {K}; {report['queries']} queries; data: {report['source']}.", "",
-             "QPS single: one query per call; batched: all queries in one call (Elasticsearch rows: the backend "
-             "sends one request per query, so only single-query QPS is given). Filtered: each query asks for its "
+             "QPS single: one query per call; batched: all queries in one call (Elasticsearch rows: `_msearch` "
+             "requests of `msearch_batch` searches). Filtered: each query asks for its "
              "own label. Memory: what the index holds in RAM after the build (anonymous RSS growth of this process; "
              "for Elasticsearch, the emulator server's RSS growth), over the raw float32 vector bytes.", ""]
     for size, res in report["sizes"].items():
@@ -666,6 +700,17 @@ def markdown(report: dict) -> str:
                 f"{_f(mem / res['raw_bytes'] if mem else None, '.2f')} | {_f(r['qps_single'], '.1f')} | "
                 f"{_f(r.get('qps_batch'), '.1f')} | {r['recall']:.3f} | {_f(r['filtered_qps_single'], '.1f')} | "
                 f"{_f(r.get('filtered_qps_batch'), '.1f')} | {r['filtered_recall']:.3f} |")
+        es_rows = [r for r in res["results"] if "rpq_single" in r]
+        if es_rows:
+            lines += ["", "Elasticsearch HTTP requests per query (counted by the backend; before: one search per call, "
+                      "after: `_msearch`; adaptive pattern: 1 unfiltered + "
+                      f"{ADAPTIVE_CLASSES} class searches per query; class counts for 20 labels):", "",
+                      "| backend | setting | one at a time | batched | adaptive loop | adaptive _msearch "
+                      "| class counts loop | class counts agg |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+            for r in es_rows:
+                lines.append(f"| {r['backend']} | {r['setting']} | {r['rpq_single']:.2f} | {r['rpq_batch']:.2f} | "
+                             f"{r['rpq_adaptive_loop']:.2f} | {r['rpq_adaptive_msearch']:.2f} | "
+                             f"{r['class_count_requests_loop']} | {r['class_count_requests_agg']} |")
         for note in res.get("notes", []):
             lines.append(f"\n{note}")
         lines.append("")

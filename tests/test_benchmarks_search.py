@@ -63,7 +63,10 @@ def test_search_benchmark_elasticsearch_emulator(tmp_path):
     es = [r for r in res["results"] if r["backend"].startswith("es-")]
     assert {r["backend"] for r in es} == {"es-knn", "es-exact"}
     for r in es:
-        assert r["emulator"] is True and r["qps_single"] > 0 and r["qps_batch"] is None
+        assert r["emulator"] is True and r["qps_single"] > 0 and r["qps_batch"] > 0
+        # _msearch: fewer HTTP requests per query than one search per call; class counts in one aggregation
+        assert r["rpq_single"] == 1 and r["rpq_batch"] < 1 and r["rpq_adaptive_loop"] == 6
+        assert r["rpq_adaptive_msearch"] < 1 and r["class_count_requests_agg"] == 1 < r["class_count_requests_loop"]
     exact = next(r for r in es if r["backend"] == "es-exact")
     assert exact["recall"] >= 0.999 and exact["filtered_recall"] >= 0.999
 

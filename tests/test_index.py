@@ -5,6 +5,21 @@ an Elasticsearch-API emulator, on a free loopback port), or against the
 cluster named by ``VS_ES_URL`` (with ``VS_ES_API_KEY`` / ``VS_ES_USERNAME`` /
 ``VS_ES_PASSWORD`` / ``VS_ES_CA_CERTS``) when that is set. Every test uses its
 own index name and deletes it afterwards.
+
+Quirks of the emulator (noida-db 0.2.3) that these tests work around or
+cannot see, and that the ``VS_ES_URL`` run covers:
+
+- it reports version 8.15.3 but accepts any ``compatible-with`` header, so a
+  9.x client "works" against it; the client/server major check below is what
+  catches that (a real 8.x server answers ``400 media_type_header_exception``);
+- no security: 401/403 and the privileges table are checked only against a
+  real cluster with security on (the test creates a read-only API key);
+- ``knn.rescore_vector`` is unknown (400), and its quantized ``int8_hnsw`` is
+  approximate in its own way: quantized scores are not checked against it;
+- it never refreshes on its own (documents appear only after ``_refresh``),
+  so ``refresh_interval: -1`` cannot be observed changing visibility, only the
+  setting itself;
+- ``index_options`` such as ``m: -1`` are accepted instead of rejected.
 """
 from __future__ import annotations
 
@@ -19,8 +34,9 @@ import pytest
 from es_server import free_port
 from vslib.config import parse_config
 from vslib.errors import IndexBackendError
-from vslib.index import (BulkIndexError, IndexDimensionError, IndexNotFoundError, IndexUnreachableError, build,
-                         exact_search, item_ids, open_index)
+from vslib.index import (BulkIndexError, IndexDimensionError, IndexMismatchError, IndexNotFoundError,
+                         IndexPermissionError, IndexTimeoutError, IndexUnreachableError, build, exact_search, item_ids,
+                         open_index)
 
 DIM = 32
 
@@ -435,3 +451,237 @@ def test_embedded_vectors_held_once_and_correct_across_changes(tmp_path, factory
     assert again.count() == 2999
     assert [[h.id for h in hits] for hits in again.search(q, 5)] == expected(y, alive)
     again.close()
+
+
+# ---------------------------------------------------------------------------
+# batched searches and counts (contract, with a default for every backend)
+
+
+def test_search_many_equals_one_search_per_row(opener):
+    ids, x, meta = dataset(n=400, n_labels=20)
+    q = unit_vectors(6, seed=11)
+    # each query searched unfiltered and within three classes, as adaptive search does
+    rows = np.repeat(q, 4, axis=0)
+    filters = [None if j == 0 else {"label": [f"class{(i + j) % 20}"]} for i in range(len(q)) for j in range(4)]
+    with opener() as index:
+        index.add(ids, x, meta)
+        if opener.backend == "elasticsearch":
+            index.msearch_batch = 10
+            before = index.requests
+        many = index.search_many(rows, 7, filters)
+        if opener.backend == "elasticsearch":
+            assert index.requests - before == 3  # 24 searches, 10 per _msearch
+        one = [index.search(rows[i:i + 1], 7, filters[i])[0] for i in range(len(rows))]
+        assert hit_ids(many) == hit_ids(one)
+        np.testing.assert_allclose([[h.score for h in r] for r in many], [[h.score for h in r] for r in one], atol=1e-6)
+        assert all(h.metadata["label"] in filters[i]["label"] for i, r in enumerate(many) if filters[i] for h in r)
+        with pytest.raises(ValueError, match="one per row"):
+            index.search_many(rows, 7, filters[:-1])
+
+
+def test_count_values_in_one_request(opener):
+    ids, x, meta = dataset(n=90, n_labels=9)
+    with opener() as index:
+        index.add(ids, x, meta)
+        wanted = ["class0", "class4", "no-such-class"]
+        if opener.backend == "elasticsearch":
+            before = index.requests
+        got = index.count_values("label", wanted)
+        if opener.backend == "elasticsearch":
+            assert index.requests - before == 1
+        assert got == {v: index.count({"label": [v]}) for v in wanted} == {"class0": 10, "class4": 10,
+                                                                          "no-such-class": 0}
+
+
+# ---------------------------------------------------------------------------
+# Elasticsearch: versions, errors, aliases, bulk loads, timeouts
+
+
+@pytest.fixture
+def es_opener(request, tmp_path):
+    op = Opener("es-knn-hnsw", tmp_path, request)
+    yield op
+    op.cleanup()
+
+
+def test_client_compatibility_major_is_not_above_the_servers(es_url):
+    """The client sends compatible-with=<its major> on every request; an 8.x server rejects 9 (noida-db does not)."""
+    import elasticsearch
+
+    from vslib.index.elasticsearch import check_compatibility
+
+    client = elasticsearch.Elasticsearch(es_url, basic_auth=(os.environ["VS_ES_USERNAME"], os.environ.get(
+        "VS_ES_PASSWORD", "")) if os.environ.get("VS_ES_USERNAME") else None, api_key=os.environ.get("VS_ES_API_KEY"),
+        ca_certs=os.environ.get("VS_ES_CA_CERTS"))
+    try:
+        server = client.info()["version"]["number"]
+    finally:
+        client.close()
+    client_major, server_major = int(elasticsearch.__versionstr__.split(".")[0]), int(server.split(".")[0])
+    assert client_major <= server_major, (f"client {elasticsearch.__versionstr__} sends compatible-with={client_major}; "
+                                          f"a {server_major}.x server rejects it: pin elasticsearch<{server_major + 1}")
+    assert client_major >= server_major - 1
+    check_compatibility(elasticsearch.__versionstr__, server, es_url)  # what connect() checks
+
+
+def test_compatibility_rules():
+    from vslib.index.elasticsearch import check_compatibility
+
+    for client, server in [("8.19.3", "8.15.3"), ("8.19.3", "9.2.0"), ("9.1.0", "9.2.0")]:
+        check_compatibility(client, server, "http://es:9200")
+    with pytest.raises(IndexBackendError, match=r"compatible-with=9.*8\.x server at http://es:9200.*pip install "
+                                                 r"'elasticsearch>=8.16,<9'"):
+        check_compatibility("9.1.0", "8.17.0", "http://es:9200")
+    with pytest.raises(IndexBackendError, match="needs 8.x or 9.x"):
+        check_compatibility("8.19.3", "7.17.0", "http://es:9200")
+
+
+def test_elasticsearch_server_errors_name_url_index_and_operation(es_opener):
+    import elasticsearch
+
+    ids, x, meta = dataset(n=20)
+    with es_opener() as index:
+        index.add(ids, x, meta)
+        too_long = 2 * unit_vectors(1, seed=5)  # dot_product accepts unit vectors only: the server answers 400
+        for call in (lambda: index.search(too_long, 3),
+                     lambda: index.search_many(np.vstack([unit_vectors(2), too_long]), 3, [None, None, None])):
+            with pytest.raises(IndexBackendError) as err:
+                call()
+            assert not isinstance(err.value, elasticsearch.ApiError)
+            message = str(err.value)
+            assert index.where in message and index.alias in message and "search" in message and "unit" in message
+        assert "search 2 of the batch" in message
+
+
+def test_elasticsearch_alias_per_dataset_and_backbone_and_mapping_checks(es_opener, tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    template = f"vs-test-{tag}-{{dataset}}-{{backbone}}"
+    cfg = es_opener.config(index_name=template)
+    with es_opener(cfg=cfg) as index:
+        assert index.alias == f"vs-test-{tag}-{cfg.dataset.name}-{cfg.backbone.name}".lower()
+        assert index.index_name.startswith(index.alias + "-") and index.index_name != index.alias
+        info = index.info()
+        assert (info["alias"], info["index_name"], info["dim"]) == (index.alias, index.index_name, DIM)
+        assert info["backbone"] == cfg.backbone.name and info["dataset"] == cfg.dataset.name
+        assert info["index_options"]["type"] == "hnsw" and info["index_options"]["m"] == 16
+        assert info["server_version"].split(".")[0] in ("8", "9")
+    # the same alias opened with other settings: a clear error, never a silent mix
+    other_backbone = parse_config({"index": {"backend": "elasticsearch", "elasticsearch": {
+        **{k: getattr(cfg.index.elasticsearch, k) for k in ("hosts", "index_options")}, "index_name": index.alias}},
+        "backbone": {"name": "efficientnet_lite2"}}, base_dir=tmp_path, env=os.environ)
+    with pytest.raises(IndexMismatchError, match=rf"{cfg.backbone.name}.*efficientnet_lite2.*--rebuild"):
+        open_index(other_backbone, create=False)
+    cfg_cos = es_opener.config(index_name=template, similarity="cosine")
+    with pytest.raises(IndexMismatchError, match="similarity 'dot_product'.*'cosine'"):
+        open_index(cfg_cos, create=False)
+    cfg_m = es_opener.config(index_name=template, index_options={"type": "hnsw", "m": 32, "ef_construction": 100})
+    with pytest.raises(IndexMismatchError, match="m: stored 16, configured 32"):
+        open_index(cfg_m, create=False)
+
+
+def test_elasticsearch_bulk_session_turns_refresh_off_and_restores_it(es_opener):
+    ids, x, meta = dataset(n=60)
+    with es_opener() as index:
+        assert index.refresh_interval() is None  # the server's default
+        with index.bulk_session():
+            assert index.refresh_interval() == "-1"
+            index.add(ids[:30], x[:30], meta[:30])
+        assert index.refresh_interval() is None and index.count() == 30  # one refresh at the end
+        index._put_refresh_interval("7s")
+        with pytest.raises(RuntimeError, match="boom"), index.bulk_session():
+            index.add(ids[30:], x[30:], meta[30:])
+            raise RuntimeError("boom")
+        assert index.refresh_interval() == "7s" and index.count() == 60  # restored and refreshed on failure too
+
+
+def _write_features(cfg, n=60, seed=0):
+    from vslib.features import FeatureSet, features_path
+
+    table = pd.DataFrame({"path": [f"/data/img{i}.png" for i in range(n)], "label": [f"c{i % 4}" for i in range(n)],
+                          "split": ["query" if i % 5 == 0 else "index" for i in range(n)],
+                          "content_hash": [f"h{i:03d}" for i in range(n)]})
+    FeatureSet(unit_vectors(n, seed=seed), table, cfg.backbone.name).save(features_path(cfg))
+
+
+def test_elasticsearch_rebuild_swaps_the_alias_and_deletes_the_old_index(es_opener):
+    cfg = es_opener.config()
+    _write_features(cfg)
+    first = build(cfg, progress=False)
+    with open_index(cfg, create=False) as index:
+        client, old = index.client, index.index_name
+        assert client.indices.get_settings(index=old)[old]["settings"]["index"].get("refresh_interval") is None
+    _write_features(cfg, seed=1)  # new vectors: the rebuilt index must hold these
+    second = build(cfg, rebuild=True, progress=False)
+    assert second["count"] == first["count"] == 48 and second["index_name"] != first["index_name"]
+    with open_index(cfg, create=False) as index:
+        es_opener.opened.append((cfg, index))
+        assert index.index_name == second["index_name"]
+        assert not index.client.indices.exists(index=old)
+        assert index.search(unit_vectors(60, seed=1)[1:2], 1)[0][0].metadata["path"] == "/data/img1.png"
+
+
+def test_elasticsearch_rebuild_replaces_an_index_named_like_the_alias(es_opener):
+    """Older versions created a plain index called `visualsearch`; a rebuild turns that name into an alias."""
+    cfg = es_opener.config()
+    name = cfg.index.elasticsearch.index_name
+    _write_features(cfg)
+    with open_index(cfg, dim=DIM) as index:  # make a plain index of that name through the client
+        index.client.indices.delete(index=index.index_name)
+        index.client.indices.create(index=name, mappings={"properties": {"vector": {
+            "type": "dense_vector", "dims": DIM, "similarity": "dot_product", "index": True}}})
+    info = build(cfg, rebuild=True, progress=False)
+    assert info["alias"] == name and info["index_name"] != name and info["count"] == 48
+    with open_index(cfg, create=False) as index:
+        es_opener.opened.append((cfg, index))
+        assert index.client.indices.get_alias(name=name).body.keys() == {info["index_name"]}
+
+
+def test_elasticsearch_failed_rebuild_keeps_the_live_index(es_opener):
+    cfg = es_opener.config()
+    _write_features(cfg)
+    live = build(cfg, progress=False)["index_name"]
+    from vslib.index.elasticsearch import ElasticsearchIndex
+
+    fresh = ElasticsearchIndex.create_fresh(cfg, DIM)
+    new = fresh.index_name
+    fresh.discard()
+    with open_index(cfg, create=False) as index:
+        es_opener.opened.append((cfg, index))
+        assert index.index_name == live and index.count() == 48
+        assert not index.client.indices.exists(index=new)
+
+
+def test_elasticsearch_slow_search_says_so(request, tmp_path):
+    op = Opener("es-exact", tmp_path, request)
+    try:
+        ids, x, meta = dataset(n=3000)
+        with op() as index:
+            index.add(ids, x, meta)
+            index.search_timeout = 0.0005  # script_score over 3000 vectors takes longer than half a millisecond
+            with pytest.raises(IndexTimeoutError, match=r"took longer than search_timeout=0.0005 s.*slow search"):
+                index.search_many(unit_vectors(50), 10, [None] * 50)
+            index.search_timeout = 30.0
+            assert len(index.search(unit_vectors(1), 10)[0]) == 10  # the connection is still usable
+    finally:
+        op.cleanup()
+
+
+@pytest.mark.skipif(not os.environ.get("VS_ES_URL"), reason="needs a real cluster with security (VS_ES_URL)")
+def test_elasticsearch_403_names_the_missing_privilege(es_opener):
+    """A read-only API key may search but not write; the error names the privilege (real clusters only)."""
+    import elasticsearch
+
+    with es_opener() as index:
+        index.add(["a"], unit_vectors(1), [{"label": "x"}])
+        try:
+            key = index.client.security.create_api_key(name=f"vs-test-{uuid.uuid4().hex[:6]}", role_descriptors={
+                "ro": {"cluster": ["monitor"], "indices": [{"names": [index.alias, index.index_name],
+                                                            "privileges": ["read", "view_index_metadata"]}]}})
+        except elasticsearch.ApiError as e:
+            pytest.skip(f"security is not enabled on the cluster: {e}")
+    cfg = es_opener.config()
+    cfg.index.elasticsearch.api_key, cfg.index.elasticsearch.username = key["encoded"], None
+    with open_index(cfg, create=False) as ro:
+        assert ro.count() == 1
+        with pytest.raises(IndexPermissionError, match="'write'"):
+            ro.add(["b"], unit_vectors(1, seed=2), [{"label": "y"}])

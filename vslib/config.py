@@ -99,7 +99,8 @@ class EmbeddedIndexConfig:
 @dataclass
 class ElasticsearchConfig:
     hosts: list[str] = _f(lambda: ["http://localhost:9200"], help="node URLs; env VS_ES_URL overrides")
-    index_name: str = "visualsearch"
+    index_name: str = _f("visualsearch-{dataset}-{backbone}",
+                         help="alias searched; {dataset}/{backbone} are filled in; concrete indexes are <alias>-<time>")
     api_key: Optional[str] = _f(None, help="env VS_ES_API_KEY overrides; never logged", secret=True)
     username: Optional[str] = _f(None, help="env VS_ES_USERNAME overrides")
     password: Optional[str] = _f(None, help="env VS_ES_PASSWORD overrides; never logged", secret=True)
@@ -108,9 +109,14 @@ class ElasticsearchConfig:
     similarity: Literal["dot_product", "cosine"] = "dot_product"
     index_options: dict = _f(lambda: {"type": "hnsw", "m": 16, "ef_construction": 100})
     num_candidates: int = _f(100, min=1, max=10000)
+    rescore_oversample: Optional[float] = _f(None, min=1.0, max=10.0,
+                                             help="knn rescore_vector.oversample for quantized index_options (8.18+)")
     exact: bool = _f(False, help="script_score exact search instead of approximate knn")
-    request_timeout: float = _f(10.0, min=0.1)
+    request_timeout: float = _f(10.0, min=0.1, help="seconds: the connection check and index administration")
+    search_timeout: float = _f(30.0, min=0.1, help="seconds one search (or one _msearch batch) may take")
+    bulk_timeout: float = _f(120.0, min=1.0, help="seconds one bulk chunk may take")
     chunk_size: int = _f(500, min=1)
+    msearch_batch: int = _f(100, min=1, max=10000, help="searches sent in one _msearch request")
     store_vectors_in_source: bool = False
 
 
@@ -362,6 +368,12 @@ def _validate(cfg: Config, source: str) -> None:
     if cfg.backbone.name == "resnet50" and not cfg.backbone.weights:
         raise ConfigError(f"{source}: backbone.weights is required for resnet50: 'imagenet' (downloads "
                           "the weights; needs internet) or the path of a local weights file")
+    template = cfg.index.elasticsearch.index_name
+    try:
+        template.format(dataset="d", backbone="b")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{source}: index.elasticsearch.index_name {template!r} is not a valid name template "
+                          f"({e!r}); use only the placeholders {{dataset}} and {{backbone}}") from None
     opts = cfg.index.elasticsearch.index_options
     if opts.get("type") not in ("hnsw", "int8_hnsw", "int4_hnsw", "bbq_hnsw", "flat", "int8_flat", "int4_flat", "bbq_flat"):
         raise ConfigError(f"{source}: index.elasticsearch.index_options.type {opts.get('type')!r} is not "

@@ -16,8 +16,9 @@ import logging
 from typing import Optional
 
 from vslib.errors import IndexBackendError
-from vslib.index.base import (BulkIndexError, Hit, IndexDimensionError, IndexNotFoundError, IndexUnreachableError,
-                              VectorIndex, exact_search, normalize_filter)
+from vslib.index.base import (BulkIndexError, Hit, IndexDimensionError, IndexMismatchError, IndexNotFoundError,
+                              IndexPermissionError, IndexTimeoutError, IndexUnreachableError, VectorIndex, exact_search,
+                              normalize_filter)
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,11 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
     """Index the feature cache's index split into the configured backend.
 
     Ids are stable (see :func:`item_ids`), so a rerun replaces the items instead of
-    duplicating them. ``rebuild`` deletes the existing index first (needed when the
-    backbone, and so the vector dimension, changed). Returns :meth:`VectorIndex.info`.
+    duplicating them. ``rebuild`` builds a fresh index (needed when the backbone, and
+    so the vector dimension, changed): Elasticsearch fills a new concrete index while
+    searches keep using the old one and swaps the alias at the end; the embedded
+    index is deleted first. The load runs in the backend's :meth:`~VectorIndex.bulk_session`
+    (Elasticsearch: no periodic refresh, one refresh at the end). Returns :meth:`VectorIndex.info`.
     """
     from tqdm.auto import tqdm
 
@@ -87,15 +91,15 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
         m["backbone"] = feats.backbone
     dim = int(vectors.shape[1])
     if rebuild:
-        try:
-            open_index(cfg, create=False).drop()
-        except IndexNotFoundError:
-            pass
-    index = open_index(cfg, dim=dim, create=True)
+        index = backend_class(cfg.index.backend).create_fresh(cfg, dim)
+    else:
+        index = open_index(cfg, dim=dim, create=True)
     failures = []
     added = 0
+    done = False
     try:
-        with tqdm(total=len(ids), desc=f"indexing ({cfg.index.backend})", unit="img", disable=not progress) as bar:
+        with index.bulk_session(), tqdm(total=len(ids), desc=f"indexing ({cfg.index.backend})", unit="img",
+                                        disable=not progress) as bar:
             for start in range(0, len(ids), batch_size):
                 stop = min(start + batch_size, len(ids))
                 try:
@@ -104,9 +108,18 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
                     failures += e.failures
                     added += e.added
                 bar.update(stop - start)
+                if failures:
+                    bar.set_postfix(failed=len(failures))
+        if rebuild:
+            index.publish()
         info = index.info()
+        done = True
     finally:
+        if not done and rebuild:
+            index.discard()
         index.close()
+    for ident, reason in failures[:20]:
+        log.warning("not indexed: %s: %s", ident, reason)
     if info["count"] > len(set(ids)):
         log.warning("the index holds %d items, more than the %d of the index split: items of an earlier build "
                     "are left over; rebuild it (vslib.index.build(cfg, rebuild=True))", info["count"], len(ids))
@@ -117,5 +130,6 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
     return info
 
 
-__all__ = ["BACKENDS", "BulkIndexError", "Hit", "IndexDimensionError", "IndexNotFoundError", "IndexUnreachableError",
+__all__ = ["BACKENDS", "BulkIndexError", "Hit", "IndexDimensionError", "IndexMismatchError", "IndexNotFoundError",
+           "IndexPermissionError", "IndexTimeoutError", "IndexUnreachableError",
            "VectorIndex", "backend_class", "build", "exact_search", "item_ids", "normalize_filter", "open_index"]

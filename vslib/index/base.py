@@ -16,6 +16,7 @@ search returns ``min(k, number of matching items)`` hits.
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence
@@ -37,8 +38,20 @@ class IndexNotFoundError(IndexBackendError):
     """The index does not exist (and was opened with ``create=False``)."""
 
 
-class IndexDimensionError(IndexBackendError):
+class IndexMismatchError(IndexBackendError):
+    """The existing index was built with other settings (backbone, similarity, index options) than the config's."""
+
+
+class IndexDimensionError(IndexMismatchError):
     """The existing index holds vectors of another dimension than the backbone's."""
+
+
+class IndexPermissionError(IndexBackendError):
+    """The server refused an operation to these credentials (names the privilege to grant)."""
+
+
+class IndexTimeoutError(IndexBackendError):
+    """The server did not answer within the configured timeout (names the setting to raise)."""
 
 
 class BulkIndexError(IndexBackendError):
@@ -151,6 +164,50 @@ class VectorIndex(abc.ABC):
         ``filter`` is applied before ranking: if at least k items match,
         k hits come back. Fewer come back only when fewer items match.
         """
+        q, k = self._check_search(vectors, k)
+        filt = normalize_filter(filter)
+        if len(q) == 0:
+            return []
+        return self._search(q, k, filt)
+
+    def search_many(self, vectors, k: int, filters: Sequence[Optional[Filter]]) -> list[list[Hit]]:
+        """One search per row: row ``i`` of ``vectors`` with ``filters[i]`` (``None``: no filter).
+
+        The same query vector may appear on several rows with different filters
+        (e.g. one search per likely class). Backends that talk to a server send
+        the searches in batches (Elasticsearch: ``_msearch``); the default runs
+        them one by one. Results are those of :meth:`search`, row for row.
+        """
+        q, k = self._check_search(vectors, k)
+        filters = list(filters)
+        if len(filters) != len(q):
+            raise ValueError(f"got {len(filters)} filters for {len(q)} query vectors; give one per row (None: no filter)")
+        normalized = [normalize_filter(f) for f in filters]
+        if len(q) == 0:
+            return []
+        return self._search_many(q, k, normalized)
+
+    def _search_many(self, queries: np.ndarray, k: int, filters: list[Optional[dict[str, list]]]) -> list[list[Hit]]:
+        """Checked queries, one normalised filter per row; the default calls :meth:`_search` once per distinct filter."""
+        groups: dict[str, list[int]] = {}
+        for i, f in enumerate(filters):
+            groups.setdefault(repr(f), []).append(i)
+        out: list[list[Hit]] = [[] for _ in filters]
+        for rows in groups.values():
+            for i, hits in zip(rows, self._search(queries[rows], k, filters[rows[0]])):
+                out[i] = hits
+        return out
+
+    def count_values(self, field: str, values: Iterable, filter: Optional[Filter] = None) -> dict:
+        """``{value: number of items whose field has that value}`` for each of ``values`` (0 when none).
+
+        The default counts value by value; Elasticsearch answers with one terms aggregation.
+        """
+        self._check_open()
+        base = normalize_filter(filter) or {}
+        return {v: self.count({**base, field: [v]}) for v in values}
+
+    def _check_search(self, vectors, k) -> tuple[np.ndarray, int]:
         self._check_open()
         q = self._check_vectors(vectors, "query vectors")
         if not np.isfinite(q).all():
@@ -160,10 +217,7 @@ class VectorIndex(abc.ABC):
             raise ValueError(f"k must be a positive integer, not {k!r}")
         if self.max_k is not None and k > self.max_k:
             raise ValueError(f"k={k} is more than the {self.name} backend allows (max_k={self.max_k})")
-        filt = normalize_filter(filter)
-        if len(q) == 0:
-            return []
-        return self._search(q, int(k), filt)
+        return q, int(k)
 
     @abc.abstractmethod
     def _search(self, queries: np.ndarray, k: int, filter: Optional[dict[str, list]]) -> list[list[Hit]]:
@@ -180,6 +234,36 @@ class VectorIndex(abc.ABC):
     @abc.abstractmethod
     def drop(self) -> None:
         """Delete the whole index (its files or its Elasticsearch index) and close it."""
+
+    # -- building ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def bulk_session(self):
+        """Context for a large load of :meth:`add` calls; the backend may defer work to its end.
+
+        The default does nothing. Elasticsearch turns periodic refreshes off and
+        refreshes once at the end (restoring the original setting, also on failure).
+        """
+        yield self
+
+    @classmethod
+    def create_fresh(cls, cfg, dim: int) -> "VectorIndex":
+        """An empty index that replaces the configured one once :meth:`publish` is called.
+
+        The default deletes the current index first and creates a new one in its
+        place (searches fail until it is rebuilt); Elasticsearch builds a new
+        concrete index beside the old one and swaps its alias in :meth:`publish`.
+        """
+        try:
+            cls.from_config(cfg, create=False).drop()
+        except IndexNotFoundError:
+            pass
+        return cls.from_config(cfg, dim, create=True)
+
+    def publish(self) -> None:
+        """Make an index from :meth:`create_fresh` the one searches see (default: it already is)."""
+
+    def discard(self) -> None:
+        """Give up an index from :meth:`create_fresh` after a failed build (default: keep what was written)."""
 
     def info(self) -> dict:
         """A small description for logs and reports (never contains secrets)."""

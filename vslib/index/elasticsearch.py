@@ -5,23 +5,41 @@ with the item id as ``_id``. Metadata strings are mapped as ``keyword`` (so
 ``terms`` filters work on any field); the vector is left out of ``_source``
 unless ``store_vectors_in_source`` is set.
 
+Names: ``index.elasticsearch.index_name`` is a template (default
+``visualsearch-{dataset}-{backbone}``) giving an **alias**; the documents live
+in a concrete index ``<alias>-<yyyymmdd-hhmmss>-<random>`` behind it. A
+rebuild (:meth:`ElasticsearchIndex.create_fresh` + :meth:`~ElasticsearchIndex.publish`)
+fills a new concrete index while searches keep using the old one, then moves
+the alias in one ``_aliases`` request and deletes the old index. The mapping's
+``_meta`` records the backbone and dataset; opening an index checks them, the
+``dims``, the ``similarity`` and the ``index_options`` against the config.
+
 Scores are converted back to inner products so they match the embedded
 backend: Elasticsearch's knn score for ``dot_product`` and ``cosine`` is
 ``(1 + s) / 2``; the exact ``script_score`` adds 1 (scores must not be
-negative) and that 1 is subtracted again.
+negative) and that 1 is subtracted again. With a quantized ``index_options``
+type (``int8_``/``int4_``/``bbq_``) the knn score is computed on the quantized
+vectors and is itself approximate unless ``rescore_oversample`` is set.
 
-The client is imported lazily; connection settings come from
-``index.elasticsearch`` in application.yaml (and the ``VS_ES_*`` environment
-variables). Secrets are passed to the client and never appear in messages.
+Every failure of the server becomes an :class:`~vslib.errors.IndexBackendError`
+naming the URL, the index, the operation and what to do (for a 403, the
+privilege to grant; see :data:`PRIVILEGES`). Secrets never appear in messages.
+
+The client is imported lazily; settings come from ``index.elasticsearch`` in
+application.yaml (and the ``VS_ES_*`` environment variables).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
+import uuid
 from typing import Optional
 from urllib.parse import urlsplit, urlunsplit
 
-from vslib.index.base import (Hit, IndexBackendError, IndexDimensionError, IndexNotFoundError,
-                              IndexUnreachableError, VectorIndex, normalize_filter)
+from vslib.index.base import (Hit, IndexBackendError, IndexDimensionError, IndexMismatchError, IndexNotFoundError,
+                              IndexPermissionError, IndexTimeoutError, IndexUnreachableError, VectorIndex,
+                              normalize_filter)
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +48,27 @@ VECTOR_FIELD = "vector"
 KEYWORD_FIELDS = ("label", "predicted_label", "path", "split", "content_hash")
 #: bulk chunks answered with these statuses are retried with exponential backoff
 RETRY_STATUS = (429, 502, 503, 504)
+#: the client range this module is written for: its 8.x line sends ``compatible-with=8``, which
+#: 8.x and 9.x servers accept; ``retry_on_status`` of ``streaming_bulk`` exists from 8.16
+CLIENT_REQUIREMENT = "elasticsearch>=8.16,<9"
+#: index_options types whose knn scores are computed on quantized vectors
+QUANTIZED = ("int8_hnsw", "int4_hnsw", "bbq_hnsw", "int8_flat", "int4_flat", "bbq_flat")
+
+#: operation -> the privilege a 403 on it lacks (Elasticsearch security privilege names)
+PRIVILEGES = {
+    "connect": "the cluster privilege 'monitor' (GET /)",
+    "read the mapping": "the index privilege 'view_index_metadata'",
+    "read the settings": "the index privilege 'view_index_metadata'",
+    "read the alias": "the index privilege 'view_index_metadata'",
+    "create the index": "the index privilege 'create_index' (or 'manage')",
+    "change the settings": "the index privilege 'manage'",
+    "move the alias": "the index privilege 'manage' on the old and new indexes and on the alias",
+    "bulk write": "the index privilege 'write'",
+    "refresh": "the index privilege 'maintenance' (or 'manage')",
+    "search": "the index privilege 'read'",
+    "count": "the index privilege 'read'",
+    "delete the index": "the index privilege 'delete_index' (or 'manage')",
+}
 
 
 def _es():
@@ -38,7 +77,7 @@ def _es():
         import elasticsearch.helpers  # noqa: F401
     except ImportError:
         raise IndexBackendError("the Elasticsearch backend needs the official client: "
-                                "pip install 'elasticsearch>=8.12,<10'") from None
+                                f"pip install '{CLIENT_REQUIREMENT}'") from None
     return elasticsearch
 
 
@@ -56,11 +95,115 @@ def redact(url: str) -> str:
     return url
 
 
+def _major(version: str) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return 0
+
+
+def client_version() -> str:
+    """The installed client's version; its major is the ``compatible-with`` it sends on every request."""
+    return _es().__versionstr__
+
+
+def check_compatibility(client: str, server: str, where: str) -> None:
+    """Raise :class:`IndexBackendError` unless a ``client`` version can talk to a ``server`` version.
+
+    A client sends ``compatible-with=<its major>``; a server accepts its own major
+    and the one before (a 9.x server takes 8.x clients, an 8.x server rejects 9.x
+    clients with ``400 media_type_header_exception``).
+    """
+    c, s = _major(client), _major(server)
+    if s < 8:
+        raise IndexBackendError(f"Elasticsearch at {where} is version {server}; VisualSearch needs 8.x or 9.x "
+                                "(dense_vector knn search). Upgrade the cluster or use --backend embedded")
+    if c > s:
+        raise IndexBackendError(
+            f"the Elasticsearch client {client} sends 'compatible-with={c}', which the {s}.x server at {where} "
+            f"(version {server}) rejects; install the {s}.x client: pip install '{CLIENT_REQUIREMENT}'")
+    if c < s - 1:
+        raise IndexBackendError(f"the Elasticsearch client {client} is too old for the server at {where} "
+                                f"(version {server}); pip install '{CLIENT_REQUIREMENT}'")
+
+
+def _reason(e) -> str:
+    """``type: reason (cause)`` of an ``ApiError`` body, else its text."""
+    body = getattr(e, "body", None)
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        text = f"{err.get('type', 'error')}: {err.get('reason', '')}"
+        cause = err.get("caused_by")
+        while isinstance(cause, dict):
+            if cause.get("reason"):
+                text += f" ({cause['reason']})"
+            cause = cause.get("caused_by")
+        return text
+    if isinstance(err, str):
+        return err
+    return str(getattr(e, "message", "") or e)
+
+
+def _clean(text: str, es_cfg) -> str:
+    """``text`` with any configured secret blanked out, cut to a readable length."""
+    for secret in (es_cfg.api_key, es_cfg.password):
+        if secret:
+            text = text.replace(secret, "***")
+    return text[:500]
+
+
+def translate(e, *, op: str, where: str, index: Optional[str], es_cfg, timeout: Optional[tuple[str, float]] = None):
+    """The project error for a client exception ``e`` raised by ``op`` (a phrase from :data:`PRIVILEGES`).
+
+    ``timeout`` is ``(setting name, seconds)`` of the timeout the request ran under.
+    """
+    es = _es()
+    on = f" on index {index!r}" if index else ""
+    head = f"Elasticsearch at {where}: {op}{on}"
+    status = getattr(e, "status_code", None) or getattr(getattr(e, "meta", None), "status", None)
+    reason = _clean(_reason(e), es_cfg)
+    if isinstance(e, es.ConnectionTimeout):
+        name, seconds = timeout or ("request_timeout", es_cfg.request_timeout)
+        if op in ("search", "count"):
+            return IndexTimeoutError(
+                f"{head}: the search took longer than {name}={seconds:g} s (a slow search, not a dead server); "
+                f"raise index.elasticsearch.{name}, lower num_candidates or use knn instead of exact script_score")
+        return IndexTimeoutError(f"{head}: no answer within {name}={seconds:g} s; the cluster may be overloaded; "
+                                 f"raise index.elasticsearch.{name} or check the cluster's health")
+    if isinstance(e, es.ConnectionError):
+        return IndexUnreachableError(f"cannot reach Elasticsearch at {where} ({op}{on}): {reason}. Is it running? "
+                                     "Set index.elasticsearch.hosts or VS_ES_URL, or use --backend embedded")
+    if status == 401:
+        return IndexPermissionError(f"{head}: the credentials were rejected (401); check index.elasticsearch."
+                                    "api_key / username / password or VS_ES_API_KEY / VS_ES_USERNAME / VS_ES_PASSWORD")
+    if status == 403:
+        need = PRIVILEGES.get(op, "the privilege this operation needs")
+        return IndexPermissionError(f"{head}: these credentials may not {op} (403); grant {need} on the index "
+                                    f"pattern (see the README's Elasticsearch privileges). Server said: {reason}")
+    if status == 404 and getattr(e, "error", "") == "index_not_found_exception":
+        return IndexNotFoundError(f"Elasticsearch index {index!r} does not exist at {where} (deleted meanwhile?); "
+                                  "build it with `visualsearch index`")
+    if status == 400 and getattr(e, "error", "") == "media_type_header_exception":
+        return IndexBackendError(f"{head}: the server rejected the client's compatibility header (400 {reason}); "
+                                 f"the client {client_version()} is newer than the server: pip install "
+                                 f"'{CLIENT_REQUIREMENT}'")
+    if status == 429:
+        return IndexBackendError(f"{head}: the cluster is overloaded (429 {reason}) even after retries; retry later, "
+                                 "or lower index.elasticsearch.chunk_size / msearch_batch")
+    if isinstance(status, int) and status >= 500:
+        return IndexBackendError(f"{head}: server error {status} ({reason}); check the cluster's health "
+                                 "(GET _cluster/health) and any proxy in front of it, then retry")
+    if isinstance(status, int):
+        return IndexBackendError(f"{head}: the server refused it ({status} {reason})")
+    return IndexBackendError(f"{head}: {reason}")
+
+
 def connect(es_cfg):
-    """An ``Elasticsearch`` client for ``cfg.index.elasticsearch``, checked to answer.
+    """An ``Elasticsearch`` client for ``cfg.index.elasticsearch``, checked to answer and to be compatible.
 
     Raises :class:`IndexUnreachableError` naming the URL(s) within about
-    ``request_timeout`` seconds when no node answers.
+    ``request_timeout`` seconds when no node answers; any other failure is an
+    :class:`IndexBackendError`. The client is closed whenever this raises.
     """
     es = _es()
     hosts = list(es_cfg.hosts)
@@ -68,7 +211,8 @@ def connect(es_cfg):
         raise IndexBackendError("index.elasticsearch.hosts is empty; give one or more node URLs "
                                 "(or set VS_ES_URL)")
     where = ", ".join(redact(h) for h in hosts)
-    kwargs = dict(request_timeout=es_cfg.request_timeout, max_retries=2, retry_on_timeout=True,
+    # no retry on timeout: a slow search must not be sent three times and then called unreachable
+    kwargs = dict(request_timeout=es_cfg.request_timeout, max_retries=2, retry_on_timeout=False,
                   verify_certs=es_cfg.verify_certs)
     if es_cfg.ca_certs:
         kwargs["ca_certs"] = es_cfg.ca_certs
@@ -83,102 +227,106 @@ def connect(es_cfg):
     try:
         client = es.Elasticsearch(hosts, **kwargs)
     except (ValueError, TypeError) as e:
-        raise IndexBackendError(f"index.elasticsearch.hosts {where}: {_clean(e, es_cfg)}") from None
+        raise IndexBackendError(f"index.elasticsearch.hosts {where}: {_clean(str(e), es_cfg)}") from None
     try:
-        client.options(request_timeout=es_cfg.request_timeout, max_retries=0).info()
-    except es.AuthenticationException:
+        info = client.options(request_timeout=es_cfg.request_timeout, max_retries=0).info()
+        check_compatibility(client_version(), info["version"]["number"], where)
+    except IndexBackendError:
         client.close()
-        raise IndexBackendError(f"Elasticsearch at {where} rejected the credentials (401); check "
-                                "index.elasticsearch.api_key / username / password or VS_ES_API_KEY / "
-                                "VS_ES_USERNAME / VS_ES_PASSWORD") from None
-    except es.AuthorizationException:
+        raise
+    except (es.ApiError, es.TransportError) as e:
         client.close()
-        raise IndexBackendError(f"Elasticsearch at {where}: these credentials may not read the cluster "
-                                "info (403); grant the monitor privilege or use another API key") from None
-    except (es.ConnectionError, es.ConnectionTimeout, es.TransportError) as e:
+        error = translate(e, op="connect", where=where, index=None, es_cfg=es_cfg)
+        if isinstance(error, IndexTimeoutError):  # no answer at all while connecting: unreachable
+            error = IndexUnreachableError(f"cannot reach Elasticsearch at {where} (waited up to "
+                                          f"{es_cfg.request_timeout:g} s). Is it running? Set index.elasticsearch."
+                                          "hosts or VS_ES_URL, or use --backend embedded")
+        raise error from None
+    except BaseException:
         client.close()
-        raise IndexUnreachableError(
-            f"cannot reach Elasticsearch at {where} (waited up to {es_cfg.request_timeout:g} s): "
-            f"{_clean(e, es_cfg)}. Is it running? Set index.elasticsearch.hosts or VS_ES_URL, or use "
-            "--backend embedded") from None
+        raise
+    client.server_version = info["version"]["number"]  # noqa: B010 - remembered for info()
     return client
 
 
-def _clean(error, es_cfg) -> str:
-    """An exception's text with any configured secret blanked out."""
-    text = str(getattr(error, "message", "") or error)  # elastic_transport keeps the cause in .message
-    for secret in (es_cfg.api_key, es_cfg.password):
-        if secret:
-            text = text.replace(secret, "***")
-    return text[:500]
+def alias_name(template: str, dataset: Optional[str] = None, backbone: Optional[str] = None) -> str:
+    """The alias for ``index_name`` (``visualsearch-{dataset}-{backbone}``), lower-cased as Elasticsearch requires."""
+    return template.format(dataset=dataset or "default", backbone=backbone or "default").lower()
+
+
+def _concrete_name(alias: str) -> str:
+    return f"{alias}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 class ElasticsearchIndex(VectorIndex):
-    """Vectors in one Elasticsearch index, searched by knn (approximate) or script_score (exact)."""
+    """Vectors in one Elasticsearch index behind an alias, searched by knn (approximate) or script_score (exact)."""
 
     name = "elasticsearch"
     max_k = 10_000  # Elasticsearch limit: knn num_candidates and index.max_result_window
 
-    def __init__(self, client, index_name: str, dim: int, *, es_cfg, where: str):
+    def __init__(self, client, index_name: str, dim: int, *, es_cfg, where: str, alias: Optional[str] = None,
+                 backbone: Optional[str] = None, dataset: Optional[str] = None):
         super().__init__(dim)
         self.client = client
-        self.index_name = index_name
+        self.index_name = index_name  #: the concrete index
+        self.alias = alias or index_name  #: the name searches use
+        self.es_cfg = es_cfg
+        self.backbone, self.dataset = backbone, dataset
         self.similarity = es_cfg.similarity
         self.index_options = dict(es_cfg.index_options)
         self.num_candidates = es_cfg.num_candidates
+        self.rescore_oversample = es_cfg.rescore_oversample
         self.exact_mode = es_cfg.exact
         self.chunk_size = es_cfg.chunk_size
+        self.msearch_batch = es_cfg.msearch_batch
         self.store_vectors = es_cfg.store_vectors_in_source
+        self.request_timeout = es_cfg.request_timeout
+        self.search_timeout = es_cfg.search_timeout
+        self.bulk_timeout = es_cfg.bulk_timeout
         self.where = where
+        #: HTTP requests sent through this object (searches, counts, bulk chunks, administration)
+        self.requests = 0
         #: bulk retry settings (seconds); tests lower them
         self.max_retries = 3
         self.initial_backoff = 1.0
+        self._in_bulk = False
+        self._fresh = False
 
     # -- opening ----------------------------------------------------------------
     @classmethod
-    def open(cls, es_cfg, dim: Optional[int] = None, *, create: bool = True,
-             index_name: Optional[str] = None) -> "ElasticsearchIndex":
-        """Connect and open ``index_name`` (default ``es_cfg.index_name``), creating it when allowed.
+    def open(cls, es_cfg, dim: Optional[int] = None, *, create: bool = True, index_name: Optional[str] = None,
+             backbone: Optional[str] = None, dataset: Optional[str] = None) -> "ElasticsearchIndex":
+        """Connect and open the alias ``index_name`` (default: ``es_cfg.index_name`` filled in), creating it when allowed.
 
         Raises :class:`IndexUnreachableError`, :class:`IndexNotFoundError` (missing and
-        ``create=False``) or :class:`IndexDimensionError` (its ``dims`` differ from ``dim``).
+        ``create=False``), :class:`IndexDimensionError` (its ``dims`` differ from ``dim``)
+        or :class:`IndexMismatchError` (similarity, index options or backbone differ).
         """
-        es = _es()
-        name = index_name or es_cfg.index_name
+        alias = index_name or alias_name(es_cfg.index_name, dataset, backbone)
         where = ", ".join(redact(h) for h in es_cfg.hosts)
         client = connect(es_cfg)
         try:
+            self = cls(client, alias, dim or 1, es_cfg=es_cfg, where=where, alias=alias, backbone=backbone,
+                       dataset=dataset)
             try:
-                mapping = client.indices.get_mapping(index=name).body
-            except es.NotFoundError:
+                mapping = self._call("read the mapping", client.indices.get_mapping, index=alias).body
+            except IndexNotFoundError:
                 mapping = None
             if mapping is None:
                 if not create:
-                    raise IndexNotFoundError(f"Elasticsearch index {name!r} does not exist at {where}; build it "
+                    raise IndexNotFoundError(f"Elasticsearch index {alias!r} does not exist at {where}; build it "
                                              "with `visualsearch index --backend elasticsearch`")
                 if dim is None:
-                    raise IndexBackendError(f"cannot create Elasticsearch index {name!r} without knowing the "
+                    raise IndexBackendError(f"cannot create Elasticsearch index {alias!r} without knowing the "
                                             "vector dimension (pass dim=...)")
-                self = cls(client, name, dim, es_cfg=es_cfg, where=where)
-                self._create()
+                self._create(_concrete_name(alias), with_alias=True)
                 return self
-            props = next(iter(mapping.values()))["mappings"].get("properties", {})
-            field = props.get(VECTOR_FIELD, {})
-            if field.get("type") != "dense_vector" or "dims" not in field:
-                raise IndexBackendError(f"Elasticsearch index {name!r} at {where} has no dense_vector field "
-                                        f"{VECTOR_FIELD!r} with dims; it is not a VisualSearch index (choose "
-                                        "another index.elasticsearch.index_name)")
-            have = int(field["dims"])
-            if dim is not None and have != dim:
-                raise IndexDimensionError(
-                    f"Elasticsearch index {name!r} at {where} holds {have}-dimensional vectors but the backbone "
-                    f"gives {dim}-dimensional ones; delete the index (DELETE /{name}) or set another "
-                    "index.elasticsearch.index_name")
-            self = cls(client, name, have, es_cfg=es_cfg, where=where)
-            if field.get("similarity") and field["similarity"] != self.similarity:
-                log.warning("Elasticsearch index %r uses similarity %r, not the configured %r; using %r",
-                            name, field["similarity"], self.similarity, field["similarity"])
-                self.similarity = field["similarity"]
+            if len(mapping) != 1:
+                raise IndexBackendError(f"Elasticsearch alias {alias!r} at {where} points to {len(mapping)} indexes "
+                                        f"({', '.join(sorted(mapping))}); point it at one (POST _aliases) or rebuild "
+                                        "with `visualsearch index --rebuild`")
+            (self.index_name, body), = mapping.items()
+            self._adopt(body.get("mappings", {}), dim)
             return self
         except BaseException:
             client.close()
@@ -186,11 +334,65 @@ class ElasticsearchIndex(VectorIndex):
 
     @classmethod
     def from_config(cls, cfg, dim: Optional[int] = None, *, create: bool = True) -> "ElasticsearchIndex":
-        return cls.open(cfg.index.elasticsearch, dim, create=create)
+        return cls.open(cfg.index.elasticsearch, dim, create=create, backbone=cfg.backbone.name,
+                        dataset=cfg.dataset.name)
 
-    def _create(self) -> None:
+    @classmethod
+    def create_fresh(cls, cfg, dim: int) -> "ElasticsearchIndex":
+        """A new concrete index beside the live one; :meth:`publish` moves the alias to it."""
+        es_cfg = cfg.index.elasticsearch
+        alias = alias_name(es_cfg.index_name, cfg.dataset.name, cfg.backbone.name)
+        client = connect(es_cfg)
+        try:
+            self = cls(client, alias, dim, es_cfg=es_cfg, where=", ".join(redact(h) for h in es_cfg.hosts),
+                       alias=alias, backbone=cfg.backbone.name, dataset=cfg.dataset.name)
+            self._create(_concrete_name(alias), with_alias=False)
+            self._fresh = True
+            return self
+        except BaseException:
+            client.close()
+            raise
+
+    def _adopt(self, mappings: dict, dim: Optional[int]) -> None:
+        """Check a stored mapping against the config and take its dims, similarity and index options."""
+        name, where = self.alias, self.where
+        field = mappings.get("properties", {}).get(VECTOR_FIELD, {})
+        if field.get("type") != "dense_vector" or "dims" not in field:
+            raise IndexBackendError(f"Elasticsearch index {name!r} at {where} has no dense_vector field "
+                                    f"{VECTOR_FIELD!r} with dims; it is not a VisualSearch index (choose "
+                                    "another index.elasticsearch.index_name)")
+        have = int(field["dims"])
+        rebuild = "rebuild it with `visualsearch index --rebuild` or set another index.elasticsearch.index_name"
+        if dim is not None and have != dim:
+            raise IndexDimensionError(f"Elasticsearch index {name!r} at {where} holds {have}-dimensional vectors but "
+                                      f"the backbone gives {dim}-dimensional ones; {rebuild}")
+        self.dim = have
+        stored_sim = field.get("similarity")
+        if stored_sim and stored_sim != self.similarity:
+            raise IndexMismatchError(f"Elasticsearch index {name!r} at {where} uses similarity {stored_sim!r}, the "
+                                     f"config index.elasticsearch.similarity {self.similarity!r}; {rebuild}")
+        stored_opts = field.get("index_options")
+        if stored_opts:
+            differ = {k: (stored_opts.get(k), v) for k, v in self.index_options.items() if stored_opts.get(k) != v}
+            if differ:
+                shown = ", ".join(f"{k}: stored {a!r}, configured {b!r}" for k, (a, b) in differ.items())
+                raise IndexMismatchError(f"Elasticsearch index {name!r} at {where} was built with other "
+                                         f"index_options ({shown}); {rebuild}")
+            self.index_options = dict(stored_opts)
+        meta = mappings.get("_meta") or {}
+        for key, want in (("backbone", self.backbone), ("dataset", self.dataset)):
+            have_v = meta.get(key)
+            if want and have_v and have_v != want:
+                raise IndexMismatchError(f"Elasticsearch index {name!r} at {where} holds {have_v!r} vectors ({key}), "
+                                         f"the config asks for {want!r}; {rebuild}")
+            if want and not have_v:
+                log.warning("Elasticsearch index %r records no %s; it cannot be checked against %r", name, key, want)
+
+    def _create(self, concrete: str, *, with_alias: bool) -> None:
         es = _es()
         mappings = {
+            "_meta": {"created_by": "visualsearch",
+                      **{k: v for k, v in (("backbone", self.backbone), ("dataset", self.dataset)) if v}},
             "dynamic_templates": [
                 {"strings_as_keywords": {"match_mapping_type": "string", "mapping": {"type": "keyword"}}}],
             "properties": {
@@ -201,14 +403,22 @@ class ElasticsearchIndex(VectorIndex):
         }
         if not self.store_vectors:
             mappings["_source"] = {"excludes": [VECTOR_FIELD]}
+        kwargs = {"aliases": {self.alias: {}}} if with_alias else {}
+        self.index_name = concrete
         try:
-            self.client.indices.create(index=self.index_name, mappings=mappings)
-        except es.BadRequestError as e:
-            if getattr(e, "error", "") == "resource_already_exists_exception":  # created concurrently
-                return
-            raise IndexBackendError(f"Elasticsearch refused to create index {self.index_name!r} at "
-                                    f"{self.where}: {e}") from None
-        log.info("created Elasticsearch index %r (%d dims, %s, %s)", self.index_name, self.dim,
+            self._call("create the index", self.client.indices.create, index=concrete, mappings=mappings, **kwargs)
+        except IndexBackendError:
+            if with_alias:  # another process created it at the same moment: use theirs
+                try:
+                    mapping = self.client.indices.get_mapping(index=self.alias).body
+                except es.ApiError:
+                    mapping = None
+                if mapping and len(mapping) == 1:
+                    (self.index_name, body), = mapping.items()
+                    self._adopt(body.get("mappings", {}), self.dim)
+                    return
+            raise
+        log.info("created Elasticsearch index %r (alias %r; %d dims, %s, %s)", concrete, self.alias, self.dim,
                  self.similarity, self.index_options.get("type"))
 
     # -- the contract -------------------------------------------------------------
@@ -223,11 +433,12 @@ class ElasticsearchIndex(VectorIndex):
                        "_source": {**meta, VECTOR_FIELD: vec.tolist()}}
 
         # bulk would silently auto-create a missing index with a dynamic mapping (no dense_vector)
-        if not self._call(self.client.indices.exists, index=self.index_name):
+        if not self._in_bulk and not self._call("read the mapping", self.client.indices.exists, index=self.index_name):
             raise IndexNotFoundError(f"Elasticsearch index {self.index_name!r} does not exist at {self.where} "
                                      "(deleted meanwhile?); open it again with create=True or run `visualsearch index`")
         failures = [_failure(item) for ok, item in self._bulk(actions()) if not ok]
-        self._refresh()
+        if not self._in_bulk:
+            self._refresh()
         return len(ids) - len(failures), failures
 
     def remove(self, ids) -> int:
@@ -243,7 +454,8 @@ class ElasticsearchIndex(VectorIndex):
                 removed += 1
             elif result.get("status") != 404:  # 404: the id was not there, which is fine
                 failures.append(_failure(item))
-        self._refresh()
+        if not self._in_bulk:
+            self._refresh()
         if failures:
             raise IndexBackendError(f"{len(failures)} id(s) could not be removed from {self.index_name!r}: "
                                     + "; ".join(f"{i!r}: {r}" for i, r in failures[:5]))
@@ -252,29 +464,63 @@ class ElasticsearchIndex(VectorIndex):
     def count(self, filter=None) -> int:
         self._check_open()
         query = _query(normalize_filter(filter))
-        return int(self._call(self.client.count, index=self.index_name, query=query)["count"])
+        return int(self._call("count", self._searcher().count, index=self.index_name, query=query)["count"])
+
+    def count_values(self, field, values, filter=None) -> dict:
+        """Counts of ``values`` of ``field`` in one ``terms`` aggregation (one request, whatever the number)."""
+        self._check_open()
+        values = list(values)
+        if not values:
+            return {}
+        base = normalize_filter(filter) or {}
+        query = _query({**base, field: sorted({str(v) for v in values})})
+        resp = self._call("count", self._searcher().search, index=self.index_name, size=0, query=query,
+                          aggs={"values": {"terms": {"field": field, "size": len(values)}}})
+        got = {str(b["key"]): int(b["doc_count"]) for b in resp["aggregations"]["values"]["buckets"]}
+        return {v: got.get(str(v), 0) for v in values}
 
     def _search(self, queries, k, filt):
-        fq = _query(filt)
+        return self._search_many(queries, k, [filt] * len(queries))
+
+    def _search_many(self, queries, k, filters):
+        bodies = [self._body(q, k, f) for q, f in zip(queries, filters)]
         out = []
-        for q in queries:
-            qv = q.tolist()
-            if self.exact_mode:
-                fn = "dotProduct" if self.similarity == "dot_product" else "cosineSimilarity"
-                body = dict(query={"script_score": {
-                    "query": fq, "script": {"source": f"{fn}(params.qv, '{VECTOR_FIELD}') + 1.0",
-                                            "params": {"qv": qv}}}})
-            else:
-                knn = {"field": VECTOR_FIELD, "query_vector": qv, "k": k,
-                       "num_candidates": min(max(self.num_candidates, k), self.max_k)}
-                if filt is not None:
-                    knn["filter"] = fq
-                body = dict(knn=knn)
-            resp = self._call(self.client.search, index=self.index_name, size=k, source_excludes=[VECTOR_FIELD],
-                              **body)
-            out.append([Hit(h["_id"], self._score(h["_score"]), dict(h.get("_source") or {}))
-                        for h in resp["hits"]["hits"]])
+        if len(bodies) == 1:
+            resp = self._call("search", self._searcher().search, index=self.index_name, **bodies[0])
+            return [self._hits(resp)]
+        for start in range(0, len(bodies), self.msearch_batch):
+            searches = []
+            for body in bodies[start:start + self.msearch_batch]:
+                searches += [{"index": self.index_name}, body]
+            resp = self._call("search", self._searcher().msearch, searches=searches)
+            for i, item in enumerate(resp["responses"]):
+                if "error" in item:
+                    raise self._item_error(start + i, item)
+                out.append(self._hits(item))
         return out
+
+    def _body(self, q, k, filt) -> dict:
+        qv = q.tolist()
+        fq = _query(filt)
+        if self.exact_mode:
+            fn = "dotProduct" if self.similarity == "dot_product" else "cosineSimilarity"
+            return {"size": k, "_source": {"excludes": [VECTOR_FIELD]},
+                    "query": {"script_score": {"query": fq, "script": {
+                        "source": f"{fn}(params.qv, '{VECTOR_FIELD}') + 1.0", "params": {"qv": qv}}}}}
+        knn = {"field": VECTOR_FIELD, "query_vector": qv, "k": k,
+               "num_candidates": min(max(self.num_candidates, k), self.max_k)}
+        if filt is not None:
+            knn["filter"] = fq
+        if self.rescore_oversample and self.index_options.get("type") in QUANTIZED:
+            knn["rescore_vector"] = {"oversample": self.rescore_oversample}
+        return {"size": k, "_source": {"excludes": [VECTOR_FIELD]}, "knn": knn}
+
+    def _hits(self, resp) -> list[Hit]:
+        return [Hit(h["_id"], self._score(h["_score"]), dict(h.get("_source") or {})) for h in resp["hits"]["hits"]]
+
+    def _item_error(self, i: int, item: dict) -> IndexBackendError:
+        err = translate(_StatusError(item), op="search", where=self.where, index=self.alias, es_cfg=self.es_cfg)
+        return type(err)(f"{err} (search {i} of the batch)")
 
     def close(self) -> None:
         if not self.closed:
@@ -282,15 +528,97 @@ class ElasticsearchIndex(VectorIndex):
             self.client.close()
 
     def drop(self) -> None:
+        """Delete the concrete index (its alias goes with it) and close."""
         if not self.closed:
             try:
-                self._call(self.client.options(ignore_status=404).indices.delete, index=self.index_name)
+                self._call("delete the index", self.client.options(ignore_status=404).indices.delete,
+                           index=self.index_name)
             finally:
                 self.close()
 
+    def publish(self) -> None:
+        """Point the alias at this (freshly built) index in one request, then delete the indexes it left."""
+        self._check_open()
+        found = self._call("read the alias", self.client.options(ignore_status=404).indices.get_alias,
+                           name=self.alias).body
+        old = sorted(k for k, v in found.items() if isinstance(v, dict) and "aliases" in v)
+        legacy = False
+        if not old:  # an index (not an alias) of that name, as older versions created: replaced atomically too
+            legacy = bool(self._call("read the mapping", self.client.indices.exists, index=self.alias))
+        actions = [{"remove": {"index": o, "alias": self.alias}} for o in old if o != self.index_name]
+        if legacy:
+            actions.append({"remove_index": {"index": self.alias}})
+        actions.append({"add": {"index": self.index_name, "alias": self.alias}})
+        self._call("move the alias", self.client.indices.update_aliases, actions=actions)
+        self._fresh = False
+        for o in old:
+            if o != self.index_name:
+                try:
+                    self._call("delete the index", self.client.options(ignore_status=404).indices.delete, index=o)
+                except IndexBackendError as e:  # the swap is done; a leftover only costs disk
+                    log.warning("could not delete the previous index %r: %s", o, e)
+        log.info("alias %r now points to %r%s", self.alias, self.index_name,
+                 f" (deleted {', '.join(o for o in old if o != self.index_name)})" if old else "")
+
+    def discard(self) -> None:
+        """Delete an index from :meth:`create_fresh` that was never published."""
+        if self._fresh and not self.closed:
+            self.drop()
+
+    @contextlib.contextmanager
+    def bulk_session(self):
+        """Periodic refreshes off (``refresh_interval: -1``) while loading; one refresh and the original setting after.
+
+        The setting is restored also when the load fails. Without the ``manage``
+        privilege the load runs with the server's refresh instead (logged).
+        """
+        self._check_open()
+        settings = self._call("read the settings", self.client.indices.get_settings, index=self.index_name,
+                              name="index.refresh_interval").body
+        original = (next(iter(settings.values()), {}).get("settings", {}).get("index", {}).get("refresh_interval")
+                    if settings else None)
+        try:
+            self._put_refresh_interval("-1")
+        except IndexPermissionError as e:
+            log.warning("indexing without turning periodic refresh off: %s", e)
+            self._in_bulk = True
+            try:
+                yield self
+            finally:
+                self._in_bulk = False
+                self._refresh()
+            return
+        self._in_bulk = True
+        try:
+            yield self
+        finally:
+            self._in_bulk = False
+            try:
+                self._put_refresh_interval(original)  # None resets it to the server's default
+            finally:
+                self._refresh()
+
+    def refresh_interval(self) -> Optional[str]:
+        """The index's explicit ``refresh_interval`` setting (None: the server's default)."""
+        settings = self._call("read the settings", self.client.indices.get_settings, index=self.index_name).body
+        return next(iter(settings.values()))["settings"].get("index", {}).get("refresh_interval")
+
+    def _put_refresh_interval(self, value) -> None:
+        self._call("change the settings", self.client.indices.put_settings, index=self.index_name,
+                   settings={"index": {"refresh_interval": value}})
+
     def info(self) -> dict:
-        return {**super().info(), "index_name": self.index_name, "hosts": self.where,
-                "similarity": self.similarity, "index_options": self.index_options,
+        """What the server holds: the concrete index behind the alias, its stored mapping, count and server version."""
+        self._check_open()
+        mapping = self._call("read the mapping", self.client.indices.get_mapping, index=self.index_name).body
+        m = next(iter(mapping.values())).get("mappings", {})
+        field = m.get("properties", {}).get(VECTOR_FIELD, {})
+        meta = m.get("_meta") or {}
+        return {"backend": self.name, "dim": int(field.get("dims", self.dim)), "count": self.count(),
+                "exact": self.exact, "alias": self.alias, "index_name": self.index_name, "hosts": self.where,
+                "server_version": getattr(self.client, "server_version", None), "client_version": client_version(),
+                "similarity": field.get("similarity"), "index_options": field.get("index_options"),
+                "backbone": meta.get("backbone"), "dataset": meta.get("dataset"),
                 "search": "script_score" if self.exact_mode else "knn"}
 
     # -- internals -------------------------------------------------------------------
@@ -298,30 +626,60 @@ class ElasticsearchIndex(VectorIndex):
         # knn: (1 + sim) / 2 for dot_product and cosine; script_score: sim + 1
         return float(s) - 1.0 if self.exact_mode else 2.0 * float(s) - 1.0
 
+    def _searcher(self):
+        return self.client.options(request_timeout=self.search_timeout)
+
     def _bulk(self, actions):
-        """``streaming_bulk`` with our retry settings: ``(ok, item)`` for every action (failures included)."""
+        """``streaming_bulk`` with our retry settings: ``(ok, item)`` for every action (failures included).
+
+        A 401/403 (every document would fail alike) raises at once, naming the privilege.
+        """
         es = _es()
         from elasticsearch.helpers import streaming_bulk
 
+        client = self.client.options(request_timeout=self.bulk_timeout)
         try:
-            yield from streaming_bulk(self.client, actions, chunk_size=self.chunk_size, max_retries=self.max_retries,
-                                      initial_backoff=self.initial_backoff, max_backoff=30,
-                                      retry_on_status=RETRY_STATUS, raise_on_error=False, raise_on_exception=False)
-        except es.TransportError as e:  # the cluster went away between chunks
-            raise IndexUnreachableError(f"bulk request to {self.index_name!r} at {self.where} failed: {e}") from None
+            for ok, item in streaming_bulk(client, actions, chunk_size=self.chunk_size, max_retries=self.max_retries,
+                                           initial_backoff=self.initial_backoff, max_backoff=30,
+                                           retry_on_status=RETRY_STATUS, raise_on_error=False,
+                                           raise_on_exception=False):
+                if not ok:
+                    op = next(iter(item.values())) if item else {}
+                    exc = op.get("exception")
+                    if op.get("status") in (401, 403) or isinstance(exc, (es.ConnectionError, es.ConnectionTimeout)):
+                        raise translate(exc if exc is not None else _StatusError(op), op="bulk write",
+                                        where=self.where, index=self.index_name, es_cfg=self.es_cfg,
+                                        timeout=("bulk_timeout", self.bulk_timeout)) from None
+                yield ok, item
+        except (es.ApiError, es.TransportError) as e:  # the cluster went away between chunks
+            raise translate(e, op="bulk write", where=self.where, index=self.index_name, es_cfg=self.es_cfg,
+                            timeout=("bulk_timeout", self.bulk_timeout)) from None
+        finally:
+            self.requests += 1
 
     def _refresh(self) -> None:
-        self._call(self.client.indices.refresh, index=self.index_name)
+        self._call("refresh", self.client.indices.refresh, index=self.index_name)
 
-    def _call(self, fn, **kwargs):
+    def _call(self, op: str, fn, **kwargs):
         es = _es()
+        self.requests += 1
         try:
             return fn(**kwargs)
-        except es.NotFoundError:
-            raise IndexNotFoundError(f"Elasticsearch index {self.index_name!r} does not exist at {self.where} "
-                                     "(deleted meanwhile?); build it with `visualsearch index`") from None
-        except (es.ConnectionError, es.ConnectionTimeout) as e:
-            raise IndexUnreachableError(f"cannot reach Elasticsearch at {self.where}: {e}") from None
+        except (es.ApiError, es.TransportError) as e:
+            timeout = (("search_timeout", self.search_timeout) if op in ("search", "count")
+                       else ("request_timeout", self.request_timeout))
+            index = self.alias if op in ("search", "count") else kwargs.get("index", self.index_name)
+            raise translate(e, op=op, where=self.where, index=index, es_cfg=self.es_cfg, timeout=timeout) from None
+
+
+class _StatusError(Exception):
+    """A failed bulk item's status and error, in the shape :func:`translate` reads."""
+
+    def __init__(self, op: dict):
+        super().__init__(str(op.get("error")))
+        self.status_code = op.get("status")
+        self.body = {"error": op.get("error")}
+        self.error = (op.get("error") or {}).get("type", "") if isinstance(op.get("error"), dict) else ""
 
 
 def _query(filt) -> dict:
@@ -345,4 +703,5 @@ def _failure(item: dict) -> tuple[str, str]:
     return str(op.get("_id")), f"[{op.get('status')}] {reason}"
 
 
-__all__ = ["ElasticsearchIndex", "connect", "redact"]
+__all__ = ["CLIENT_REQUIREMENT", "PRIVILEGES", "ElasticsearchIndex", "alias_name", "check_compatibility",
+           "client_version", "connect", "redact", "translate"]
