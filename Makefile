@@ -6,7 +6,7 @@ CONFIG ?= application.yaml
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install data demo test report bench bench-full clean-generated
+.PHONY: help install data demo test report bench bench-full bench-retrieval clean-generated
 
 ## Print this help.
 help:
@@ -43,6 +43,10 @@ report: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/extract.py
 	$(PY) benchmarks/search.py --quick
+
+## Retrieval benchmark: heads x modes over seeded splits (DATASETS=tuxpaint,fashion-mnist:1000,folder:/path ...).
+bench-retrieval: $(STAMP) data
+	$(PY) benchmarks/retrieval.py --datasets $(or $(DATASETS),tuxpaint,fashion-mnist:200) $(if $(BACKBONES),--backbones $(BACKBONES)) $(if $(SEEDS),--seeds $(SEEDS))
 
 ## Full search benchmark (10k, 100k, 1M vectors; takes a long while).
 bench-full: $(STAMP)

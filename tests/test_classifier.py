@@ -28,6 +28,7 @@ def _config(dir_: Path, **sections):
     data = {
         "dataset": {"name": "tuxpaint", "max_per_class": 12, "install": False},
         "backbone": {"name": "efficientnet_lite0", "batch_size": 32, "workers": 2},
+        "classifier": {"head": "mlp"},  # this module tests the Keras head; the others: test_heads.py
         "paths": {"data": "data", "models": "models", "reports": "reports"},
     }
     for k, v in sections.items():

@@ -483,6 +483,9 @@ def train(cfg, *, force: bool = False):
         "metrics": metrics,
         "search": search_settings,
         "config": dataclasses.asdict(ccfg),
+        # the held-out validation images of a head that keeps some back (mlp); [] when every image was trained on
+        "validation_paths": (index.table["path"].astype(str).iloc[rows].tolist()
+                             if len(rows) < len(labels) and "path" in index.table else []),
     }
     clf.save(cfg.classifier_dir, meta)
     cfg.reports_dir.mkdir(parents=True, exist_ok=True)

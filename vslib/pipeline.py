@@ -30,7 +30,8 @@ def run(cfg: Config, *, report: bool = False, echo=print) -> dict:
     stage("prepare", lambda: datasets.prepare(cfg, echo=echo))
     stage("extract", lambda: features.extract(cfg))
     _, metrics = stage("train", lambda: classifier.train(cfg))
-    echo(f"classifier: validation accuracy {metrics['accuracy']:.3f}, top-3 {metrics.get('top3_accuracy', float('nan')):.3f}, "
+    where = "out-of-fold" if cfg.classifier.head != "mlp" else "validation"
+    echo(f"classifier ({cfg.classifier.head} head): {where} accuracy {metrics['accuracy']:.3f}, top-3 {metrics.get('top3_accuracy', float('nan')):.3f}, "
          f"ECE {metrics['ece_before']:.3f} -> {metrics['ece_after']:.3f} after calibration")
     stage("index", lambda: index.build(cfg))
     results = stage("evaluate", lambda: evaluate.evaluate(cfg, echo=echo))

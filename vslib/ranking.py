@@ -72,8 +72,10 @@ def candidates(Q: np.ndarray, X: np.ndarray, labels: np.ndarray, n_classes: int,
             part = np.argpartition(-Sc, k - 1, axis=1)[:, :k] if k < len(col) else np.tile(np.arange(len(col)), (len(S), 1))
             ps = np.take_along_axis(Sc, part, 1)
             order = np.argsort(-ps, axis=1, kind="stable")
-            sims[i:i + block, c, :k] = np.take_along_axis(ps, order, 1)
-            items[i:i + block, c, :k] = col[np.take_along_axis(part, order, 1)]
+            best = np.take_along_axis(ps, order, 1)
+            sims[i:i + block, c, :k] = best
+            # an excluded self-match (-inf) in a class smaller than kmax is no candidate
+            items[i:i + block, c, :k] = np.where(np.isfinite(best), col[np.take_along_axis(part, order, 1)], -1)
     return Candidates(sims, items)
 
 
@@ -213,8 +215,8 @@ def tune_adaptive(vectors: np.ndarray, labels: np.ndarray, proba: np.ndarray, *,
     best, best_key, tried = None, None, 0
     for mass, minc, maxc, w in itertools.product(grid["mass"], grid["min_confidence"], grid["max_classes"],
                                                  grid["class_weight"]):
-        if maxc > n_classes:
-            continue
+        if maxc > n_classes or (maxc == 1 and w != grid["class_weight"][0]):
+            continue  # one class kept: its log-probability shifts every hit alike, so class_weight changes nothing
         s = Settings("adaptive", mass, minc, maxc, w)
         c = curve(s)
         tried += 1

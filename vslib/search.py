@@ -169,7 +169,8 @@ class VisualSearch:
             if idx.count() == 0:
                 raise VisualSearchError(f"the {cfg.index.backend} index is empty; run "
                                         f"`visualsearch index -c {cfg.source}` first")
-            clf_mod.check_labels(clf, [c for c in clf.classes_ if idx.count({"label": [str(c)]}) > 0])
+            counts = idx.count_values("label", [str(c) for c in clf.classes_])
+            clf_mod.check_labels(clf, [c for c, n in counts.items() if n > 0])
             return cls(backbone_from_config(cfg), clf, idx, cfg.search, max_image_pixels=cfg.dataset.max_image_pixels)
         except BaseException:
             idx.close()
@@ -254,8 +255,9 @@ class VisualSearch:
     def _class_weighted(self, q: np.ndarray, k: int, labels: list[str], probs: np.ndarray) -> list[dict]:
         """Top k over ``labels`` by similarity + class_weight * log p(class), merged from per-class searches."""
         ranked = []
-        for label in labels:
+        per_class = self.index.search_many(np.repeat(q, len(labels), axis=0), k, [{"label": [lbl]} for lbl in labels])
+        for label, hits in zip(labels, per_class):
             bonus = self.cfg.class_weight * float(np.log(max(float(probs[self.classes.index(label)]), 1e-12)))
-            ranked += [_hit_dict(h, bonus) for h in self.index.search(q, k, filter={"label": [label]})[0]]
+            ranked += [_hit_dict(h, bonus) for h in hits]
         ranked.sort(key=lambda h: -h["rank_score"])
         return ranked[:k]
