@@ -14,6 +14,11 @@ a Keras EfficientNet-Lite (ReLU6, no squeeze-excite, BN eps 1e-3, TF "same"
 padding, which is what the PyTorch port's static padding computes) and cached
 as ``<cache_dir>/<name>.weights.h5`` so later runs skip the conversion.
 
+:meth:`Backbone.embed` runs on the fastest runtime that reproduces the Keras
+model (``backbone.runtime``, :mod:`vslib.runtime`): TensorFlow Lite on a CPU,
+Keras on a GPU. :attr:`Backbone.keras_model` stays the model to train and
+fine-tune.
+
 >>> bb = get_backbone("efficientnet_lite0")           # doctest: +SKIP
 >>> bb.embed(uint8_images).shape                      # doctest: +SKIP
 (n, 1280)
@@ -163,12 +168,13 @@ class Backbone:
             return self._runner(x)
         return self.embed_preprocessed(self.preprocess_fn(x.astype(np.float32, copy=False)))
 
-    def with_runtime(self, runtime: str = "auto", cache_dir=None) -> "Backbone":
+    def with_runtime(self, runtime: str = "auto", cache_dir=None, *, tolerance: Optional[float] = None) -> "Backbone":
         """A copy of this backbone whose :meth:`embed` runs on ``runtime`` (see :mod:`vslib.runtime`).
 
         ``auto`` falls back to Keras, logging the reason, where TensorFlow Lite
-        cannot be used or disagrees with Keras; ``tflite`` raises
-        :class:`BackboneError` instead.
+        cannot be used or its vectors have a cosine below ``tolerance``
+        (default :data:`vslib.runtime.MIN_COSINE`) with the Keras model's;
+        ``tflite`` raises :class:`BackboneError` instead.
         """
         from vslib import runtime as rt
 
@@ -183,7 +189,8 @@ class Backbone:
         if runtime == "auto" and rt.gpu_present():
             return keras_copy("a GPU is present: Keras runs on it")
         try:
-            runner = rt.load_tflite(self, cache_dir if cache_dir is not None else default_cache_dir())
+            runner = rt.load_tflite(self, cache_dir if cache_dir is not None else default_cache_dir(),
+                                    tolerance=rt.MIN_COSINE if tolerance is None else tolerance)
         except BackboneError as e:
             if runtime == "tflite":
                 raise BackboneError(f"{e}. Set `backbone.runtime: keras` (or auto) to run on Keras") from None

@@ -17,9 +17,11 @@ The converted model takes uint8 pixels and returns the L2-normalised features
 ``<cache_dir>/<backbone>-<key>.tflite``, where ``key`` hashes the network's
 layer configurations and weights, so a changed model is converted again and an
 unchanged one never is. Beside it, ``<backbone>-<key>.check.npz`` keeps probe
-images and the Keras model's vectors of them: a conversion is accepted only if
-every probe vector agrees with Keras to cosine >= :data:`MIN_COSINE`, and each
-load re-runs the probes (a few milliseconds) to catch a damaged file.
+images, the Keras model's vectors of them and the file's checksum: a conversion
+is accepted only if every probe vector agrees with Keras to cosine >=
+:data:`MIN_COSINE`, and each load checks the checksum (the interpreter does not
+verify its input, so a damaged file could crash the process) and re-runs the
+probes (milliseconds); a mismatch converts again.
 
 Vectors are therefore interchangeable between the runtimes, and the feature
 cache key (:attr:`vslib.backbones.Backbone.cache_key`) does not depend on the
@@ -184,12 +186,13 @@ class TFLiteRunner:
         XNNPACK threads (default: every core this process may use).
     """
 
-    def __init__(self, path, threads: Optional[int] = None):
+    def __init__(self, path, threads: Optional[int] = None, content: Optional[bytes] = None):
         self.path = Path(path)
         self.threads = threads or cpu_threads()
+        content = self.path.read_bytes() if content is None else content
         with warnings.catch_warnings():  # TensorFlow's interpreter warns that LiteRT will replace it
             warnings.simplefilter("ignore")
-            self._it = _interpreter_class()(model_path=str(self.path), num_threads=self.threads)
+            self._it = _interpreter_class()(model_content=content, num_threads=self.threads)
         self._in = self._it.get_input_details()[0]["index"]
         self._out = self._it.get_output_details()[0]["index"]
         self._shape = None
@@ -234,9 +237,9 @@ def load_tflite(bb, cache_dir, *, threads: Optional[int] = None, tolerance: floa
     Raises
     ------
     BackboneError
-        If the conversion fails or its outputs differ from the Keras model's
-        (the message gives the cosine); the verdict is cached so later runs
-        do not convert again.
+        If the conversion fails, or its outputs differ from the Keras model's
+        (the message gives the cosine; this verdict is cached, so later runs
+        do not convert again).
     """
     cache_dir = Path(cache_dir)
     key = model_key(bb)
@@ -251,11 +254,12 @@ def load_tflite(bb, cache_dir, *, threads: Optional[int] = None, tolerance: floa
         except (OSError, ValueError, KeyError) as e:
             log.warning("%s: %s unreadable (%s); converting again", bb.name, check_path, e)
         else:
-            if not path.exists() and verdict.get("failed"):
-                raise BackboneError(f"{bb.name}: TensorFlow Lite conversion failed before ({verdict['failed']}); "
-                                    f"delete {check_path} to try again")
             try:
-                runner = TFLiteRunner(path, threads)
+                # the interpreter does not verify a flatbuffer: a damaged file could crash the process
+                content = path.read_bytes()
+                if hashlib.sha256(content).hexdigest() != verdict.get("sha256"):
+                    raise ValueError("its checksum differs from the one recorded at conversion")
+                runner = TFLiteRunner(path, threads, content)
                 ok, cos = _check(runner, probes, reference, tolerance)
             except (OSError, ValueError, RuntimeError) as e:
                 log.warning("%s: cached %s unusable (%s); converting again", bb.name, path, e)
@@ -274,19 +278,21 @@ def load_tflite(bb, cache_dir, *, threads: Optional[int] = None, tolerance: floa
     cache_dir.mkdir(parents=True, exist_ok=True)
     verdict = {"key": key, "tolerance": tolerance}
     try:
-        _atomic_write(path, convert_tflite(bb))
-        runner = TFLiteRunner(path, threads)
+        content = convert_tflite(bb)
+        _atomic_write(path, content)
+        verdict["sha256"] = hashlib.sha256(content).hexdigest()
+        runner = TFLiteRunner(path, threads, content)
         ok, cos = _check(runner, probes, reference, tolerance)
         verdict["min_cosine"] = cos
-    except Exception as e:  # noqa: BLE001 - the converter raises many kinds; record which
+    except Exception as e:  # noqa: BLE001 - the converter raises many kinds; say which
+        # not remembered: a failure may be passing (memory, a file being edited), so the next run tries again
         path.unlink(missing_ok=True)
-        verdict["failed"] = f"{type(e).__name__}: {str(e)[:300]}"
+        check_path.unlink(missing_ok=True)
+        raise BackboneError(f"{bb.name}: TensorFlow Lite conversion failed: {type(e).__name__}: {str(e)[:300]}") from None
     buf = io.BytesIO()
     np.savez(buf, probes=probes, reference=reference, verdict=np.array(json.dumps(verdict)))
     _atomic_write(check_path, buf.getvalue())
-    if "failed" in verdict:
-        raise BackboneError(f"{bb.name}: TensorFlow Lite conversion failed: {verdict['failed']}")
-    if not ok:
+    if not ok:  # remembered (the check file records the cosine): the same model would convert the same way
         raise BackboneError(_refusal(bb, cos, len(probes), tolerance))
     log.info("%s: TensorFlow Lite verified, minimum cosine %.7f to the Keras model", bb.name, cos)
     runner.min_cosine = cos
