@@ -1,17 +1,28 @@
-"""Feature-extraction throughput: the batched pipeline against the original way and the model alone.
+"""Feature-extraction throughput: TensorFlow's path, the TensorFlow Lite runtime, and the pipeline end to end.
 
-Three figures, measured in one process on the same images and backbone:
+Measured in one process on the same images and backbone, in interleaved rounds
+(each round runs every path once, in a rotating order) so that other processes
+sharing the cores disturb all paths alike; ratios are taken within a round and
+the median round is reported:
 
-* **pipeline**: :func:`vslib.features.extract` end to end (decode, resize, model,
-  shard writes) into an empty cache;
-* **per-image predict**: the original project's way, one ``model.predict`` call
-  per image (on a smaller subset: it is slow);
-* **model only**: the batched model on images already decoded and resized in memory.
+* **tf.function alone**: the Keras model in a compiled ``tf.function`` on images
+  already decoded and resized in memory (the runtime before issue 15);
+* **TensorFlow Lite alone**: the same network converted to TensorFlow Lite
+  (XNNPACK) on the same in-memory images;
+* **pipeline, tf.function**: :func:`vslib.features.extract` end to end (decode,
+  resize, model, shard writes) into an empty cache with ``backbone.runtime: keras``
+  (today's pipeline; it benefits from the decoding changes too);
+* **pipeline, TensorFlow Lite**: the same with the TensorFlow Lite runtime;
+* **decode alone**: the pipeline's decode/resize threads without a model.
 
-Targets: pipeline >= 5x per-image predict and >= 0.85x model only. Prints a
-table and writes ``reports/benchmarks/extract.json`` and ``.md``.
+It also profiles where a single thread's time goes per image (decode, EXIF and
+colour conversion, resize, array copy) against the model's time per image, and
+checks that the two pipelines' vectors agree (cosine).
 
-    python benchmarks/extract.py [-c application.yaml] [-n 300] [--predict-n 50]
+Targets: pipeline (TensorFlow Lite) >= 1.8x pipeline (tf.function) and >= 0.85x
+TensorFlow Lite alone. Prints a table and writes ``reports/benchmarks/extract.json`` and ``.md``.
+
+    python benchmarks/extract.py [-c application.yaml] [-n 256] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -20,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -30,12 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import psutil  # noqa: E402
 
 from vslib.config import load_config, parse_config  # noqa: E402
 from vslib.paths import DEFAULT_CONFIG  # noqa: E402
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
+TARGETS = {"pipeline_vs_todays_pipeline": 1.8, "pipeline_vs_runtime_alone": 0.85}
 
 
 def peak_rss_mb() -> float:
@@ -55,117 +67,183 @@ def demo_images(cfg, n: int) -> pd.DataFrame:
         print(f"(no manifest: {e}; using {STAMPS} directly)")
         files = sorted(STAMPS.rglob("*.png"))
         if not files:
-            raise SystemExit(f"no images: run `visualsearch data prepare` or install tuxpaint-stamps-default")
+            raise SystemExit("no images: run `visualsearch data prepare` or install tuxpaint-stamps-default")
         m = pd.DataFrame({"path": [str(p) for p in files], "label": [p.parent.name for p in files]})
         m["split"], m["status"] = "index", "ok"
         source = str(STAMPS)
+    if "status" in m.columns:
+        m = m[m["status"] == "ok"]
     m = m.sample(n=min(n, len(m)), random_state=0).reset_index(drop=True) if len(m) > n else m
     if "content_hash" not in m.columns:
         m["content_hash"] = [file_hash(p) for p in m["path"]]
+    m = m.drop_duplicates("content_hash").reset_index(drop=True)
     m.attrs["source"] = source
     return m
+
+
+def stage_profile(paths, size: int) -> dict:
+    """Milliseconds of one thread's CPU time per image in each stage of :func:`vslib.images.load_for_model`."""
+    from PIL import Image, ImageOps
+
+    from vslib.images import _to_rgb
+
+    t = dict(decode=0.0, exif_and_rgb=0.0, resize=0.0, to_array=0.0)
+    for p in paths:
+        c0 = time.thread_time()
+        with Image.open(p) as img:
+            img.load()
+            c1 = time.thread_time()
+            ImageOps.exif_transpose(img, in_place=True)
+            rgb = _to_rgb(img, (255, 255, 255))
+            c2 = time.thread_time()
+            small = rgb.resize((size, size), Image.BILINEAR, reducing_gap=2.0) if rgb.size != (size, size) else rgb
+            c3 = time.thread_time()
+            np.asarray(small, dtype=np.uint8)
+            c4 = time.thread_time()
+        for k, a, b in (("decode", c0, c1), ("exif_and_rgb", c1, c2), ("resize", c2, c3), ("to_array", c3, c4)):
+            t[k] += b - a
+    out = {k: round(v / len(paths) * 1e3, 3) for k, v in t.items()}
+    out["total"] = round(sum(out.values()), 3)
+    return out
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-c", "--config", default=str(DEFAULT_CONFIG))
-    ap.add_argument("-n", type=int, default=300, help="images for the pipeline and model-only runs")
-    ap.add_argument("--predict-n", type=int, default=50, help="images for the per-image predict run")
-    ap.add_argument("--repeats", type=int, default=2, help="timed repeats of each fast run; best is kept")
+    ap.add_argument("-n", type=int, default=256, help="images per path and round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round's ratios are reported")
     args = ap.parse_args(argv)
 
     cfg = load_config(args.config) if Path(args.config).exists() else parse_config({})
-    from vslib.backbones import backbone_from_config
-    from vslib.features import extract
+    from vslib.backbones import get_backbone
+    from vslib.features import extract, iter_batches
     from vslib.images import load_for_model
+    from vslib.runtime import min_cosine
 
-    load_before = os.getloadavg()[0]
+    load_before = os.getloadavg()
     manifest = demo_images(cfg, args.n)
     n = len(manifest)
+    paths = manifest["path"].tolist()
+    weights = cfg.backbone.weights
+    cache_dir = cfg.models_dir / "backbones"
     t = time.perf_counter()
-    bb = backbone_from_config(cfg)
-    load_s = time.perf_counter() - t
-    bs, size = cfg.backbone.batch_size, bb.input_size
+    bb_keras = get_backbone(cfg.backbone.name, weights=weights, cache_dir=cache_dir, runtime="keras")
+    keras_load_s = time.perf_counter() - t
+    t = time.perf_counter()
+    bb_lite = get_backbone(cfg.backbone.name, weights=weights, cache_dir=cache_dir, runtime="tflite")
+    lite_load_s = time.perf_counter() - t
+    bs, size, mp = cfg.backbone.batch_size, bb_keras.input_size, cfg.dataset.max_image_pixels
     workers = cfg.backbone.workers or os.cpu_count()
-    print(f"{bb.name}: {n} images from {manifest.attrs['source']}, batch {bs}, {workers} decode threads, "
-          f"{os.cpu_count()} CPU cores; backbone ready in {load_s:.1f} s")
+    print(f"{bb_keras.name}: {n} images from {manifest.attrs['source']}, batch {bs}, {workers} decode threads, "
+          f"{os.cpu_count()} CPU cores; Keras ready in {keras_load_s:.1f} s, TensorFlow Lite in {lite_load_s:.1f} s "
+          f"({bb_lite.runtime_note})")
 
-    # warm-up: trace the tf.function and Keras' predict once, outside every timing
-    warm = np.stack([load_for_model(p, size) for p in manifest["path"][:bs]])
-    bb.embed(warm)
-    bb.embed(warm[:1])
-    bb.keras_model.predict(bb.preprocess(warm[:1]), verbose=0)
+    decoded = np.stack([load_for_model(p, size, max_pixels=mp) for p in paths])
+    for bb in (bb_keras, bb_lite):  # warm-up: trace / allocate for both batch shapes, outside every timing
+        bb.embed(decoded[:bs])
+        bb.embed(decoded[: n % bs or bs])
 
-    # (b) model alone on pre-decoded tensors
-    decoded = np.stack([load_for_model(p, size, max_pixels=cfg.dataset.max_image_pixels) for p in manifest["path"]])
-    model_s = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
+    def model_alone(bb):
         for i in range(0, n, bs):
             bb.embed(decoded[i:i + bs])
-        model_s.append(time.perf_counter() - t)
-    model_ips = n / min(model_s)
-    del decoded
 
-    # pipeline: extract() into an empty cache each repeat
-    pipe_s = []
-    for r in range(args.repeats):
+    vectors = {}
+
+    def pipeline(bb, tag):
         with tempfile.TemporaryDirectory() as tmp:
-            c = parse_config({**cfg.to_dict(), "paths": {"data": tmp, "models": str(cfg.models_dir),
-                                                         "reports": str(cfg.reports_dir)}},
-                             base_dir=cfg.base_dir)
-            t = time.perf_counter()
-            fs = extract(c, progress=(r == 0), manifest=manifest, backbone=bb)
-            pipe_s.append(time.perf_counter() - t)
-            assert fs.stats["computed"] == manifest["content_hash"].nunique() - fs.stats["skipped"]
-    pipe_ips = n / min(pipe_s)
+            data = cfg.to_dict()
+            data["backbone"]["runtime"] = bb.runtime
+            data["paths"] = {"data": tmp, "models": str(cfg.models_dir), "reports": str(cfg.reports_dir)}
+            c = parse_config(data, base_dir=cfg.base_dir)
+            fs = extract(c, progress=False, manifest=manifest, backbone=bb)
+        if fs.stats["computed"] != n - fs.stats["skipped"]:
+            raise SystemExit(f"pipeline {tag} computed {fs.stats['computed']} of {n}: {fs.stats}")
+        vectors[tag] = fs.vectors
 
-    # (a) the original way: one model.predict call per image
-    sub = manifest["path"][: args.predict_n].tolist()
-    t = time.perf_counter()
-    for p in sub:
-        x = bb.preprocess(load_for_model(p, size, max_pixels=cfg.dataset.max_image_pixels)[None])
-        f = bb.keras_model.predict(x, verbose=0)
-        f / np.linalg.norm(f, axis=1, keepdims=True)
-    predict_ips = len(sub) / (time.perf_counter() - t)
+    def decode_alone():
+        for _ in iter_batches(paths, size, bs, workers=cfg.backbone.workers, max_pixels=mp):
+            pass
 
+    runs = {
+        "tf.function alone": lambda: model_alone(bb_keras),
+        "TensorFlow Lite alone": lambda: model_alone(bb_lite),
+        "pipeline, tf.function": lambda: pipeline(bb_keras, "keras"),
+        "pipeline, TensorFlow Lite": lambda: pipeline(bb_lite, "tflite"),
+        "decode alone": decode_alone,
+    }
+    names = list(runs)
+    ips = {k: [] for k in names}
+    cpu_ms = {k: [] for k in names}  # this process's CPU time (all threads) per image: less disturbed by others
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for k in order:
+            t, c = time.perf_counter(), time.process_time()
+            runs[k]()
+            ips[k].append(n / (time.perf_counter() - t))
+            cpu_ms[k].append((time.process_time() - c) / n * 1e3)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {ips[k][-1]:.1f}" for k in names) + " images/s", flush=True)
+
+    def ratio(a, b):
+        per_round = [x / y for x, y in zip(ips[a], ips[b])]
+        return {"median": round(statistics.median(per_round), 3), "min": round(min(per_round), 3),
+                "max": round(max(per_round), 3)}
+
+    ratios = {
+        "pipeline_vs_todays_pipeline": ratio("pipeline, TensorFlow Lite", "pipeline, tf.function"),
+        "pipeline_vs_runtime_alone": ratio("pipeline, TensorFlow Lite", "TensorFlow Lite alone"),
+        "runtime_vs_tf_function": ratio("TensorFlow Lite alone", "tf.function alone"),
+        "todays_pipeline_vs_tf_function": ratio("pipeline, tf.function", "tf.function alone"),
+    }
+    profile = stage_profile(paths, size)
+    cos = min_cosine(vectors["tflite"], vectors["keras"])
+    load_after = os.getloadavg()
+    disturbed = max(load_before[0], load_after[0]) > (os.cpu_count() or 1)
     result = {
-        "backbone": bb.name,
+        "backbone": bb_keras.name,
         "images": n,
         "images_source": manifest.attrs["source"],
         "batch_size": bs,
         "decode_threads": workers,
+        "tflite_threads": bb_lite._runner.threads,
         "cpu_cores": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
-        "pipeline_images_per_s": round(pipe_ips, 2),
-        "per_image_predict_images_per_s": round(predict_ips, 2),
-        "per_image_predict_images": len(sub),
-        "model_only_images_per_s": round(model_ips, 2),
-        "speedup_vs_per_image_predict": round(pipe_ips / predict_ips, 2),
-        "fraction_of_model_only": round(pipe_ips / model_ips, 3),
-        "targets": {"speedup_vs_per_image_predict": 5.0, "fraction_of_model_only": 0.85},
+        "rounds": args.rounds,
+        "images_per_s_median": {k: round(statistics.median(v), 2) for k, v in ips.items()},
+        "images_per_s_per_round": {k: [round(x, 2) for x in v] for k, v in ips.items()},
+        "cpu_ms_per_image_median": {k: round(statistics.median(v), 2) for k, v in cpu_ms.items()},
+        "ratios": ratios,
+        "targets": TARGETS,
+        "passed": {k: ratios[k]["median"] >= v for k, v in TARGETS.items()},
+        "decode_profile_ms_per_image_one_thread_cpu": profile,
+        "min_cosine_pipeline_tflite_vs_tf_function": round(cos, 7),
+        "tflite_min_cosine_probe_images": bb_lite._runner.min_cosine,
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "rss_now_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
-        "backbone_load_s": round(load_s, 2),
-        "repeats": args.repeats,
-        # other processes competing for the cores make every figure (and the ratios) unreliable
-        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "backbone_load_s": {"keras": round(keras_load_s, 2), "tflite": round(lite_load_s, 2)},
+        "load_average_1min": [round(load_before[0], 2), round(load_after[0], 2)],
+        "disturbed": disturbed,
     }
-    rows = [
-        ("pipeline (extract, end to end)", pipe_ips, f"{n} images, best of {args.repeats}"),
-        ("(a) per-image model.predict", predict_ips, f"{len(sub)} images"),
-        ("(b) model only, pre-decoded", model_ips, f"{n} images, best of {args.repeats}"),
-    ]
-    md = [f"# Feature extraction benchmark ({bb.name})", "",
+    med = result["images_per_s_median"]
+    cpu_med = result["cpu_ms_per_image_median"]
+    rows = [(k, med[k], cpu_med[k], ", ".join(f"{x:.1f}" for x in ips[k])) for k in names]
+    pf = ", ".join(f"{k} {v}" for k, v in profile.items() if k != "total")
+    md = [f"# Feature extraction benchmark ({bb_keras.name})", "",
           f"{n} images ({manifest.attrs['source']}), batch {bs}, {workers} decode threads, "
-          f"{os.cpu_count()} CPU cores, no GPU.", "",
-          "| run | images/s | notes |", "|---|---:|---|"]
-    md += [f"| {a} | {b:.1f} | {c} |" for a, b, c in rows]
-    md += ["", f"- pipeline / per-image predict: **{result['speedup_vs_per_image_predict']}x** (target >= 5x)",
-           f"- pipeline / model only: **{result['fraction_of_model_only']}** (target >= 0.85)",
+          f"{result['tflite_threads']} TensorFlow Lite threads, {os.cpu_count()} CPU cores, no GPU; "
+          f"{args.rounds} interleaved rounds.", "",
+          "| path | images/s (median) | CPU ms per image | images/s per round |", "|---|---:|---:|---|"]
+    md += [f"| {a} | {b:.1f} | {c:.2f} | {d} |" for a, b, c, d in rows]
+    md += ["", "Ratios within a round (median [min, max] over rounds):", ""]
+    for k, v in ratios.items():
+        target = f" (target >= {TARGETS[k]}: {'PASS' if result['passed'][k] else 'FAIL'})" if k in TARGETS else ""
+        md.append(f"- {k.replace('_', ' ')}: **{v['median']}x** [{v['min']}, {v['max']}]{target}")
+    md += ["",
+           f"- where one thread's time goes per image (CPU ms): {pf}; total {profile['total']} ms "
+           f"against {cpu_med['TensorFlow Lite alone']:.2f} CPU ms for the TensorFlow Lite model",
+           f"- pipeline vectors, TensorFlow Lite vs tf.function: minimum cosine {cos:.7f}",
            f"- peak RSS: {result['peak_rss_mb']} MB",
-           f"- 1-minute load average before/after: {result['load_average_1min']} "
-           f"(above {os.cpu_count()}, other processes shared the cores and the figures are unreliable)", ""]
+           f"- 1-minute load average before/after: {result['load_average_1min']}"
+           + (f" (above {os.cpu_count()} cores: other processes shared the machine; images/s are disturbed, "
+              "the within-round ratios less so)" if disturbed else ""), ""]
     text = "\n".join(md)
     print()
     print(text)

@@ -187,3 +187,25 @@ def test_rerun_with_everything_cached_does_not_load_tensorflow(setup):
             "assert 'tensorflow' not in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_cache_is_shared_by_the_runtimes_because_their_vectors_agree(setup, make_config):
+    """A cache filled on Keras is reused on TensorFlow Lite (and back): the same key, vectors within tolerance."""
+    from vslib import runtime
+
+    cfg, manifest = setup
+    n = len(set(manifest.content_hash))
+    keras_cfg = make_config({"backbone": {"name": "efficientnet_lite0", "batch_size": 8, "runtime": "keras"}})
+    on_keras = extract(keras_cfg, progress=False, manifest=manifest)
+    assert on_keras.stats["computed"] == n
+    on_tflite = extract(cfg, progress=False, manifest=manifest)  # runtime: auto -> TensorFlow Lite on this CPU
+    assert get_backbone("efficientnet_lite0").runtime == "tflite"
+    assert on_tflite.stats["computed"] == 0 and on_tflite.stats["reused"] == n
+    # what makes the reuse sound: computed afresh on TensorFlow Lite, the vectors agree with the cached ones
+    fresh_cfg = make_config({"backbone": {"name": "efficientnet_lite0", "batch_size": 8},
+                             "paths": {"data": "data-tflite", "models": "models"}})
+    fresh = extract(fresh_cfg, progress=False, manifest=manifest)
+    assert fresh.stats["computed"] == n
+    assert runtime.min_cosine(fresh.vectors, on_keras.vectors) >= runtime.MIN_COSINE
+    assert features.backbone_key(get_backbone("efficientnet_lite0")) == \
+        features.backbone_key(get_backbone("efficientnet_lite0", runtime="keras"))

@@ -14,6 +14,11 @@ a Keras EfficientNet-Lite (ReLU6, no squeeze-excite, BN eps 1e-3, TF "same"
 padding, which is what the PyTorch port's static padding computes) and cached
 as ``<cache_dir>/<name>.weights.h5`` so later runs skip the conversion.
 
+:meth:`Backbone.embed` runs on the fastest runtime that reproduces the Keras
+model (``backbone.runtime``, :mod:`vslib.runtime`): TensorFlow Lite on a CPU,
+Keras on a GPU. :attr:`Backbone.keras_model` stays the model to train and
+fine-tune.
+
 >>> bb = get_backbone("efficientnet_lite0")           # doctest: +SKIP
 >>> bb.embed(uint8_images).shape                      # doctest: +SKIP
 (n, 1280)
@@ -82,6 +87,10 @@ class Backbone:
         Preprocessed float32 NHWC images -> pooled features (not normalised).
     classifier_model : keras.Model or None
         Preprocessed images -> ImageNet-1k logits, where the weights include the head.
+    runtime : str
+        What :meth:`embed` runs on: ``"tflite"`` (:mod:`vslib.runtime`) or ``"keras"``.
+    runtime_note : str
+        Why that runtime: the verified cosine to Keras, or the reason for falling back.
     """
 
     name: str
@@ -93,13 +102,15 @@ class Backbone:
     weights: str = ""
     #: identity of the weights: feature caches never mix vectors of different keys
     cache_key: str = ""
+    runtime: str = "keras"
+    runtime_note: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _embed_fn: object = field(default=None, repr=False)
     _logits_fn: object = field(default=None, repr=False)
+    _runner: object = field(default=None, repr=False)
 
     # -- pixels ---------------------------------------------------------------
-    def preprocess(self, images: np.ndarray) -> np.ndarray:
-        """uint8 NHWC (or HWC) RGB at ``input_size`` -> the float32 input the model expects."""
+    def _pixels(self, images: np.ndarray) -> np.ndarray:
         x = np.asarray(images)
         if x.ndim == 3:
             x = x[None]
@@ -108,7 +119,11 @@ class Backbone:
         if x.shape[1:3] != (self.input_size, self.input_size):
             raise ValueError(f"{self.name}: expected {self.input_size}x{self.input_size} images, got "
                              f"{x.shape[2]}x{x.shape[1]}; resize with vslib.images.load_for_model")
-        return self.preprocess_fn(x.astype(np.float32, copy=False))
+        return x
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray:
+        """uint8 NHWC (or HWC) RGB at ``input_size`` -> the float32 input the Keras model expects."""
+        return self.preprocess_fn(self._pixels(images).astype(np.float32, copy=False))
 
     # -- compiled calls -------------------------------------------------------
     def _compiled(self, which: str):
@@ -139,14 +154,51 @@ class Backbone:
         return self._embed_fn if which == "embed" else self._logits_fn
 
     def embed_preprocessed(self, x: np.ndarray) -> np.ndarray:
-        """Pooled, L2-normalised float32 features of already preprocessed images."""
+        """Pooled, L2-normalised float32 features of already preprocessed images (always on Keras)."""
         if len(x) == 0:
             return np.zeros((0, self.dim), np.float32)
         return self._compiled("embed")(np.asarray(x, np.float32)).numpy()
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        """uint8 NHWC images -> pooled, L2-normalised float32 features ``(n, dim)``."""
-        return self.embed_preprocessed(self.preprocess(images))
+        """uint8 NHWC images -> pooled, L2-normalised float32 features ``(n, dim)``, on :attr:`runtime`."""
+        x = self._pixels(images)
+        if len(x) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        if self._runner is not None and x.dtype == np.uint8:
+            return self._runner(x)
+        return self.embed_preprocessed(self.preprocess_fn(x.astype(np.float32, copy=False)))
+
+    def with_runtime(self, runtime: str = "auto", cache_dir=None, *, tolerance: Optional[float] = None) -> "Backbone":
+        """A copy of this backbone whose :meth:`embed` runs on ``runtime`` (see :mod:`vslib.runtime`).
+
+        ``auto`` falls back to Keras, logging the reason, where TensorFlow Lite
+        cannot be used or its vectors have a cosine below ``tolerance``
+        (default :data:`vslib.runtime.MIN_COSINE`) with the Keras model's;
+        ``tflite`` raises :class:`BackboneError` instead.
+        """
+        from vslib import runtime as rt
+
+        if runtime not in rt.RUNTIMES:
+            raise BackboneError(f"backbone.runtime {runtime!r} is not a runtime (choices: {', '.join(rt.RUNTIMES)})")
+        base = dict(keras_model=self.keras_model, preprocess_fn=self.preprocess_fn,
+                    classifier_model=self.classifier_model, weights=self.weights, cache_key=self.cache_key)
+        keras_copy = lambda note: Backbone(self.name, self.input_size, self.dim, runtime="keras",  # noqa: E731
+                                           runtime_note=note, **base)
+        if runtime == "keras":
+            return keras_copy("backbone.runtime: keras")
+        if runtime == "auto" and rt.gpu_present():
+            return keras_copy("a GPU is present: Keras runs on it")
+        try:
+            runner = rt.load_tflite(self, cache_dir if cache_dir is not None else default_cache_dir(),
+                                    tolerance=rt.MIN_COSINE if tolerance is None else tolerance)
+        except BackboneError as e:
+            if runtime == "tflite":
+                raise BackboneError(f"{e}. Set `backbone.runtime: keras` (or auto) to run on Keras") from None
+            log.warning("%s; running on Keras instead", e)
+            return keras_copy(f"fell back to Keras: {e}")
+        return Backbone(self.name, self.input_size, self.dim, runtime="tflite", _runner=runner,
+                        runtime_note=f"TensorFlow Lite, {runner.threads} threads, minimum cosine "
+                                     f"{runner.min_cosine:.7f} to Keras", **base)
 
     @property
     def has_classifier(self) -> bool:
@@ -403,7 +455,7 @@ _LOADED: dict[tuple, Backbone] = {}
 _LOAD_LOCK = threading.Lock()
 
 
-def get_backbone(name: str, weights: Optional[str] = None, cache_dir=None) -> Backbone:
+def get_backbone(name: str, weights: Optional[str] = None, cache_dir=None, runtime: str = "auto") -> Backbone:
     """The backbone ``name``, built once per process (later calls return the same object).
 
     Parameters
@@ -413,7 +465,10 @@ def get_backbone(name: str, weights: Optional[str] = None, cache_dir=None) -> Ba
     weights : str, optional
         resnet50 only: ``"imagenet"`` or a local weights file.
     cache_dir : path, optional
-        Where converted weights are cached (default ``models/backbones``).
+        Where converted weights and models are cached (default ``models/backbones``).
+    runtime : {"auto", "tflite", "keras"}
+        What :meth:`Backbone.embed` runs on (:mod:`vslib.runtime`); the Keras
+        model (:attr:`Backbone.keras_model`) is there whatever the runtime.
     """
     if name not in BACKBONES:
         raise BackboneError(f"Unsupported backbone {name!r}. Available backbones are {sorted(BACKBONES)}")
@@ -423,7 +478,9 @@ def get_backbone(name: str, weights: Optional[str] = None, cache_dir=None) -> Ba
     with _LOAD_LOCK:
         if key not in _LOADED:
             _LOADED[key] = BACKBONES[name]["load"](weights, cache_dir)
-        return _LOADED[key]
+        if key + (runtime,) not in _LOADED:
+            _LOADED[key + (runtime,)] = _LOADED[key].with_runtime(runtime, cache_dir)
+        return _LOADED[key + (runtime,)]
 
 
 def _config_weights(cfg) -> Optional[str]:
@@ -434,8 +491,9 @@ def _config_weights(cfg) -> Optional[str]:
 
 
 def backbone_from_config(cfg) -> Backbone:
-    """The backbone ``cfg.backbone`` names, weights cached under ``cfg.models_dir / 'backbones'``."""
-    return get_backbone(cfg.backbone.name, weights=_config_weights(cfg), cache_dir=cfg.models_dir / "backbones")
+    """The backbone ``cfg.backbone`` names on ``cfg.backbone.runtime``, cached under ``cfg.models_dir / 'backbones'``."""
+    return get_backbone(cfg.backbone.name, weights=_config_weights(cfg), cache_dir=cfg.models_dir / "backbones",
+                        runtime=cfg.backbone.runtime)
 
 
 def weights_key(name: str, weights: Optional[str] = None) -> str:

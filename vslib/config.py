@@ -66,6 +66,8 @@ class BackboneConfig:
     weights: Optional[str] = _f(None, help="resnet50: 'imagenet' or a local .h5/.keras weights file")
     batch_size: int = _f(32, min=1, max=4096)
     workers: int = _f(0, min=0, help="decode threads; 0 = number of CPU cores")
+    runtime: Literal["auto", "tflite", "keras"] = _f(
+        "auto", help="inference runtime: auto = TensorFlow Lite on CPU, Keras on a GPU; see vslib.runtime")
 
 
 @dataclass

@@ -4,13 +4,16 @@
 
 * images are decoded and resized by :func:`vslib.images.load_for_model` in a
   thread pool (Pillow releases the GIL) a few batches ahead of the model, which
-  runs batched in a compiled ``tf.function``;
+  runs batched on the backbone's runtime (TensorFlow Lite on a CPU, which also
+  releases the GIL while it computes; see :mod:`vslib.runtime`);
 * each finished batch is written at once as a new shard
   ``<features_dir>/shards/*.npz`` (written to a temporary file, then renamed),
   keyed by image content hash. A run that is killed keeps every finished batch;
   a rerun computes only the hashes no shard holds. ``features_dir`` is per
   backbone and every shard records the backbone (and its weights), so vectors
-  of different backbones never mix;
+  of different backbones never mix. The runtime is not part of the key: a
+  runtime is used only if its vectors agree with the Keras model's to cosine
+  >= 0.9999, so shards computed on either serve both;
 * the result, vectors plus the manifest rows they belong to (path, label,
   split, content_hash), is written to ``<features_dir>/features-<dataset>.npz`` and read
   back by :func:`load_features`.

@@ -79,7 +79,7 @@ def load_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                         path, f"too large: {w}x{h} = {w * h / 1e6:.0f} megapixels > limit "
                               f"{max_pixels / 1e6:.0f} (decompression-bomb guard; raise dataset.max_image_pixels to keep it)")
                 img.load()
-                img = ImageOps.exif_transpose(img) or img
+                ImageOps.exif_transpose(img, in_place=True)  # ours to change: no copy
                 return _to_rgb(img, background)
     except ImageError:
         raise
@@ -124,8 +124,9 @@ def _to_rgb(img: Image.Image, background) -> Image.Image:
     if img.mode == "L" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode == "RGBA" or img.mode == "RGBa":
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
         base = Image.new("RGB", img.size, background)
-        base.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        base.paste(rgba, mask=rgba)  # an RGBA mask means its alpha band; one conversion, not three
         return base
     if img.mode == "CMYK":
         return img.convert("RGB")
