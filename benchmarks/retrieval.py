@@ -43,7 +43,7 @@ from vslib.config import parse_config  # noqa: E402
 OUT = ROOT / "reports" / "benchmarks"
 
 
-def dataset_config(spec: str, backbone: str, head: str = "ensemble") -> tuple[str, dict]:
+def dataset_config(spec: str, backbone: str, head: str = "ensemble", data_dir: Path = ROOT / "data") -> tuple[str, dict]:
     """(a short name, the config mapping) of a dataset spec."""
     spec, _, cap = spec.partition("@")
     name, _, arg = spec.partition(":")
@@ -63,7 +63,7 @@ def dataset_config(spec: str, backbone: str, head: str = "ensemble") -> tuple[st
         label += f" (≤{ds['max_per_class']}/class)"
     data = {"dataset": ds, "backbone": {"name": backbone}, "classifier": {"head": head},
             "evaluation": {"ks": [1, 5, 10]},
-            "paths": {"data": str(ROOT / "data"), "models": str(ROOT / "models"), "reports": str(ROOT / "reports")}}
+            "paths": {"data": str(data_dir), "models": str(ROOT / "models"), "reports": str(ROOT / "reports")}}
     return label, data
 
 
@@ -82,14 +82,15 @@ def claims(r: dict) -> dict:
     }
 
 
-def run(datasets: list[str], backbones: list[str], heads: list[str], seeds: int, base_seed: int) -> dict:
+def run(datasets: list[str], backbones: list[str], heads: list[str], seeds: int, base_seed: int,
+        data_dir: Path = ROOT / "data") -> dict:
     from vslib import datasets as ds_mod
     from vslib import evaluate, features
 
     results = []
     for spec in datasets:
         for backbone in backbones:
-            label, data = dataset_config(spec, backbone)
+            label, data = dataset_config(spec, backbone, data_dir=data_dir)
             cfg = parse_config(data, source=f"benchmark {label}", base_dir=ROOT)
             t = time.perf_counter()
             ds_mod.prepare(cfg, echo=lambda *_: None)
@@ -102,7 +103,7 @@ def run(datasets: list[str], backbones: list[str], heads: list[str], seeds: int,
             print(f"\n== {label}, {backbone}: {len(feats)} images, {n_classes} classes "
                   f"(prepare {t_prepare:.0f}s, extract {t_extract:.0f}s) ==")
             for head in heads:
-                _, hdata = dataset_config(spec, backbone, head)
+                _, hdata = dataset_config(spec, backbone, head, data_dir)
                 hcfg = parse_config(hdata, source=f"benchmark {label}", base_dir=ROOT)
                 t = time.perf_counter()
                 r = evaluate.evaluate_seeds(hcfg, [base_seed + i for i in range(seeds)], feats=feats,
@@ -162,8 +163,11 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--base-seed", type=int, default=42)
     p.add_argument("--out", type=Path, default=OUT, help="folder for retrieval.json/.md (default reports/benchmarks)")
+    p.add_argument("--data", type=Path, default=ROOT / "data", help="data folder: manifests and the feature cache "
+                                                                    "(default: the project's, shared with the pipeline)")
     args = p.parse_args(argv)
-    report = run(args.datasets.split(","), args.backbones.split(","), args.heads.split(","), args.seeds, args.base_seed)
+    report = run(args.datasets.split(","), args.backbones.split(","), args.heads.split(","), args.seeds, args.base_seed,
+                 args.data)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "retrieval.json").write_text(json.dumps(report, indent=2))
     md = to_markdown(report)
