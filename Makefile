@@ -6,7 +6,7 @@ CONFIG ?= application.yaml
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install data demo test report bench bench-full clean-generated
+.PHONY: help install data demo test report experiment bench bench-full clean-generated
 
 ## Print this help.
 help:
@@ -38,6 +38,10 @@ test: $(STAMP) data
 ## Run the numbered notebooks with papermill into HTML reports under reports/.
 report: $(STAMP)
 	$(VENV)/bin/visualsearch report -c $(CONFIG)
+
+## Run a grid of experiment runs into reports/runs/ (e.g. make experiment P='-p classifier.head=ensemble,linear').
+experiment: $(STAMP)
+	$(VENV)/bin/visualsearch experiment -c $(CONFIG) $(P)
 
 ## Quick benchmarks (extraction; search at 10k vectors).
 bench: $(STAMP)

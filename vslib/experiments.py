@@ -250,6 +250,15 @@ def _link(link: Path, target: Path) -> None:
                       "file system with symbolic links for its shared caches") from None
 
 
+def find_run(root: Path, settings: str) -> Optional[Path]:
+    """The folder under ``root`` holding a run of these settings (hash), whatever its readable name."""
+    for folder in sorted(Path(root).glob(f"*_{settings}")):
+        rec = read_record(folder)
+        if rec is not None and rec.get("hash") == settings:
+            return folder
+    return None
+
+
 def materialise(run: Run, root: Path) -> Config:
     """Write the run's ``config.yaml`` (absolute, per-run paths) under ``root/<id>`` and return it loaded.
 
@@ -359,8 +368,8 @@ def execute(cfg: Config, *, notebooks: bool = True, echo: Callable[[str], None] 
         return out
 
     # the summary line, not the list of skipped files (the manifest keeps it; every run would repeat it)
-    stage("prepare", lambda: datasets.prepare(cfg, progress=False,
-                                              echo=lambda m: None if m.startswith("  ") else echo(m)))
+    stage("prepare", lambda: datasets.prepare(cfg, progress=False, echo=lambda m: echo(
+        "\n".join(line for line in str(m).splitlines() if not line.startswith("  ")))))
     fs = stage("extract", lambda: features.extract(cfg, progress=False))
     _, metrics = stage("train", lambda: classifier.train(cfg))
     # a reused classifier wrote its metrics into another run's folder: give this run its own copy
@@ -408,6 +417,9 @@ def run_experiment(runs: Sequence[Run], *, root: Optional[Path] = None, force: b
     root.mkdir(parents=True, exist_ok=True)
     records = []
     for n, run in enumerate(runs, 1):
+        found = find_run(root, run.hash)  # the same settings, perhaps asked for with other -p spellings
+        if found is not None:
+            run.id = found.name
         folder = root / run.id
         old = read_record(folder)
         if old is not None and old.get("hash") != run.hash:
@@ -457,8 +469,8 @@ def run_experiment(runs: Sequence[Run], *, root: Optional[Path] = None, force: b
                              if metric_value(record, c) is not None))
         write_comparison(root)
     page = write_comparison(root)
-    failed = sum(r.get("status") != "ok" for r in records)
-    echo(f"{len(records)} runs ({failed} failed); comparison: {page}")
+    failed = [r["id"] for r in records if r.get("status") != "ok"]
+    echo(f"{len(records)} runs, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; comparison: {page}")
     return records
 
 
@@ -613,6 +625,9 @@ def write_comparison(root: str | os.PathLike) -> Path:
     if any(r.get("status") == "ok" for r in records):
         plot_precision(records, save_as=fig_path)
     n_ok = sum(r.get("status") == "ok" for r in records)
+    counts: dict = {}
+    for r in records:
+        counts[r.get("status")] = counts.get(r.get("status"), 0) + 1
     head = ["run", "status", *params, *metrics, "seconds"]
     # the best value of a metric, where the runs differ in it
     best = {c: table[c].max() for c in metrics if c in table and table[c].notna().any() and table[c].nunique() > 1}
@@ -659,7 +674,7 @@ def write_comparison(root: str | os.PathLike) -> Path:
         "details{margin:1em 0}code{font-size:.9em}",
         "</style></head><body>",
         "<h1>VisualSearch experiment runs</h1>",
-        f"<p>{len(records)} runs ({n_ok} ok, {len(records) - n_ok} failed) in <code>{html.escape(str(root))}</code>; "
+        f"<p>{len(records)} runs ({', '.join(f'{v} {k}' for k, v in counts.items()) or 'none yet'}) in <code>{html.escape(str(root))}</code>; "
         f"page written {time.strftime('%Y-%m-%d %H:%M:%S')}. Click a column header to sort. "
         "Metrics are on the held-out query split: <i>classifier_accuracy</i> is the classifier's top-1, "
         "<i>nn1_accuracy</i> the label of the single nearest indexed image, <i>MODE p@k</i> precision at k, "
