@@ -48,7 +48,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
@@ -434,7 +434,8 @@ def run_experiment(runs: Sequence[Run], *, root: Optional[Path] = None, force: b
         echo(f"{label}: " + (", ".join(f"{k}={_fmt(v)}" for k, v in run.parameters.items()) or "base config"))
         record = {"id": run.id, "hash": run.hash, "parameters": run.parameters, "status": "running",
                   "started": _now(), "finished": None, "timings": {}, "error": None,
-                  "git": git_state(), "versions": versions(), "notebooks": notebooks}
+                  "git": git_state(), "versions": versions(), "notebooks": notebooks,
+                  "config": run.config.to_dict()}  # replaced by the run's own (paths included) once written
         t0 = time.perf_counter()
         try:
             cfg = materialise(run, root)
