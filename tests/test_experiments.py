@@ -96,6 +96,23 @@ def test_run_ids_are_readable_and_keyed_by_the_resolved_settings(tmp_path):
     assert plan(other, ["classifier.head=ensemble"])[0].hash != default.hash
 
 
+def test_notebook_parameters_are_validated_and_part_of_the_run(tmp_path):
+    from vslib.experiments import notebook_parameter_names
+
+    cfg = _write(tmp_path, SMALL)
+    declared = notebook_parameter_names()
+    name = next(n for n in declared if n not in experiments.FROM_CONFIG)  # one of the notebooks' own tunables
+    base = plan(cfg)[0]
+    runs = plan(cfg, [f"notebook.{name}=3"])
+    assert runs[0].notebook_parameters == {name: 3} and runs[0].settings == {}
+    assert runs[0].hash != base.hash and experiments.settings_hash(runs[0].config) == base.hash
+    with pytest.raises(ConfigError) as e:
+        plan(cfg, [f"notebook.{name[:-1]}X=3"])
+    assert f"did you mean 'notebook.{name}'?" in str(e.value)
+    with pytest.raises(ConfigError, match=r"use -p dataset.name=\.\.\."):
+        plan(cfg, ["notebook.dataset=fashion-mnist"])
+
+
 # ---------------------------------------------------------------------------
 # Running grids (real pipeline, no notebooks)
 

@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
              "reports/runs/index.html (identical runs are reused)")
     sp.add_argument("-p", "--param", action="append", metavar="SECTION.KEY=VALUE[,VALUE...]",
                     help="a setting for the runs (repeatable); a comma list makes a grid, "
-                         "e.g. -p classifier.head=ensemble,linear -p search.tune=true,false")
+                         "e.g. -p classifier.head=ensemble,linear -p search.tune=true,false; "
+                         "-p notebook.NAME=VALUE sets a notebook's own parameter (e.g. notebook.umap_points=500)")
     sp.add_argument("--grid", metavar="FILE", help="YAML grid file: 'section.key: [values]' per line "
                                                    "(-p replaces the file's values of the same key)")
     sp.add_argument("--force", action="store_true", help="rerun runs that already finished")

@@ -66,6 +66,12 @@ COMPARISON_FIGURE = "precision_at_k_by_mode.png"
 COMPARE_NOTEBOOK = "06_compare_runs.ipynb"
 #: stages of one run, in order (``notebooks`` only when asked for)
 STAGES = ("prepare", "extract", "train", "index", "evaluate", "notebooks")
+#: ``-p notebook.NAME=value`` sets the notebooks' own parameter NAME
+NOTEBOOK_PREFIX = "notebook."
+#: notebook parameters every run derives from its config (set them through the config's keys)
+FROM_CONFIG = {"config_path": "", "dataset": "dataset.name", "backbone": "backbone.name", "backend": "index.backend",
+               "max_per_class": "dataset.max_per_class", "max_queries": "evaluation.max_queries",
+               "data_dir": "", "models_dir": "", "reports_dir": ""}
 #: distributions whose versions a run records
 PACKAGES = ("visualsearch", "numpy", "pandas", "scikit-learn", "faiss-cpu", "tensorflow", "keras",
             "elasticsearch", "papermill")
@@ -170,11 +176,54 @@ def _settings(cfg: Config) -> dict:
     return d
 
 
+def run_hash(cfg: Config, notebook_parameters: Optional[dict] = None) -> str:
+    """:func:`settings_hash`, or with notebook parameters a hash of both."""
+    if not notebook_parameters:
+        return settings_hash(cfg)
+    return _hash({"settings": settings_hash(cfg), "notebook": notebook_parameters})
+
+
 def run_id(parameters: dict, cfg: Config) -> str:
-    """``head=linear_tune=false_1a2b3c4d``: the parameters' last name parts and values, then :func:`settings_hash`."""
+    """``head=linear_tune=false_1a2b3c4d``: the parameters' last name parts and values, then :func:`run_hash`."""
     parts = [f"{k.split('.')[-1]}={_fmt(v)}" for k, v in parameters.items()]
     readable = re.sub(r"[^A-Za-z0-9._=+-]+", "-", "_".join(parts)).strip("-_")[:80] or "base"
-    return f"{readable}_{settings_hash(cfg)}"
+    nb = {k[len(NOTEBOOK_PREFIX):]: v for k, v in parameters.items() if k.startswith(NOTEBOOK_PREFIX)}
+    return f"{readable}_{run_hash(cfg, nb)}"
+
+
+def notebook_parameter_names() -> dict[str, str]:
+    """``{name: notebook}`` of the parameters the numbered notebooks 01-05 declare (the first notebook naming each)."""
+    import papermill as pm
+
+    from vslib import report
+
+    out: dict[str, str] = {}
+    for path in report.list_notebooks():
+        if path.name != COMPARE_NOTEBOOK:
+            for name in pm.inspect_notebook(str(path)):
+                out.setdefault(name, path.name)
+    return out
+
+
+def check_notebook_parameters(keys: Sequence[str]) -> None:
+    """Each ``notebook.NAME`` must name a parameter a notebook declares; a misspelt one names the closest."""
+    import difflib
+
+    if not keys:
+        return
+    declared = notebook_parameter_names()
+    for key in keys:
+        name = key[len(NOTEBOOK_PREFIX):]
+        if name in FROM_CONFIG:
+            via = FROM_CONFIG[name]
+            raise ConfigError(f"-p {key}: every run sets the notebooks' {name!r} from its config"
+                              + (f"; use -p {via}=..." if via else " (paths are per run)"))
+        if name not in declared:
+            choices = sorted(n for n in declared if n not in FROM_CONFIG)
+            close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+            hint = f"; did you mean {NOTEBOOK_PREFIX + close[0]!r}?" if close else ""
+            raise ConfigError(f"-p {key}: no notebook has a parameter {name!r}{hint} "
+                              f"(notebook parameters: {', '.join(choices)})")
 
 
 @dataclass
@@ -189,6 +238,16 @@ class Run:
     @property
     def hash(self) -> str:
         return self.id.rsplit("_", 1)[-1]
+
+    @property
+    def settings(self) -> dict:
+        """The ``section.key`` parameters (config settings)."""
+        return {k: v for k, v in self.parameters.items() if not k.startswith(NOTEBOOK_PREFIX)}
+
+    @property
+    def notebook_parameters(self) -> dict:
+        """The ``notebook.NAME`` parameters, without the prefix (passed to papermill)."""
+        return {k[len(NOTEBOOK_PREFIX):]: v for k, v in self.parameters.items() if k.startswith(NOTEBOOK_PREFIX)}
 
 
 def plan(config_path: str | os.PathLike, params: Sequence[str] = (), grid_file=None) -> list[Run]:
@@ -205,9 +264,12 @@ def plan(config_path: str | os.PathLike, params: Sequence[str] = (), grid_file=N
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    grid = grid_from(params, grid_file)
+    check_notebook_parameters([k for k in grid if k.startswith(NOTEBOOK_PREFIX)])
     runs, seen = [], set()
-    for combo in combinations(grid_from(params, grid_file)):
-        cfg = apply_overrides(data, combo, source=path.name, base_dir=path.resolve().parent)
+    for combo in combinations(grid):
+        settings = {k: v for k, v in combo.items() if not k.startswith(NOTEBOOK_PREFIX)}
+        cfg = apply_overrides(data, settings, source=path.name, base_dir=path.resolve().parent)
         rid = run_id(combo, cfg)
         if rid.rsplit("_", 1)[-1] in seen:
             continue
@@ -279,7 +341,7 @@ def materialise(run: Run, root: Path) -> Config:
     out = root / run.id
     out.mkdir(parents=True, exist_ok=True)
     resolved = dict(run.base_data)
-    for key, value in run.parameters.items():
+    for key, value in run.settings.items():
         resolved = merge(resolved, nested(key, value))  # as apply_overrides merged them
     resolved["paths"] = {"data": str(data_dir), "models": str(models_dir), "reports": str(out.resolve())}
     if base.dataset.root:
@@ -290,7 +352,7 @@ def materialise(run: Run, root: Path) -> Config:
               f"# written by `visualsearch experiment` from {base.base_dir / base.source}\n")
     (out / RUN_CONFIG).write_text(header + yaml.safe_dump(resolved, sort_keys=False))
     cfg = load_config(out / RUN_CONFIG)
-    if settings_hash(cfg) != run.hash:  # the written file must describe exactly the planned run
+    if run_hash(cfg, run.notebook_parameters) != run.hash:  # the written file must describe exactly the planned run
         raise RuntimeError(f"{out / RUN_CONFIG} does not reproduce run {run.id} (settings hash {settings_hash(cfg)})")
     return cfg
 
@@ -350,7 +412,7 @@ def summarise(results: dict) -> dict:
 
 
 def execute(cfg: Config, *, notebooks: bool = True, echo: Callable[[str], None] = print,
-            timings: Optional[dict] = None) -> dict:
+            timings: Optional[dict] = None, notebook_parameters: Optional[dict] = None) -> dict:
     """Run the pipeline (and the numbered notebooks) on one run's config; return the evaluation results.
 
     ``timings`` is filled with seconds per stage as they finish (so a failure keeps the finished ones).
@@ -398,7 +460,7 @@ def execute(cfg: Config, *, notebooks: bool = True, echo: Callable[[str], None] 
         from vslib import report
 
         names = [p.name for p in report.list_notebooks() if p.name != COMPARE_NOTEBOOK]
-        stage("notebooks", lambda: report.run_notebooks(cfg, names, echo=echo))
+        stage("notebooks", lambda: report.run_notebooks(cfg, names, parameters=notebook_parameters, echo=echo))
     return results
 
 
@@ -435,7 +497,8 @@ def run_experiment(runs: Sequence[Run], *, root: Optional[Path] = None, force: b
         record = {"id": run.id, "hash": run.hash, "parameters": run.parameters, "status": "running",
                   "started": _now(), "finished": None, "timings": {}, "error": None,
                   "git": git_state(), "versions": versions(), "notebooks": notebooks,
-                  "config": run.config.to_dict()}  # replaced by the run's own (paths included) once written
+                  # the planned settings; replaced by the run's own config (paths included) once it is written
+                  "config": run.config.to_dict(), "notebook_parameters": run.notebook_parameters}
         t0 = time.perf_counter()
         try:
             cfg = materialise(run, root)
@@ -445,7 +508,8 @@ def run_experiment(runs: Sequence[Run], *, root: Optional[Path] = None, force: b
             _write_json(folder / RECORD, record)
             for stale in (folder / "error.txt",):
                 stale.unlink(missing_ok=True)
-            results = execute(cfg, notebooks=notebooks, echo=echo, timings=record["timings"])
+            results = execute(cfg, notebooks=notebooks, echo=echo, timings=record["timings"],
+                              notebook_parameters=run.notebook_parameters)
             record["metrics"] = summarise(results)
             _write_json(folder / METRICS, record["metrics"])
             record["status"] = "ok"
@@ -501,9 +565,16 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _values(record: dict) -> dict:
+    """``{section.key: value}`` of a run's settings (paths excluded) and ``{notebook.NAME: value}``."""
+    out = _flatten({k: v for k, v in (record.get("config") or {}).items() if k != "paths"})
+    out.update({NOTEBOOK_PREFIX + k: v for k, v in (record.get("notebook_parameters") or {}).items()})
+    return out
+
+
 def differing_parameters(records: Sequence[dict]) -> list[str]:
-    """Setting names (``section.key``) whose values differ between the runs (paths excluded)."""
-    flat = [_flatten({k: v for k, v in (r.get("config") or {}).items() if k != "paths"}) for r in records]
+    """Setting names (``section.key``, ``notebook.NAME``) whose values differ between the runs (paths excluded)."""
+    flat = [_values(r) for r in records]
     keys = sorted(set().union(*flat)) if flat else []
     given = [k for r in records for k in r.get("parameters", {})]
     order = list(dict.fromkeys(given)) + [k for k in keys if k not in given]
@@ -543,7 +614,7 @@ def runs_table(records: Sequence[dict]):
     metrics = metric_columns(records)
     rows = []
     for r in records:
-        flat = _flatten(r.get("config") or {})
+        flat = _values(r)
         row = {"run": r.get("id"), "status": r.get("status")}
         row.update({p: flat.get(p) for p in params})
         row.update({c: metric_value(r, c) for c in metrics})
@@ -656,7 +727,7 @@ def write_comparison(root: str | os.PathLike) -> Path:
         rows.append("<tr>" + "".join(cells) + "</tr>")
     common = {}
     if records:
-        flat = _flatten({k: v for k, v in (records[-1].get("config") or {}).items() if k != "paths"})
+        flat = _values(records[-1])
         common = {k: v for k, v in flat.items() if k not in params}
     thumbs = []
     for r in records:
