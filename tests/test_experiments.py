@@ -251,3 +251,15 @@ def test_the_comparison_notebook_reads_the_records(grid, tmp_path):
     for r in records:
         assert r["id"] in text
     assert "classifier.head" in text
+
+
+def test_the_cli_validates_and_lists_the_runs(tmp_path, capsys):
+    from vslib import cli
+
+    cfg = _write(tmp_path, SMALL)
+    assert cli.main(["experiment", "-c", str(cfg), "-p", "classifier.hed=linear", "--no-notebooks"]) == 2
+    assert "did you mean 'classifier.head'?" in capsys.readouterr().err
+    assert cli.main(["experiment", "-c", str(cfg), "-p", "classifier.head=linear,knn", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in out] == [r.id for r in plan(cfg, ["classifier.head=linear,knn"])]
+    assert all(ln.endswith("new") for ln in out) and not (tmp_path / "reports" / "runs").exists()
