@@ -6,7 +6,7 @@ CONFIG ?= application.yaml
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install data demo test report experiment bench bench-full clean-generated
+.PHONY: help install data demo test report bench bench-full clean-generated
 
 ## Print this help.
 help:
@@ -40,6 +40,7 @@ report: $(STAMP)
 	$(VENV)/bin/visualsearch report -c $(CONFIG)
 
 ## Run a grid of experiment runs into reports/runs/ (e.g. make experiment P='-p classifier.head=ensemble,linear').
+.PHONY: experiment
 experiment: $(STAMP)
 	$(VENV)/bin/visualsearch experiment -c $(CONFIG) $(P)
 
