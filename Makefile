@@ -39,6 +39,11 @@ test: $(STAMP) data
 report: $(STAMP)
 	$(VENV)/bin/visualsearch report -c $(CONFIG)
 
+## Run a grid of experiment runs into reports/runs/ (e.g. make experiment P='-p classifier.head=ensemble,linear').
+.PHONY: experiment
+experiment: $(STAMP)
+	$(VENV)/bin/visualsearch experiment -c $(CONFIG) $(P)
+
 ## Quick benchmarks (extraction; search at 10k vectors).
 bench: $(STAMP)
 	$(PY) benchmarks/extract.py

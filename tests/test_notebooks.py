@@ -23,7 +23,7 @@ from vslib.paths import NOTEBOOKS_DIR, PROJ_ROOT
 from vslib.report import ReportError, error_outputs, list_notebooks, notebook_config, run_notebooks
 
 EXPECTED = ["01_train_classifier.ipynb", "02_extract_features.ipynb", "03_index.ipynb",
-            "04_evaluate_retrieval.ipynb", "05_query_explorer.ipynb"]
+            "04_evaluate_retrieval.ipynb", "05_query_explorer.ipynb", "06_compare_runs.ipynb"]
 #: small settings for the notebooks' own parameters
 SMALL = {"samples_per_class": 2, "sample_classes": 4, "timing_images": 8, "grid_queries": 2,
          "umap_points": 120, "umap_thumbnails": 5, "demo_k": 4}

@@ -12,6 +12,7 @@ the CLI does can be done from a notebook too:
 ``search IMAGE``          :class:`vslib.search.VisualSearch`
 ``run``                   :func:`vslib.pipeline.run` (all of the above)
 ``report``                :func:`vslib.report.run_notebooks`
+``experiment``            :func:`vslib.experiments.run_experiment` (a grid of runs)
 ========================  ==========================================
 """
 from __future__ import annotations
@@ -109,6 +110,21 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from vslib import experiments
+
+    runs = experiments.plan(args.config, args.param or [], args.grid)
+    if args.dry_run:
+        root = experiments.runs_dir(runs[0].config)
+        for r in runs:
+            old = experiments.read_record(root / r.id)
+            state = "new" if old is None else f"{old.get('status')} (finished {old.get('finished')})"
+            print(f"{r.id}  {state}")
+        return 0
+    records = experiments.run_experiment(runs, force=args.force, notebooks=args.notebooks)
+    return 0 if all(r.get("status") == "ok" for r in records) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visualsearch", description="Hierarchical reverse image search.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -153,6 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
     sp.add_argument("--report", action="store_true", help="also run the notebooks into HTML reports")
     add("report", cmd_report, "run the notebooks with papermill and export HTML reports")
+    sp = add("experiment", cmd_experiment,
+             "run every combination of parameters into reports/runs/<run-id>/ and compare them in "
+             "reports/runs/index.html (identical runs are reused)")
+    sp.add_argument("-p", "--param", action="append", metavar="SECTION.KEY=VALUE[,VALUE...]",
+                    help="a setting for the runs (repeatable); a comma list makes a grid, "
+                         "e.g. -p classifier.head=ensemble,linear -p search.tune=true,false; "
+                         "-p notebook.NAME=VALUE sets a notebook's own parameter (e.g. notebook.umap_points=500)")
+    sp.add_argument("--grid", metavar="FILE", help="YAML grid file: 'section.key: [values]' per line "
+                                                   "(-p replaces the file's values of the same key)")
+    sp.add_argument("--force", action="store_true", help="rerun runs that already finished")
+    sp.add_argument("--notebooks", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the numbered notebooks into each run's folder (default: yes)")
+    sp.add_argument("--dry-run", action="store_true", help="list the runs and whether they exist; run nothing")
     return p
 
 

@@ -406,3 +406,70 @@ def merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = merge(out.get(k) or {}, v) if isinstance(v, dict) and isinstance(out.get(k), (dict, type(None))) else v
     return out
+
+
+# ---------------------------------------------------------------------------
+# ``section.key=value`` overrides (the CLI's and papermill's ``-p``)
+
+
+def parse_value(text: str) -> Any:
+    """A ``-p`` value as YAML reads it (``true``, ``0.9``, ``null``, ``[1, 5]``); anything else stays a string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    import datetime
+
+    return text if isinstance(value, datetime.date) else value  # 2026-01-02 is a name here, not a date
+
+
+def nested(key: str, value: Any) -> dict:
+    """``nested("search.mass", 0.8)`` -> ``{"search": {"mass": 0.8}}``."""
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise ConfigError(f"{key!r} is not a setting name; write section.key, e.g. search.mass")
+    out: Any = value
+    for p in reversed(parts):
+        out = {p: out}
+    return out
+
+
+def apply_overrides(data: Optional[dict], overrides: dict, *, source: str = "application.yaml",
+                    base_dir: Optional[Path] = None) -> Config:
+    """Validate ``{"section.key": value}`` overrides one by one over ``data`` (the parsed YAML); return the Config.
+
+    Each override is checked on its own first, so an error names the ``-p``
+    that caused it, with the same messages as a YAML key (a misspelt name
+    suggests the closest valid one, a bad value lists what is allowed).
+    """
+    data = dict(data or {})
+    merged = data
+    for key, value in overrides.items():
+        over = nested(key, value)
+        where = f"{source} with -p {key}={value if not isinstance(value, bool) else str(value).lower()}"
+        leaf = _leaf_type(key, where)
+        if dataclasses.is_dataclass(leaf):
+            raise ConfigError(f"{where}: {key} is a section, not a setting; name one of its keys "
+                              f"({', '.join(f.name for f in dataclasses.fields(leaf))})")
+        parse_config(merge(data, over), source=where, base_dir=base_dir, env={})
+        merged = merge(merged, over)
+    return parse_config(merged, source=source, base_dir=base_dir)
+
+
+def _leaf_type(key: str, where: str):
+    """The declared type of a dotted setting name; an unknown part names the closest valid one."""
+    tp: Any = Config
+    done = []
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None  # inside a free-form mapping (index_options): the parser checks the rest
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.init and f.name not in ("base_dir", "source")}
+        if part not in fields:
+            close = difflib.get_close_matches(part, list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean {'.'.join(done + [close[0]])!r}?" if close else ""
+            section = f"section '{'.'.join(done)}'" if done else "the top level"
+            raise ConfigError(f"{where}: unknown key {part!r} in {section}{hint} "
+                              f"(valid keys: {', '.join(fields)})")
+        tp = typing.get_type_hints(tp)[part]
+        done.append(part)
+    return tp
