@@ -181,11 +181,11 @@ def confusion_matrix(confusion: Mapping, *, title: str = "Confusion matrix", sav
     labels = [str(x) for x in confusion["labels"]]
     norm = normalised_confusion(confusion)
     n = len(labels)
-    side = float(np.clip(0.3 * n + 2.5, 5, 30))
+    side = float(np.clip(0.23 * n + 2, 5, 30))
     fig, ax = plt.subplots(figsize=(side + 2, side + 0.5))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks(range(n), labels, rotation=90, fontsize=10)
-    ax.set_yticks(range(n), labels, fontsize=10)
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=10.5)
+    ax.set_yticks(range(n), labels, fontsize=10.5)
     ax.set_xlabel("predicted class", fontsize=11)
     ax.set_ylabel("true class", fontsize=11)
     ax.set_title(title + " (each row sums to 1)", fontsize=12)
@@ -193,7 +193,7 @@ def confusion_matrix(confusion: Mapping, *, title: str = "Confusion matrix", sav
         for j in range(n):
             if norm[i, j] >= 0.1 and (i != j or n <= 40):
                 ax.text(j, i, f"{norm[i, j]:.1f}".lstrip("0") if norm[i, j] < 1 else "1", ha="center",
-                        va="center", fontsize=9, color="white" if norm[i, j] > 0.5 else "black")
+                        va="center", fontsize=9.5, color="white" if norm[i, j] > 0.5 else "black")
     cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     cb.set_label("share of the true class", fontsize=11)
     cb.ax.tick_params(labelsize=10)
@@ -293,40 +293,40 @@ def mode_comparison(query_paths: Sequence[str], query_labels: Sequence[str], hit
                     *, k: int = 5, thumb: int = 96, title: str = "", save_as: Optional[str | Path] = None):
     """For each query, one row per mode with its top-k hits, so the modes can be compared side by side.
 
-    ``hits_by_mode[mode][i]`` are the hits of query ``i`` in that mode (rank order).
-    A hit's caption is its class and rank; its frame is green when it has the query's label, red when not.
+    ``hits_by_mode[mode][i]`` are the hits of query ``i`` in that mode (rank order). Each query is
+    a framed panel; a hit's caption is its rank and class, its frame green when it has the query's
+    label, red when not.
     """
     plt = _plt()
     modes = list(hits_by_mode)
     n = len(query_paths)
-    rows = n * len(modes)
-    fig, axes = plt.subplots(rows, k + 1, figsize=(1.5 * (k + 1) + 0.6, 1.62 * rows + 0.4), squeeze=False)
-    for q in range(n):
+    fig = plt.figure(figsize=(1.3 * k + 2.9, (1.3 * len(modes) + 0.25) * n + (0.4 if title else 0)),
+                     layout="constrained")
+    panels = fig.subfigures(n, 1, squeeze=False)[:, 0] if n > 1 else [fig.subfigures(1, 1)]
+    for q, panel in enumerate(panels):
+        panel.set_edgecolor("#aaa")
+        panel.set_linewidth(1)
+        axes = panel.subplots(len(modes), k + 1, squeeze=False,
+                              gridspec_kw={"width_ratios": [1.6] + [1] * k})
         for m, mode in enumerate(modes):
-            r = q * len(modes) + m
-            ax0 = axes[r, 0]
-            if m == 0:
-                _draw_thumbnail(ax0, query_paths[q], thumb, f"query\n{_short(query_labels[q])}")
-            else:
-                ax0.axis("off")
             hits = list(hits_by_mode[mode][q])[:k]
             right = sum(h["label"] == query_labels[q] for h in hits)
-            axes[r, 1].set_ylabel(f"{mode}\n{right}/{len(hits)} right", fontsize=10, rotation=0, ha="right",
+            if m == 0:
+                _draw_thumbnail(axes[m, 0], query_paths[q], thumb, f"query: {_short(query_labels[q], 20)}")
+            else:
+                axes[m, 0].axis("off")
+            axes[m, 1].set_ylabel(f"{mode}\n{right}/{len(hits)} right", fontsize=10, rotation=0, ha="right",
                                   va="center", labelpad=6)
             for c in range(k):
-                ax = axes[r, c + 1]
+                ax = axes[m, c + 1]
                 if c < len(hits):
                     h = hits[c]
-                    _draw_thumbnail(ax, h["path"], thumb, f"{c + 1}. {_short(h['label'], 16)}",
+                    _draw_thumbnail(ax, h["path"], thumb, f"{c + 1}. {_short(h['label'], 15)}",
                                     GOOD if h["label"] == query_labels[q] else BAD)
                 else:
                     ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=12)
-    fig.tight_layout(h_pad=0.6)
-    for q in range(1, n):  # a rule between queries
-        y = axes[q * len(modes), 0].get_position().y1 + 0.012
-        fig.add_artist(plt.Line2D([0.02, 0.98], [y, y], color="#999", linewidth=1))
     if save_as:
         save_fig(fig, save_as)
     return fig
@@ -346,6 +346,25 @@ def _spread_thumbnails(xy: np.ndarray, cells: int, rng) -> list[int]:
         chosen.setdefault((cell[i, 0], cell[i, 1]), i)
     # keep every other cell in a checkerboard: neighbours never touch
     return [i for (cx, cy), i in chosen.items() if (cx + cy) % 2 == 0]
+
+
+def _separate(fig, ax, texts, tries: int = 8) -> None:
+    """Nudge text labels up or down (in steps of their height) until no two overlap."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    to_data = ax.transData.inverted()
+    for t in texts:
+        box = t.get_window_extent(renderer).expanded(1.05, 1.1)
+        x, y = t.get_position()
+        base = ax.transData.transform((x, y))
+        for step in range(tries + 1):
+            dy = box.height * ((step + 1) // 2) * (1 if step % 2 else -1)
+            moved = box.translated(0, dy)
+            if not any(moved.overlaps(p) for p in placed):
+                break
+        t.set_position(tuple(to_data.transform((base[0], base[1] + dy))))
+        placed.append(moved)
 
 
 def embedding_map(vectors: np.ndarray, labels: Sequence[str], paths: Optional[Sequence[str]] = None, *,
@@ -381,10 +400,14 @@ def embedding_map(vectors: np.ndarray, labels: Sequence[str], paths: Optional[Se
             ax.add_artist(AnnotationBbox(img, xy[i], frameon=True, pad=0.1, zorder=3,
                                          bboxprops={"edgecolor": colours[uniq.index(labels[i])], "linewidth": 1.5}))
     outline = [patheffects.withStroke(linewidth=3, foreground="white")]
+    last = [lbl.split("/")[-1] for lbl in uniq]
+    texts = []
     for i, lbl in enumerate(uniq):  # the class name at the median of its points
         cx, cy = np.median(xy[labels == lbl], axis=0)
-        ax.text(cx, cy, lbl.split("/")[-1], fontsize=10, ha="center", va="center", color=colours[i],
-                fontweight="bold", path_effects=outline, zorder=4)
+        name = last[i] if last.count(last[i]) == 1 else lbl
+        texts.append(ax.text(cx, cy, name, fontsize=10, ha="center", va="center", color=colours[i],
+                             fontweight="bold", path_effects=outline, zorder=4))
+    _separate(fig, ax, texts)
     ax.set_xticks([]), ax.set_yticks([])
     ax.set_title(title or f"UMAP of {len(xy)} embeddings, coloured by class", fontsize=12)
     fig.tight_layout()
