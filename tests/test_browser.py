@@ -149,19 +149,22 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def lab(project, tmp_path_factory):
     """JupyterLab on loopback, serving a copy of the explorer notebook parametrised for the project."""
+    from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
-    root = tmp_path_factory.mktemp("lab")
-    nb = nbformat.read(str(NOTEBOOKS_DIR / "05_query_explorer.ipynb"), as_version=4)
     from vslib.report import notebook_parameters
 
-    params = {k: v for k, v in notebook_parameters(project).items()}
-    params.update(start_k=4)
-    nb = parameterize_notebook(nb, params)
+    root = tmp_path_factory.mktemp("lab")
+    nb = load_notebook_node(str(NOTEBOOKS_DIR / "05_query_explorer.ipynb"))
+    nb = parameterize_notebook(nb, {**notebook_parameters(project), "start_k": 4})
     nbformat.write(nb, str(root / "05_query_explorer.ipynb"))
     port, token = _free_port(), "vs-browser-test"
+    settings = root / ".settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')  # no news prompt
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(root / ".config"), "JUPYTER_RUNTIME_DIR": str(root / ".runtime"),
-           "JUPYTERLAB_WORKSPACES_DIR": str(root / ".workspaces"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+           "JUPYTERLAB_WORKSPACES_DIR": str(root / ".workspaces"), "JUPYTERLAB_SETTINGS_DIR": str(root / ".settings"),
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
     log = open(root / "lab.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
@@ -204,8 +207,9 @@ def test_the_explorer_in_jupyterlab_picks_a_query_and_searches_with_a_clicked_hi
         page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
         result = page.locator(".vs-x .vs-result")
         result.wait_for(state="visible", timeout=300_000)
-        page.locator(".vs-x").scroll_into_view_if_needed()
-        page.screenshot(path=str(SHOTS / "lab_explorer_start.png"), full_page=False)
+        explorer = page.locator(".widget-vbox:has(.vs-x)").first
+        explorer.scroll_into_view_if_needed()
+        explorer.screenshot(path=str(SHOTS / "lab_explorer_start.png"))  # the controls, gallery and results
 
         def query() -> str:
             return result.get_attribute("data-query")
@@ -233,7 +237,7 @@ def test_the_explorer_in_jupyterlab_picks_a_query_and_searches_with_a_clicked_hi
         wait_query(picked)
         assert result.inner_html() != before
         assert "vs-selected" in (target.get_attribute("class") or "")
-        page.screenshot(path=str(SHOTS / "lab_explorer_picked.png"))
+        explorer.screenshot(path=str(SHOTS / "lab_explorer_picked.png"))
 
         # click a hit: it becomes the query and finds itself first
         hit = page.locator('.vs-x .vs-col[data-mode="flat"] .vs-hit').nth(2)
@@ -242,7 +246,7 @@ def test_the_explorer_in_jupyterlab_picks_a_query_and_searches_with_a_clicked_hi
         wait_query(hit_path)
         assert page.locator('.vs-x .vs-col[data-mode="flat"] .vs-hit').first.get_attribute("data-id") == hit_path
         assert pages.broken_images() == []
-        page.screenshot(path=str(SHOTS / "lab_explorer_hit_clicked.png"))
+        explorer.screenshot(path=str(SHOTS / "lab_explorer_hit_clicked.png"))
 
         # enlarge a hit
         page.locator(".vs-x .vs-zoom").first.click()
@@ -268,7 +272,7 @@ def test_the_explorer_in_jupyterlab_picks_a_query_and_searches_with_a_clicked_hi
         page.dispatch_event(".vs-x .vs-drop", "drop", {"dataTransfer": dt})
         wait_query("dropped.png")
         assert page.locator('.vs-x .vs-col[data-mode="flat"] .vs-hit').first.get_attribute("data-id") == hit_path
-        page.screenshot(path=str(SHOTS / "lab_explorer_dropped.png"))
+        explorer.screenshot(path=str(SHOTS / "lab_explorer_dropped.png"))
 
         assert page.locator(STDERR).count() == 0, "the notebook shows stderr output"
         assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").count() == 0

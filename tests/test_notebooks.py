@@ -205,8 +205,8 @@ def test_the_figures_are_legible_at_the_size_the_notebooks_show_them():
     small = {name: round(plots.smallest_text_px(fig, width), 1) for name, (fig, width) in shown.items()}
     assert all(px >= plots.MIN_TEXT_PX for px in small.values()), small
     table = plots.most_confused({"labels": labels, "matrix": cm.tolist()}, n=5)
-    assert list(table.columns) == ["true class", "predicted as", "images", "of", "share"] and len(table) == 5
-    assert table["images"].is_monotonic_decreasing and table["images"].dtype.kind == "i"
+    assert list(table.columns) == ["true class", "predicted as", "mistakes", "class images", "share"] and len(table) == 5
+    assert table["mistakes"].is_monotonic_decreasing and table["mistakes"].dtype.kind == "i"
 
 
 def test_a_failing_notebook_names_the_notebook_and_the_cell(project):

@@ -95,6 +95,7 @@ CSS = """
 .vs-x .vs-legend{font-size:12px;color:#555;margin:6px 0}
 .vs-x .vs-error{color:#b00020;font-weight:bold;margin:8px 0}
 .vs-x .vs-big{display:none}
+.vs-x .vs-big a{color:inherit;text-decoration:none}
 .vs-x .vs-big:target,.vs-x .vs-lightbox-live:not([hidden]){display:flex;position:fixed;inset:0;z-index:1000;
   background:rgba(0,0,0,.75);align-items:center;justify-content:center}
 .vs-x .vs-big figure,.vs-x .vs-lightbox-live figure{background:#fff;padding:10px;border-radius:6px;margin:0;
@@ -418,7 +419,7 @@ class QueryExplorer:
 
     def _draw_gallery(self) -> None:
         tiles = [f'<div class="vs-thumb" data-id="{_e(p)}" title="{_e(self._labels[p])}: {_e(p)}">'
-                 f'{_img(self._uri(p, 64), self._labels[p])}<span>{_e(self._labels[p])}</span></div>'
+                 f'{_img(self._uri(p, 64), self._labels[p])}<span>{_e(self._labels[p].split("/")[-1])}</span></div>'
                  for p in self.gallery_paths()]
         self.view.gallery_html = "".join(tiles) or '<div class="vs-empty">no query image matches the filter</div>'
 

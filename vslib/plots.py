@@ -211,7 +211,7 @@ def normalised_confusion(confusion: Mapping) -> np.ndarray:
 
 
 def most_confused(confusion: Mapping, n: int = 10):
-    """The ``n`` most frequent mistakes: a DataFrame of true class, predicted class, count and share of the true class."""
+    """The ``n`` most frequent mistakes: true class, predicted class, how many, of how many images, the share."""
     import pandas as pd
 
     labels = [str(x) for x in confusion["labels"]]
@@ -220,7 +220,7 @@ def most_confused(confusion: Mapping, n: int = 10):
     rows = [(labels[i], labels[j], int(cm[i, j]), int(cm[i].sum()), float(norm[i, j]))
             for i in range(len(labels)) for j in range(len(labels)) if i != j and cm[i, j] > 0]
     rows.sort(key=lambda r: (-r[2], -r[4], r[0], r[1]))
-    df = pd.DataFrame(rows[:n], columns=["true class", "predicted as", "images", "of", "share"])
+    df = pd.DataFrame(rows[:n], columns=["true class", "predicted as", "mistakes", "class images", "share"])
     df["share"] = df["share"].map(lambda x: f"{x:.0%}")
     df.index = range(1, len(df) + 1)
     return df
