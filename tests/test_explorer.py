@@ -127,7 +127,8 @@ def test_a_dropped_image_is_used_as_the_query(explorer, cfg):
     assert r.query == "my-photo.png" and explorer.view.selected == "upload:my-photo.png"
     assert r.hits[0]["path"] == src and r.hits[0]["score"] > 0.99  # an indexed image finds itself first
     assert "query: my-photo.png" in explorer.view.panel_html
-    assert "selected" not in explorer.view.gallery_html  # no gallery thumbnail claims to be the query
+    # no gallery thumbnail is marked as the query (the front end marks the one whose data-id is `selected`)
+    assert f'data-id="{explorer.view.selected}"' not in explorer.view.gallery_html
     # the same file dropped again searches again
     explorer.k_slider.value = 3
     assert len(explorer.upload_bytes("my-photo.png", Path(src).read_bytes()).hits) == 3

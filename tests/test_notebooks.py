@@ -154,7 +154,7 @@ def test_the_html_reports_load_nothing_from_the_internet_and_show_no_stderr(proj
         external = re.findall(r'(?:src|href)=["\'](https?://[^"\']+)', page)
         assert external == [], f"{name}: {external}"
         assert "require.min.js" not in page and "mathjax" not in page.lower()
-        assert "application/vnd.jupyter.stderr" not in page, f"{name} shows stderr output"
+        assert 'data-mime-type="application/vnd.jupyter.stderr"' not in page, f"{name} shows stderr output"
     explorer = (project.reports_dir / "05_query_explorer.html").read_text()
     assert explorer.count('class="vs-col"') == 3  # the snapshot: flat | hierarchical | adaptive
     assert "widget-view+json" not in explorer  # no empty widget box waiting for a widget manager

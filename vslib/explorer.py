@@ -517,6 +517,8 @@ class QueryExplorer:
         note = ("A snapshot of the explorer (k = {k}, {backend} index). Open the notebook in JupyterLab "
                 "(<code>make lab</code>) to pick queries from a gallery, drop your own image and click a hit "
                 "to search with it.").format(k=self.k_slider.value, backend=_e(self.backend.value))
+        if self.backend_note:
+            note += " " + _e(self.backend_note)
         return (f'<div class="vs-x vs-snapshot"><style>{CSS}</style>'
                 f'<p style="font-size:13px;color:#555">{note}</p>{body}</div>')
 
