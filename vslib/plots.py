@@ -166,9 +166,9 @@ def per_class_bars(per_class, *, k: int, title: str = "", save_as: Optional[str 
     ax.set_xlabel(f"precision@{k}", fontsize=11)
     ax.tick_params(axis="x", labelsize=10)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=10, loc="lower right", ncol=m)
+    ax.legend(fontsize=10, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=m, frameon=False)  # clear of the bars
     if title:
-        ax.set_title(title, fontsize=12)
+        ax.set_title(title, fontsize=12, pad=26)
     fig.tight_layout()
     if save_as:
         save_fig(fig, save_as)
