@@ -6,7 +6,7 @@ CONFIG ?= application.yaml
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install data demo test report bench bench-full bench-retrieval clean-generated
+.PHONY: help install data browser demo test report lab bench bench-full bench-retrieval clean-generated
 
 ## Print this help.
 help:
@@ -27,12 +27,18 @@ install: $(STAMP)
 data: $(STAMP)
 	$(VENV)/bin/visualsearch data install
 
+## Install Debian's chromium for the browser tests when missing (needs root; else prints the command).
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "the browser tests need chromium: sudo apt-get install -y chromium chromium-driver (they are skipped without it)"; fi
+
 ## Run the whole pipeline on the default dataset, then the notebook reports.
 demo: $(STAMP) data
 	$(VENV)/bin/visualsearch run -c $(CONFIG) --report
 
 ## Run the whole test suite.
-test: $(STAMP) data
+test: $(STAMP) data browser
 	$(PY) -m pytest -q
 
 ## Run the numbered notebooks with papermill into HTML reports under reports/.
@@ -43,6 +49,10 @@ report: $(STAMP)
 .PHONY: experiment
 experiment: $(STAMP)
 	$(VENV)/bin/visualsearch experiment -c $(CONFIG) $(P)
+
+## Open JupyterLab on the notebooks (with --allow-root when run as root).
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 ## Quick benchmarks (extraction; search at 10k vectors).
 bench: $(STAMP)

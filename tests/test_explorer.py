@@ -5,7 +5,7 @@ One module-scoped project (a small Tux Paint subset: prepare -> extract -> train
 """
 from __future__ import annotations
 
-import datetime as dt
+import re
 from pathlib import Path
 
 import pytest
@@ -41,67 +41,137 @@ def explorer(cfg):
         yield ex
 
 
-def _upload(ex, name: str, content: bytes) -> None:
-    """Set the FileUpload value as ipywidgets 8 does after a user picks a file."""
-    ex.upload.value = ({"name": name, "type": "image/png", "size": len(content),
-                        "last_modified": dt.datetime.now(dt.timezone.utc),
-                        "content": memoryview(content)},)
-
-
-def test_query_split_choice_k_and_mode_drive_the_search(explorer, cfg):
-    queries = features.load_features(cfg).split("query").table
-    path = queries["path"].iloc[3]
-    explorer.dropdown.value = path
-    explorer.k_slider.value = 3
-    explorer.mode.value = "hierarchical"
-    r = explorer.last_result
+def test_compare_view_shows_the_three_modes_side_by_side_in_rank_order(explorer, cfg):
+    path = explorer.query_paths[3]
+    explorer.k_slider.value = 4
+    explorer.mode.value = "compare"
+    explorer.select(path)
     assert explorer.last_error is None
-    assert r is not None and len(r.hits) == 3
-    assert r.mode == "hierarchical" and r.searched_labels == [r.predicted[0][0]]
-    assert all(h["label"] == r.predicted[0][0] for h in r.hits)  # narrowed to the top class
-    assert r.query == path
-    html = explorer.output.value
-    assert "predicted classes" in html and html.count("<img") >= 4  # the query and 3 hits
-    assert f"{r.hits[0]['score']:.3f}" in html
+    assert list(explorer.last_results) == ["flat", "hierarchical", "adaptive"]
+    assert explorer.last_result is explorer.last_results["adaptive"]
+    html = explorer.view.panel_html
+    assert html.index('data-mode="flat"') < html.index('data-mode="hierarchical"') < html.index('data-mode="adaptive"')
+    for mode, r in explorer.last_results.items():
+        assert r.query == path and len(r.hits) == 4
+        ranked = [h.get("rank_score", h["score"]) for h in r.hits]
+        assert ranked == sorted(ranked, reverse=True), (mode, ranked)  # listed in rank order
+        for rank, h in enumerate(r.hits, 1):  # every hit: its path on hover, its rank and similarity
+            assert f'data-id="{h["path"]}" data-rank="{rank}"' in html
+            assert f'title="{h["path"]}"' in html and f"sim {h['score']:.3f}" in html
+    hier = explorer.last_results["hierarchical"]
+    assert all(h["label"] == hier.predicted[0][0] for h in hier.hits)  # narrowed to the top class
+    assert "predicted classes" in html and html.count("<img") == 1 + 3 * 4  # the query and 3 x 4 hits
 
+
+def test_one_mode_and_k_drive_the_search(explorer):
+    explorer.select(explorer.query_paths[5])
+    explorer.mode.value = "hierarchical"
+    assert list(explorer.last_results) == ["hierarchical"]
+    r = explorer.last_result
+    assert r.mode == "hierarchical" and r.searched_labels == [r.predicted[0][0]]
     explorer.mode.value = "flat"
     assert explorer.last_result.mode == "flat" and explorer.last_result.searched_labels is None
     explorer.k_slider.value = 5
     assert len(explorer.last_result.hits) == 5
+    explorer.mode.value = "compare"
 
 
-def test_an_uploaded_image_is_used_as_the_query(explorer, cfg):
+def test_the_gallery_filters_by_class_and_by_text(explorer):
+    everything = explorer.gallery_paths()
+    assert everything == explorer.query_paths and explorer.view.gallery_html.count('class="vs-thumb"') == len(everything)
+    cls = explorer._labels[everything[-1]]
+    explorer.label_filter.value = cls
+    shown = explorer.gallery_paths()
+    assert shown and all(explorer._labels[p] == cls for p in shown) and len(shown) < len(everything)
+    assert explorer.view.gallery_html.count('class="vs-thumb"') == len(shown)
+    name = Path(shown[0]).name[:5]
+    explorer.search_text.value = name.upper()  # case-insensitive, matched against the file name too
+    assert shown[0] in explorer.gallery_paths()
+    explorer.search_text.value = "no-such-thing-anywhere"
+    assert explorer.gallery_paths() == [] and "no query image matches" in explorer.view.gallery_html
+    explorer.search_text.value, explorer.label_filter.value = "", "all classes"
+
+
+def test_clicking_a_thumbnail_or_a_hit_searches_with_it(explorer):
+    """A click sets the view's ``selected`` trait from the browser; the kernel searches with that image."""
+    first = explorer.query_paths[0]
+    explorer.view.selected = first
+    assert explorer.last_result.query == first
+    hit = explorer.last_results["flat"].hits[2]["path"]  # an indexed image, not a query
+    explorer.view.selected = hit
+    r = explorer.last_results["flat"]
+    assert r.query == hit and r.hits[0]["path"] == hit and r.hits[0]["score"] > 0.99  # it finds itself first
+    assert f'data-query="{hit}"' in explorer.view.panel_html
+
+
+def test_enlarge_sends_a_bigger_image(explorer, monkeypatch):
+    sent = []
+    monkeypatch.setattr(explorer.view, "send", lambda content, buffers=None: sent.append(content))
+    path = explorer.query_paths[1]
+    explorer._on_view_msg(explorer.view, {"type": "enlarge", "id": path}, [])
+    assert sent[0]["type"] == "enlarged" and sent[0]["id"] == path and path in sent[0]["caption"]
+    from PIL import Image
+    import base64, io
+
+    img = Image.open(io.BytesIO(base64.b64decode(sent[0]["uri"].split(",", 1)[1])))
+    assert max(img.size) > 72  # bigger than the hit's thumbnail
+
+
+def test_a_dropped_image_is_used_as_the_query(explorer, cfg):
     index = features.load_features(cfg).split("index").table
     src = index["path"].iloc[0]
     explorer.k_slider.value = 4
-    explorer.mode.value = "flat"
-    _upload(explorer, "my-photo.png", Path(src).read_bytes())
-    assert explorer.source.value == "uploaded file"
+    # what the drop zone sends: the file's name, its bytes as a buffer
+    explorer._on_view_msg(explorer.view, {"type": "upload", "name": "my-photo.png"}, [memoryview(Path(src).read_bytes())])
     r = explorer.last_result
     assert explorer.last_error is None and r is not None
-    assert r.query == "my-photo.png"
-    # the uploaded image is an indexed one: it finds itself first
-    assert r.hits[0]["path"] == src and r.hits[0]["score"] > 0.99
-    # picking from the dropdown switches back to the query split
-    explorer.dropdown.value = explorer.dropdown.options[1][1]
-    assert explorer.source.value == "query split"
-    assert explorer.last_result.query == explorer.dropdown.value
+    assert r.query == "my-photo.png" and explorer.view.selected == "upload:my-photo.png"
+    assert r.hits[0]["path"] == src and r.hits[0]["score"] > 0.99  # an indexed image finds itself first
+    assert "query: my-photo.png" in explorer.view.panel_html
+    # no gallery thumbnail is marked as the query (the front end marks the one whose data-id is `selected`)
+    assert f'data-id="{explorer.view.selected}"' not in explorer.view.gallery_html
+    # the same file dropped again searches again
+    explorer.k_slider.value = 3
+    assert len(explorer.upload_bytes("my-photo.png", Path(src).read_bytes()).hits) == 3
+    explorer.select(explorer.query_paths[1])  # back to the query split
+    assert explorer.last_result.query == explorer.query_paths[1]
 
 
 def test_an_unreadable_upload_shows_a_clear_message(explorer):
-    _upload(explorer, "notes.txt", b"this is not an image")
+    explorer.upload_bytes("notes.txt", b"this is not an image")
     assert explorer.last_result is None
     assert "notes.txt" in explorer.last_error and "cannot be used as a query" in explorer.last_error
-    assert "Cannot search" in explorer.output.value and "Traceback" not in explorer.output.value
-    explorer.source.value = "query split"  # recovers
+    assert "Cannot search" in explorer.view.panel_html and "Traceback" not in explorer.view.panel_html
+    explorer.select(explorer.query_paths[0])  # recovers
     assert explorer.last_result is not None and explorer.last_error is None
+
+
+def test_the_display_carries_a_static_snapshot_for_html_exports(explorer):
+    bundle = explorer._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    snap = bundle["text/html"]
+    assert snap.count('class="vs-col"') == 3 and "make lab" in snap
+    # enlarging works without JavaScript: each hit links to a hidden full-size copy
+    assert snap.count('class="vs-big"') == 3 * explorer.k_slider.value
+    assert "<script" not in snap and not re.search(r'(src|href)="https?:', snap)  # nothing to fetch
+    assert snap.count("Elasticsearch is not offered") == 1
+
+
+def test_rank_score_is_shown_beside_the_similarity_when_the_engine_ranks_by_it():
+    from vslib.explorer import scores_text
+
+    assert scores_text({"score": 0.81234}) == "sim 0.812"
+    assert scores_text({"score": 0.81234, "rank_score": 0.81234}) == "sim 0.812"
+    assert scores_text({"score": 0.81234, "rank_score": 0.70111}) == "sim 0.812 · rank 0.701"
 
 
 def test_elasticsearch_is_offered_only_when_the_cluster_answers(explorer, cfg):
     ok, message = elasticsearch_status(cfg, timeout=1)
     assert not ok and "127.0.0.1:9" in message
     assert list(explorer.backend.options) == ["embedded"]
-    assert "elasticsearch is not offered" in explorer.backend_note
+    # one short notice, not the connection error twice
+    assert explorer.backend_note == "Elasticsearch is not offered: no answer from http://127.0.0.1:9."
+    assert explorer.notice.value.count("Elasticsearch") == 1
 
 
 def test_an_unreachable_backend_chosen_anyway_is_a_message_not_a_traceback(cfg):
@@ -129,6 +199,7 @@ def test_elasticsearch_backend_when_a_server_runs(cfg, es_url):
         with QueryExplorer(es_cfg) as ex:
             assert set(ex.backend.options) == {"embedded", "elasticsearch"}
             assert ex.backend.value == "elasticsearch"
+            ex.mode.value = "flat"
             ex.k_slider.value = 3
             flat_es = ex.last_result
             ex.backend.value = "embedded"

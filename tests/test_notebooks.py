@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ EXPECTED = ["01_train_classifier.ipynb", "02_extract_features.ipynb", "03_index.
             "04_evaluate_retrieval.ipynb", "05_query_explorer.ipynb", "06_compare_runs.ipynb"]
 #: small settings for the notebooks' own parameters
 SMALL = {"samples_per_class": 2, "sample_classes": 4, "timing_images": 8, "grid_queries": 2,
-         "umap_points": 120, "umap_thumbnails": 5, "demo_k": 4}
+         "compare_queries": 2, "compare_k": 3, "umap_points": 120, "umap_thumbnails": 5, "start_k": 4}
 
 
 def _config(dir_: Path, **sections) -> Path:
@@ -119,12 +120,13 @@ def test_all_notebooks_run_into_html_reports(project, full_run):
         assert error_outputs(executed) == [], f"{name} has error outputs"
         assert any(name in ln and "ok" in ln for ln in lines), lines  # progress per notebook
     index = (out / "index.html").read_text()
-    for name in EXPECTED:
-        assert f'href="{Path(name).stem}.html"' in index
+    for name in EXPECTED:  # the link to the HTML report says so; the executed notebook is linked by its name
+        assert f'href="{Path(name).stem}.html">{Path(name).stem}</a>' in index
+        assert f'href="notebooks/{name}">{name}</a>' in index
     assert "Retrieval summary" in index  # notebook 04's evaluation, summarised
     # outputs went to the configured folders, not the project's
     for fig in ("class_counts.png", "confusion_matrix.png", "similarity_histogram.png", "precision_at_k.png",
-                "umap.png", "results_adaptive.png"):
+                "umap.png", "results_adaptive.png", "per_class.png", "modes_side_by_side.png"):
         assert (project.figures_dir / fig).exists(), fig
     assert json.loads((out / "evaluation.json").read_text())["n_query"] == 24
 
@@ -135,12 +137,76 @@ def test_the_executed_notebooks_used_the_injected_parameters_and_this_venv(proje
     assert len(injected) == 1
     src = injected[0].source
     assert repr(str(project.reports_dir)) in src or f'"{project.reports_dir}"' in src
-    assert "umap_points = 120" in src and "demo_k" not in src  # each notebook gets the parameters it declares
+    assert "umap_points = 120" in src and "start_k" not in src  # each notebook gets the parameters it declares
     setup = "".join(o.get("text", "") for o in nb.cells[2].outputs)
     assert str(Path(sys.executable).parent) in setup, setup  # the kernel ran this venv's python
     explorer_nb = nbformat.read(str(project.reports_dir / "notebooks" / "05_query_explorer.ipynb"), as_version=4)
     shown = [o for c in explorer_nb.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
-    assert any("predicted classes" in o["data"]["text/html"] for o in shown)  # the static demo
+    # the explorer is displayed once, as a live widget with a static snapshot beside it
+    assert len(shown) == 1 and "application/vnd.jupyter.widget-view+json" in shown[0]["data"]
+    assert "predicted classes" in shown[0]["data"]["text/html"]
+
+
+def test_the_html_reports_load_nothing_from_the_internet_and_show_no_stderr(project, full_run):
+
+    for name in EXPECTED:
+        page = (project.reports_dir / f"{Path(name).stem}.html").read_text()
+        external = re.findall(r'(?:src|href)=["\'](https?://[^"\']+)', page)
+        assert external == [], f"{name}: {external}"
+        assert "require.min.js" not in page and "mathjax" not in page.lower()
+        assert 'data-mime-type="application/vnd.jupyter.stderr"' not in page, f"{name} shows stderr output"
+    explorer = (project.reports_dir / "05_query_explorer.html").read_text()
+    assert explorer.count('class="vs-col"') == 3  # the snapshot: flat | hierarchical | adaptive
+    assert "widget-view+json" not in explorer  # no empty widget box waiting for a widget manager
+    executed = nbformat.read(str(project.reports_dir / "notebooks" / "05_query_explorer.ipynb"), as_version=4)
+    texts = [o.get("text", "") for c in executed.cells for o in c.get("outputs", []) if o.get("name") == "stderr"]
+    assert texts == []
+    notice = [o for c in executed.cells for o in c.get("outputs", []) if "Elasticsearch is not offered" in str(o)]
+    assert len(notice) == 1  # once, in the explorer
+
+
+def test_tables_show_counts_as_integers(project, full_run):
+    nb = nbformat.read(str(project.reports_dir / "notebooks" / "01_train_classifier.ipynb"), as_version=4)
+    html = "".join(o["data"].get("text/html", "") for c in nb.cells for o in c.get("outputs", []) if "data" in o)
+    assert "<th>n</th>" in html and not re.search(r"<th>n</th>\s*<td>\d+\.0+</td>", html)
+    assert "predicted as" in html  # the most-confused pairs
+
+
+def test_the_figures_are_legible_at_the_size_the_notebooks_show_them():
+    """No text smaller than plots.MIN_TEXT_PX screen pixels, with 35 classes as on Tux Paint."""
+    import numpy as np
+    import pandas as pd
+
+    from vslib import plots
+
+    root = Path("/usr/share/tuxpaint/stamps")
+    if not root.is_dir():
+        pytest.skip("needs Debian's tuxpaint-stamps-default (`visualsearch data install`)")
+    paths = sorted(str(p) for p in root.rglob("*.png"))[:60]
+    labels = [f"group{i % 7}/category-{i:02d}" for i in range(35)]
+    rng = np.random.default_rng(0)
+    counts = pd.DataFrame({"index": rng.integers(5, 40, 35), "query": rng.integers(1, 9, 35)}, index=labels)
+    cm = rng.integers(0, 3, (35, 35)) + np.diag(rng.integers(3, 9, 35))
+    per_class = pd.DataFrame(rng.random((35, 3)), index=labels, columns=["flat", "hierarchical", "adaptive"])
+    hits = [[{"path": p, "label": labels[j % 3], "score": 0.5} for j, p in enumerate(paths[q * 5:(q + 1) * 5])]
+            for q in range(3)]
+    shown = {  # figure -> the width its notebook shows it at
+        "class counts (01)": (plots.class_counts(counts, title="Images per class"), 700),
+        "sample grid (01)": (plots.sample_grid({lbl: paths[i * 5:(i + 1) * 5] for i, lbl in enumerate(labels[:12])},
+                                               per_class=5), 760),
+        "confusion matrix (01)": (plots.confusion_matrix({"labels": labels, "matrix": cm.tolist()}), 900),
+        "per class (04)": (plots.per_class_bars(per_class, k=10), 820),
+        "modes side by side (04)": (plots.mode_comparison(paths[:3], labels[:3], {m: hits for m in per_class}, k=5),
+                                    820),
+        "precision@k (04)": (plots.precision_curve(
+            {"modes": {m: {"p@1": 0.5, "p@5": 0.4, "p@10": 0.3} for m in per_class}, "dataset": "tuxpaint",
+             "backbone": "efficientnet_lite0", "n_query": 137}, [1, 5, 10]), 600),
+    }
+    small = {name: round(plots.smallest_text_px(fig, width), 1) for name, (fig, width) in shown.items()}
+    assert all(px >= plots.MIN_TEXT_PX for px in small.values()), small
+    table = plots.most_confused({"labels": labels, "matrix": cm.tolist()}, n=5)
+    assert list(table.columns) == ["true class", "predicted as", "mistakes", "class images", "share"] and len(table) == 5
+    assert table["mistakes"].is_monotonic_decreasing and table["mistakes"].dtype.kind == "i"
 
 
 def test_a_failing_notebook_names_the_notebook_and_the_cell(project):
@@ -180,6 +246,18 @@ def test_makefile_report_and_demo_targets_produce_the_reports():
     make = (PROJ_ROOT / "Makefile").read_text()
     assert "visualsearch report -c $(CONFIG)" in make
     assert "run -c $(CONFIG) --report" in make
+
+
+def test_make_lab_opens_jupyterlab_on_the_notebooks_as_root_too():
+    import subprocess
+
+    out = subprocess.run(["make", "-n", "lab", "STAMP=Makefile"], cwd=PROJ_ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    line = next(ln for ln in out.splitlines() if "jupyter lab" in ln)
+    assert "notebooks/" in line
+    import os
+
+    assert ("--allow-root" in line) == (os.geteuid() == 0)
 
 
 @pytest.mark.elasticsearch

@@ -1,17 +1,33 @@
-"""An ipywidgets query explorer: pick or upload an image, see what the engine predicts and finds.
+"""A query explorer for notebooks: pick a query from a thumbnail gallery, see what each mode finds.
 
 >>> explorer = QueryExplorer(cfg)          # doctest: +SKIP
->>> explorer.widget                        # display it in a notebook
+>>> explorer.show()                        # in JupyterLab
 
-Controls: a dropdown of the held-out query images (or a file upload), a k
-slider, the search mode and the index backend. Every change re-runs the
-search and redraws the output: the query, the classifier's top classes with
-their calibrated probabilities, and the hits with their scores (framed green
-when the label matches the query's known label, red when not).
+What it shows:
 
-Everything a callback does is also a method (:meth:`QueryExplorer.run`), and
-the last result is kept (``last_result``, ``last_html``, ``last_error``), so
-the explorer can be driven and checked without a browser.
+- a **gallery** of the held-out query images, filtered by class and by a text
+  matched against the label and the file name; clicking a thumbnail searches
+  with it;
+- a **drop zone**: drop an image file on it (or click it to choose one) to
+  search with your own image;
+- the **result**: the query, the classifier's top classes with their calibrated
+  probabilities, and the hits of ``flat | hierarchical | adaptive`` side by side
+  (``compare``, the default) or of one mode. Hits are listed in rank order with
+  their cosine similarity (``sim``) and, where the engine ranks by something
+  else (``rank_score``), the score the list was ranked by; the path shows on
+  hover; clicking a hit searches with it ("more like this"), its ⤢ button
+  enlarges it. Frames are green when a hit has the query's label, red when
+  not, grey when the query's label is unknown (an upload).
+
+The gallery, the result and the drop zone are one small `anywidget
+<https://anywidget.dev>`_ view (its JavaScript travels inside the widget state:
+nothing is fetched from the internet). Everything a click does is also a
+method (:meth:`QueryExplorer.select`, :meth:`QueryExplorer.upload_bytes`,
+:meth:`QueryExplorer.run`), and the last results are kept (``last_results``,
+``last_result``, ``last_html``, ``last_error``), so the explorer can be driven
+and checked without a browser. Displayed in a notebook, the explorer also
+carries a static HTML snapshot of its current result, which is what an
+exported HTML report shows (no widget manager needed).
 """
 from __future__ import annotations
 
@@ -19,6 +35,7 @@ import base64
 import dataclasses
 import html
 import io
+import itertools
 import logging
 import shutil
 import tempfile
@@ -32,9 +49,117 @@ log = logging.getLogger(__name__)
 
 #: modes a user can pick (``oracle`` needs the true label: evaluation only)
 USER_MODES = ("flat", "hierarchical", "adaptive")
+COMPARE = "compare"
+VIEW_MODES = (COMPARE,) + USER_MODES
 BACKEND_NAMES = ("embedded", "elasticsearch")
-SPLIT, UPLOAD = "query split", "uploaded file"
-GOOD, BAD, NEUTRAL = "#1a9850", "#d73027", "#999999"
+ALL_CLASSES = "all classes"
+UPLOAD_ID = "upload:"
+GOOD, BAD, NEUTRAL = "#1a9850", "#d73027", "#9a9a9a"
+_ids = itertools.count(1)
+
+CSS = """
+.vs-x{font-family:var(--jp-ui-font-family,sans-serif);font-size:13px;color:#222}
+.vs-x .vs-drop{border:2px dashed #9ab;border-radius:6px;padding:10px;margin:4px 0 8px;text-align:center;
+  color:#456;cursor:pointer;background:#f7fafc}
+.vs-x .vs-drop.vs-over{background:#e3f0fb;border-color:#2b6cb0}
+.vs-x .vs-gallery{display:flex;flex-wrap:wrap;gap:4px;max-height:236px;overflow-y:auto;padding:4px;
+  border:1px solid #ddd;border-radius:4px;background:#fafafa}
+.vs-x .vs-thumb{width:76px;cursor:pointer;border:2px solid transparent;border-radius:4px;text-align:center;
+  background:#fff}
+.vs-x .vs-thumb img{width:64px;height:64px;object-fit:contain;display:block;margin:2px auto 0}
+.vs-x .vs-thumb span{display:block;font-size:11px;line-height:13px;white-space:nowrap;overflow:hidden;
+  text-overflow:ellipsis;padding:0 2px}
+.vs-x .vs-thumb:hover{border-color:#9ab}
+.vs-x .vs-thumb.vs-selected{border-color:#2b6cb0;background:#e3f0fb}
+.vs-x .vs-empty{color:#777;padding:8px}
+.vs-x .vs-head{display:flex;gap:20px;align-items:flex-start;margin:10px 0}
+.vs-x .vs-query img{width:160px;height:160px;object-fit:contain;border:2px solid #222;border-radius:4px;
+  background:#fff}
+.vs-x .vs-query div{font-size:13px;max-width:168px;overflow-wrap:anywhere}
+.vs-x table.vs-pred{border-collapse:collapse;font-size:13px}
+.vs-x table.vs-pred td{padding:1px 8px 1px 0;white-space:nowrap}
+.vs-x .vs-bar{display:inline-block;height:10px;background:#4575b4;vertical-align:middle;margin-right:6px}
+.vs-x .vs-cols{display:flex;gap:12px;align-items:flex-start;overflow-x:auto}
+.vs-x .vs-col{flex:1 1 0;min-width:260px;border:1px solid #ddd;border-radius:6px;padding:6px;background:#fff}
+.vs-x .vs-col h4{margin:0 0 2px;font-size:15px}
+.vs-x .vs-info{font-size:12px;color:#555;margin-bottom:6px;overflow-wrap:anywhere}
+.vs-x .vs-hits{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:4px}
+.vs-x .vs-hit{display:flex;gap:8px;align-items:center;border:3px solid #999;border-radius:5px;padding:2px;
+  cursor:pointer;position:relative;background:#fff}
+.vs-x .vs-hit:hover{box-shadow:0 0 0 2px #2b6cb0}
+.vs-x .vs-hit img{width:72px;height:72px;object-fit:contain;flex:none}
+.vs-x .vs-meta{font-size:13px;line-height:17px;min-width:0}
+.vs-x .vs-meta .vs-label{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.vs-x .vs-meta .vs-score{font-family:var(--jp-code-font-family,monospace);font-size:12px;color:#333}
+.vs-x .vs-zoom{position:absolute;top:2px;right:4px;font-size:16px;text-decoration:none;color:#2b6cb0}
+.vs-x .vs-legend{font-size:12px;color:#555;margin:6px 0}
+.vs-x .vs-error{color:#b00020;font-weight:bold;margin:8px 0}
+.vs-x .vs-big{display:none}
+.vs-x .vs-big a{color:inherit;text-decoration:none}
+.vs-x .vs-big:target,.vs-x .vs-lightbox-live:not([hidden]){display:flex;position:fixed;inset:0;z-index:1000;
+  background:rgba(0,0,0,.75);align-items:center;justify-content:center}
+.vs-x .vs-big figure,.vs-x .vs-lightbox-live figure{background:#fff;padding:10px;border-radius:6px;margin:0;
+  text-align:center;max-width:90vw}
+.vs-x .vs-big img,.vs-x .vs-lightbox-live img{width:384px;max-width:80vw;height:auto;image-rendering:auto}
+.vs-x .vs-big figcaption,.vs-x .vs-lightbox-live figcaption{font-size:13px;margin-top:6px;overflow-wrap:anywhere}
+"""
+
+# The widget's front end: draws the HTML the kernel sends, turns clicks and drops into messages.
+ESM = r"""
+export default {
+  render({ model, el }) {
+    el.classList.add("vs-x");
+    const mk = (cls, text) => { const d = document.createElement("div"); d.className = cls; if (text) d.textContent = text; return d; };
+    const drop = mk("vs-drop", "Drop an image file here (or click to choose one) to search with it");
+    const input = document.createElement("input");
+    input.type = "file"; input.accept = "image/*"; input.hidden = true;
+    const gallery = mk("vs-gallery"), panel = mk("vs-panel"), box = mk("vs-lightbox-live");
+    box.hidden = true;
+    el.append(drop, input, gallery, panel, box);
+    const mark = () => {
+      const sel = model.get("selected");
+      for (const t of gallery.querySelectorAll(".vs-thumb")) t.classList.toggle("vs-selected", t.dataset.id === sel);
+    };
+    const pick = (id) => { if (id) { model.set("selected", id); model.save_changes(); } };
+    const upload = async (f) => {
+      if (!f) return;
+      drop.textContent = "reading " + f.name + " ...";
+      const buf = await f.arrayBuffer();
+      model.send({ type: "upload", name: f.name }, undefined, [buf]);
+      drop.textContent = "Drop an image file here (or click to choose one) to search with it";
+    };
+    gallery.addEventListener("click", (e) => { const t = e.target.closest(".vs-thumb"); if (t) pick(t.dataset.id); });
+    panel.addEventListener("click", (e) => {
+      const z = e.target.closest(".vs-zoom");
+      if (z) { e.preventDefault(); model.send({ type: "enlarge", id: z.dataset.id }); return; }
+      const h = e.target.closest(".vs-hit");
+      if (h) { e.preventDefault(); pick(h.dataset.id); }
+    });
+    box.addEventListener("click", () => { box.hidden = true; });
+    drop.addEventListener("click", () => input.click());
+    input.addEventListener("change", () => { upload(input.files[0]); input.value = ""; });
+    for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("vs-over"); });
+    drop.addEventListener("dragleave", () => drop.classList.remove("vs-over"));
+    drop.addEventListener("drop", (e) => {
+      e.preventDefault(); e.stopPropagation(); drop.classList.remove("vs-over");
+      upload(e.dataTransfer && e.dataTransfer.files[0]);
+    });
+    model.on("msg:custom", (msg) => {
+      if (msg.type !== "enlarged") return;
+      box.innerHTML = "<figure><img><figcaption></figcaption></figure>";
+      box.querySelector("img").src = msg.uri;
+      box.querySelector("figcaption").textContent = msg.caption;
+      box.hidden = false;
+    });
+    const drawGallery = () => { gallery.innerHTML = model.get("gallery_html"); mark(); };
+    const drawPanel = () => { panel.innerHTML = model.get("panel_html"); };
+    model.on("change:gallery_html", drawGallery);
+    model.on("change:selected", mark);
+    model.on("change:panel_html", drawPanel);
+    drawGallery(); drawPanel();
+  }
+};
+"""
 
 
 def elasticsearch_status(cfg: Config, timeout: float = 2.0) -> tuple[bool, str]:
@@ -65,46 +190,110 @@ def _png_data_uri(src, size: int) -> str:
     except ImageError:
         return ""
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _tile(uri: str, caption: str, border: str, size: int) -> str:
-    img = (f'<img src="{uri}" style="max-width:{size}px;max-height:{size}px">' if uri
-           else f'<div style="width:{size}px;height:{size}px;line-height:{size}px;color:#999">unreadable</div>')
-    return (f'<div style="display:inline-block;margin:3px;padding:3px;border:3px solid {border};'
-            f'text-align:center;vertical-align:top;width:{size + 6}px;font-size:11px">{img}'
-            f'<div style="overflow:hidden;text-overflow:ellipsis;white-space:nowrap">{caption}</div></div>')
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
 
 
-def render_result(result, query_image, *, query_label: Optional[str] = None, query_name: str = "",
-                  thumb: int = 112) -> str:
-    """HTML of one search: the query, predicted classes with probability bars, the hits grid with scores."""
-    q_uri = _png_data_uri(query_image, thumb * 2)
-    mode = result.mode + (f" → {result.effective_mode}" if result.effective_mode and
-                          result.effective_mode != result.mode else "")
+def _img(uri: str, alt: str) -> str:
+    return f'<img src="{uri}" alt="{_e(alt)}">' if uri else '<span class="vs-empty">unreadable</span>'
+
+
+def scores_text(hit: dict) -> str:
+    """``sim 0.812`` and, when the list was ranked by another score, `` · rank 0.701``."""
+    sim = float(hit["score"])
+    text = f"sim {sim:.3f}"
+    rank = hit.get("rank_score")
+    if rank is not None and abs(float(rank) - sim) >= 5e-4:
+        text += f" · rank {float(rank):.3f}"
+    return text
+
+
+def render_result(results, query_image, *, query_label: Optional[str] = None, query_name: str = "",
+                  query_path: str = "", thumb: int = 72, uri=None, static: bool = False) -> str:
+    """HTML of one query's search(es): the query, its predicted classes, the hits of each mode side by side.
+
+    ``results`` is a :class:`~vslib.search.SearchResult` or ``{mode: SearchResult}``. ``static``
+    adds enlarged copies that open without JavaScript (for exported HTML); the live widget fetches
+    them on demand instead. ``uri(path, size)`` makes a thumbnail's data URI (cached by the explorer).
+    """
+    uri = uri or _png_data_uri
+    if not isinstance(results, dict):
+        results = {results.mode: results}
+    first = next(iter(results.values()))
+    uid = next(_ids)
+    q_caption = (f"query: {query_label}" if query_label else f"query: {query_name or 'uploaded image'}")
+    q_title = query_path or query_name
     pred_rows = "".join(
-        f'<tr><td style="padding-right:8px">{html.escape(lbl)}</td><td><div style="background:#4575b4;'
-        f'height:10px;width:{max(1, round(160 * p))}px;display:inline-block"></div> {p:.1%}</td></tr>'
-        for lbl, p in result.predicted)
-    searched = ("all classes" if result.searched_labels is None
-                else ", ".join(html.escape(s) for s in result.searched_labels))
-    header = (f'<div style="display:flex;gap:18px;align-items:flex-start">'
-              f'<div>{_tile(q_uri, "query: " + html.escape(query_label or query_name or "uploaded"), "black", thumb * 2)}</div>'
-              f'<div><b>predicted classes</b><table style="font-size:12px">{pred_rows}</table>'
-              f'<div style="font-size:12px;margin-top:6px">mode <b>{html.escape(mode)}</b>; searched: {searched}; '
-              f'{len(result.hits)} hits; {sum(result.timings_ms.values()):.0f} ms</div></div></div>')
-    tiles = []
-    for rank, h in enumerate(result.hits, 1):
-        border = NEUTRAL if query_label is None else (GOOD if h["label"] == query_label else BAD)
-        tiles.append(_tile(_png_data_uri(h["path"], thumb),
-                           f'{rank}. {html.escape(str(h["label"]))}<br>{h["score"]:.3f}', border, thumb))
-    grid = "".join(tiles) or "<i>no hits</i>"
-    return f'<div class="vs-explorer-result">{header}<div style="margin-top:8px">{grid}</div></div>'
+        f'<tr><td>{_e(lbl)}</td><td><span class="vs-bar" style="width:{max(1, round(140 * p))}px"></span>'
+        f'{p:.1%}</td></tr>' for lbl, p in first.predicted)
+    head = (f'<div class="vs-head"><div class="vs-query" title="{_e(q_title)}">{_img(uri(query_image, 160), q_caption)}'
+            f'<div>{_e(q_caption)}</div>'
+            + (f'<div style="color:#555;font-size:12px">{_e(Path(query_path).name)}</div>' if query_path else "")
+            + f'</div><div><b>predicted classes</b><table class="vs-pred">{pred_rows}</table></div></div>')
+    cols, bigs = [], []
+    for mode, result in results.items():
+        eff = (f" → {result.effective_mode}" if result.effective_mode and result.effective_mode != mode else "")
+        searched = ("all classes" if result.searched_labels is None else ", ".join(result.searched_labels))
+        same = ("" if query_label is None else
+                f"; {sum(h['label'] == query_label for h in result.hits)}/{len(result.hits)} share its label")
+        info = f"searched: {searched}{same}; {sum(result.timings_ms.values()):.0f} ms"
+        tiles = []
+        for rank, h in enumerate(result.hits, 1):
+            border = NEUTRAL if query_label is None else (GOOD if h["label"] == query_label else BAD)
+            path = str(h["path"])
+            if static:
+                big_id = f"vs-big-{uid}-{len(bigs)}"
+                bigs.append(f'<div class="vs-big" id="{big_id}"><a href="#_"><figure>{_img(uri(path, 384), path)}'
+                            f'<figcaption>{_e(h["label"])} · {_e(scores_text(h))}<br>{_e(path)}</figcaption>'
+                            f'</figure></a></div>')
+                zoom = f'<a class="vs-zoom" href="#{big_id}" title="enlarge">⤢</a>'
+            else:
+                zoom = f'<a class="vs-zoom" href="#" data-id="{_e(path)}" title="enlarge">⤢</a>'
+            tiles.append(
+                f'<div class="vs-hit" data-id="{_e(path)}" data-rank="{rank}" style="border-color:{border}" '
+                f'title="{_e(path)}">{_img(uri(path, thumb), path)}<div class="vs-meta">'
+                f'<div class="vs-label"><b>{rank}.</b> {_e(h["label"])}</div>'
+                f'<div class="vs-score">{_e(scores_text(h))}</div></div>{zoom}</div>')
+        cols.append(f'<div class="vs-col" data-mode="{_e(mode)}"><h4>{_e(mode)}{_e(eff)}</h4>'
+                    f'<div class="vs-info">{_e(info)}</div>'
+                    f'<div class="vs-hits">{"".join(tiles) or "<i>no hits</i>"}</div></div>')
+    ranked_by_other = any(h.get("rank_score") is not None for r in results.values() for h in r.hits)
+    legend = ("Hits in rank order. sim = cosine similarity to the query"
+              + ("; rank = the score the list is ranked by (shown where it differs)" if ranked_by_other else "")
+              + ". Green frame: same label as the query; red: another label"
+              + ("; grey: the query's label is unknown" if query_label is None else "") + ".")
+    return (f'<div class="vs-result" data-query="{_e(q_title)}">{head}'
+            f'<div class="vs-cols">{"".join(cols)}</div><div class="vs-legend">{_e(legend)}</div>'
+            + "".join(bigs) + "</div>")
+
+
+def _view_class():
+    """The anywidget class (imported lazily: ``import vslib.explorer`` stays light)."""
+    global _View
+    if _View is None:
+        import anywidget
+        import traitlets
+
+        class ExplorerView(anywidget.AnyWidget):
+            _esm = ESM
+            _css = CSS
+            gallery_html = traitlets.Unicode("").tag(sync=True)
+            panel_html = traitlets.Unicode("").tag(sync=True)
+            selected = traitlets.Unicode("").tag(sync=True)
+
+        _View = ExplorerView
+    return _View
+
+
+_View = None
 
 
 class QueryExplorer:
-    """Widgets to search the index with a query image and see the result.
+    """Widgets to search the index with a query image and compare what each mode finds.
 
     Parameters
     ----------
@@ -114,19 +303,30 @@ class QueryExplorer:
         Used for ``cfg.index.backend``; other backends are opened on first use.
     check_elasticsearch : bool
         Offer the elasticsearch backend only when the configured cluster answers
-        (otherwise the toggle offers what is configured and says why).
+        (otherwise only what is configured, with a one-line notice saying why).
+    query : int or str
+        The first query: a position in the (sorted) query split or an image path.
+    k : int
+        Hits per mode at start (the slider goes to 50).
+    mode : str
+        ``compare`` (flat, hierarchical and adaptive side by side) or one mode.
     """
 
-    def __init__(self, cfg: Config, engine=None, *, check_elasticsearch: bool = True, thumb: int = 112):
+    def __init__(self, cfg: Config, engine=None, *, check_elasticsearch: bool = True, query=0,
+                 k: Optional[int] = None, mode: str = COMPARE, thumb: int = 72):
         import ipywidgets as W
 
         from vslib import features
 
+        if mode not in VIEW_MODES:
+            raise VisualSearchError(f"explorer mode {mode!r} is not offered (choices: {', '.join(VIEW_MODES)})")
         self.cfg = cfg
         self.thumb = thumb
         self._engines = {} if engine is None else {cfg.index.backend: engine}
         self._own = set()
         self._tmp = Path(tempfile.mkdtemp(prefix="vs-explorer-"))
+        self._uris: dict = {}
+        self.last_results: dict = {}
         self.last_result = None
         self.last_html = ""
         self.last_error: Optional[str] = None
@@ -136,34 +336,44 @@ class QueryExplorer:
         self._upload_error: Optional[str] = None
         self._busy = False
 
-        queries = features.load_features(cfg).split("query").table
-        self._labels = dict(zip(queries["path"].astype(str), queries["label"].astype(str)))
-        options = [(f"{lbl} · {Path(p).name}", p) for p, lbl in sorted(self._labels.items(), key=lambda x: (x[1], x[0]))]
-        if not options:
+        table = features.load_features(cfg).table
+        self._labels = dict(zip(table["path"].astype(str), table["label"].astype(str)))
+        queries = table[table["split"] == "query"].sort_values(["label", "path"])
+        self.query_paths = queries["path"].astype(str).tolist()
+        if not self.query_paths:
             raise VisualSearchError(f"the query split of {cfg.dataset.name} is empty; set "
                                     "dataset.split.query_fraction > 0 and rerun `visualsearch data prepare`")
+        classes = sorted(set(queries["label"].astype(str)))
 
         backends, note = self._available_backends(check_elasticsearch)
         self.backend_note = note
-        mode = cfg.search.mode if cfg.search.mode in USER_MODES else "adaptive"
-        self.dropdown = W.Dropdown(options=options, value=options[0][1], description="query",
-                                   layout=W.Layout(width="420px"))
-        self.upload = W.FileUpload(accept="image/*", multiple=False, description="upload image")
-        self.source = W.ToggleButtons(options=[SPLIT, UPLOAD], value=SPLIT, description="use")
-        self.k_slider = W.IntSlider(value=min(cfg.search.k, 50), min=1, max=50, description="k")
-        self.mode = W.ToggleButtons(options=list(USER_MODES), value=mode, description="mode")
+        self.search_text = W.Text(value="", placeholder="label or file name", description="filter",
+                                  continuous_update=True, layout=W.Layout(width="260px"))
+        self.label_filter = W.Dropdown(options=[ALL_CLASSES] + classes, value=ALL_CLASSES, description="class",
+                                       layout=W.Layout(width="280px"))
+        self.k_slider = W.IntSlider(value=min(k or cfg.search.k, 50), min=1, max=50, description="k",
+                                    continuous_update=False)
+        self.mode = W.ToggleButtons(options=list(VIEW_MODES), value=mode, description="mode",
+                                    tooltips=["flat, hierarchical and adaptive side by side",
+                                              "nearest neighbours over everything",
+                                              "only the classifier's top class",
+                                              "the likely classes, ranked with their probability"],
+                                    style={"button_width": "110px"})
         self.backend = W.ToggleButtons(options=backends, value=cfg.index.backend if cfg.index.backend in backends
-                                       else backends[0], description="backend")
-        self.status = W.HTML(value=f"<small>{html.escape(note)}</small>" if note else "")
-        # an HTML widget, not an Output widget: setting its value needs no output capture, which
-        # nbclient (papermill) can wait on forever when a kernel writes into an Output widget
-        self.output = W.HTML(value="", layout=W.Layout(border="1px solid #ddd", min_height="120px"))
-        self.widget = W.VBox([W.HBox([self.dropdown, self.upload]), self.source, self.k_slider, self.mode,
-                              self.backend, self.status, self.output])
+                                       else backends[0], description="backend", style={"button_width": "110px"})
+        self.notice = W.HTML(value=f'<span style="color:#666;font-size:12px">{html.escape(note)}</span>' if note else "")
+        self.view = _view_class()()
+        self.widget = W.VBox([W.HBox([self.search_text, self.label_filter, self.k_slider]),
+                              W.HBox([self.mode, self.backend]), self.notice, self.view])
 
-        self.dropdown.observe(self._on_pick, names="value")
-        self.upload.observe(self._on_upload, names="value")
-        for w in (self.source, self.k_slider, self.mode, self.backend):
+        self._draw_gallery()
+        first = query if isinstance(query, str) else self.query_paths[int(query) % len(self.query_paths)]
+        self.view.selected = str(first)
+        self.view.observe(self._on_select, names="selected")
+        self.view.on_msg(self._on_view_msg)
+        for w in (self.search_text, self.label_filter):
+            w.observe(lambda change: self._draw_gallery(), names="value")
+        for w in (self.k_slider, self.mode, self.backend):
             w.observe(self._on_change, names="value")
 
     # -- setup ------------------------------------------------------------------------
@@ -174,7 +384,11 @@ class QueryExplorer:
         ok, message = elasticsearch_status(self.cfg)
         if ok:
             return list(BACKEND_NAMES), ""
-        return ["embedded"], f"elasticsearch is not offered: {message}"
+        from vslib.index.elasticsearch import redact
+
+        where = ", ".join(redact(h) for h in self.cfg.index.elasticsearch.hosts)
+        log.info("elasticsearch not offered in the explorer: %s", message)
+        return ["embedded"], f"Elasticsearch is not offered: no answer from {where}."
 
     def engine(self, backend: Optional[str] = None):
         """The :class:`~vslib.search.VisualSearch` of ``backend`` (opened on first use)."""
@@ -186,34 +400,58 @@ class QueryExplorer:
             self._own.add(backend)
         return self._engines[backend]
 
-    # -- callbacks ----------------------------------------------------------------------
-    def _on_pick(self, change) -> None:
-        if self.source.value != SPLIT:
-            self.source.value = SPLIT  # triggers _on_change -> run
-        else:
-            self.run()
+    def _uri(self, src, size: int) -> str:
+        if not isinstance(src, (str, Path)):
+            return _png_data_uri(src, size)
+        key = (str(src), size)
+        if key not in self._uris:
+            self._uris[key] = _png_data_uri(src, size)
+        return self._uris[key]
 
-    def _on_upload(self, change) -> None:
-        value = change["new"]
-        if not value:
-            return
-        self._read_upload(value)
-        if self.source.value != UPLOAD:
-            self.source.value = UPLOAD
-        else:
-            self.run()
+    # -- the gallery ----------------------------------------------------------------------
+    def gallery_paths(self) -> list[str]:
+        """The query images the gallery shows under the current filters."""
+        text = self.search_text.value.strip().lower()
+        cls = self.label_filter.value
+        return [p for p in self.query_paths
+                if (cls == ALL_CLASSES or self._labels[p] == cls)
+                and (not text or text in self._labels[p].lower() or text in Path(p).name.lower())]
+
+    def _draw_gallery(self) -> None:
+        tiles = [f'<div class="vs-thumb" data-id="{_e(p)}" title="{_e(self._labels[p])}: {_e(p)}">'
+                 f'{_img(self._uri(p, 64), self._labels[p])}<span>{_e(self._labels[p].split("/")[-1])}</span></div>'
+                 for p in self.gallery_paths()]
+        self.view.gallery_html = "".join(tiles) or '<div class="vs-empty">no query image matches the filter</div>'
+
+    # -- callbacks ----------------------------------------------------------------------
+    def _on_select(self, change) -> None:
+        self.run()
 
     def _on_change(self, change) -> None:
         self.run()
 
-    def _read_upload(self, value) -> None:
-        """Decode the FileUpload value (ipywidgets 8: tuple of dicts; 7: dict name -> dict)."""
+    def _on_view_msg(self, widget, content, buffers) -> None:
+        kind = content.get("type")
+        if kind == "upload":
+            self.upload_bytes(str(content.get("name") or "upload"), bytes(buffers[0]) if buffers else b"")
+        elif kind == "enlarge":
+            key = str(content.get("id", ""))
+            src = self._upload_image if key.startswith(UPLOAD_ID) else key
+            label = self._labels.get(key, "")
+            self.view.send({"type": "enlarged", "id": key, "uri": self._uri(src, 384),
+                            "caption": f"{label}: {key}" if label else key})
+
+    def select(self, key: str):
+        """Search with ``key`` (an image path, as a click on a thumbnail or a hit does); returns the result."""
+        if self.view.selected == key:
+            return self.run()
+        self.view.selected = key  # observed: runs the search
+        return self.last_result
+
+    def upload_bytes(self, name: str, content: bytes):
+        """Use an uploaded file as the query (what a drop on the drop zone does); returns the result."""
         from vslib.images import ImageError, load_image
 
-        files = list(value.values()) if isinstance(value, dict) else list(value)
-        f = files[-1]
-        name = str(f.get("name") or (f.get("metadata") or {}).get("name") or "upload")
-        content = bytes(f.get("content") or b"")
         self._upload_name = name
         self._upload_image = None
         self._upload_error = None
@@ -223,45 +461,79 @@ class QueryExplorer:
             self._upload_image = load_image(path, max_pixels=self.cfg.dataset.max_image_pixels)
         except ImageError as e:
             self._upload_error = f"the uploaded file {name!r} cannot be used as a query: {e.reason}"
+        return self.select(UPLOAD_ID + name)
 
     # -- the work --------------------------------------------------------------------
     def query(self):
-        """``(image, label or None, display name)`` of the current query; raises VisualSearchError if unusable."""
-        if self.source.value == UPLOAD:
+        """``(image, label or None, display name, path)`` of the current query; raises VisualSearchError if unusable."""
+        key = self.view.selected
+        if key.startswith(UPLOAD_ID):
             if self._upload_image is None:
-                raise VisualSearchError(self._upload_error
-                                        or "no file uploaded yet: use the upload button, or switch to the query split")
-            return self._upload_image, None, self._upload_name
-        path = self.dropdown.value
-        return path, self._labels.get(path), Path(path).name
+                raise VisualSearchError(self._upload_error or "no file uploaded yet: drop one on the drop zone")
+            return self._upload_image, None, self._upload_name, ""
+        return key, self._labels.get(key), Path(key).name, key
+
+    def modes(self) -> tuple[str, ...]:
+        return USER_MODES if self.mode.value == COMPARE else (self.mode.value,)
 
     def run(self):
-        """Search with the current settings and redraw the output; returns the SearchResult (None on error)."""
+        """Search with the current settings and redraw; returns the SearchResult of the main mode (None on error).
+
+        The main mode is the one picked, or ``adaptive`` when comparing; ``last_results`` holds every mode's.
+        """
         from vslib.images import ImageError
 
         if self._busy:
             return self.last_result
         self._busy = True
         try:
-            image, label, name = self.query()
-            result = self.engine().search(image, k=self.k_slider.value, mode=self.mode.value)
-            result.query = str(image) if isinstance(image, str) else name
-            self.last_query, self.last_result, self.last_error = image, result, None
-            self.last_html = render_result(result, image, query_label=label, query_name=name, thumb=self.thumb)
+            image, label, name, path = self.query()
+            engine = self.engine()
+            results = {}
+            for mode in self.modes():
+                r = engine.search(image, k=self.k_slider.value, mode=mode)
+                r.query = path or name
+                results[mode] = r
+            self.last_query, self.last_results, self.last_error = image, results, None
+            self.last_result = results.get("adaptive") if self.mode.value == COMPARE else results[self.mode.value]
+            self.last_html = render_result(results, image, query_label=label, query_name=name, query_path=path,
+                                           thumb=self.thumb, uri=self._uri)
         except (VisualSearchError, ImageError) as e:
-            self.last_result, self.last_error = None, str(e)
-            self.last_html = (f'<div style="color:{BAD}"><b>Cannot search:</b> {html.escape(str(e))}</div>')
+            self.last_results, self.last_result, self.last_error = {}, None, str(e)
+            self.last_html = f'<div class="vs-error">Cannot search: {html.escape(str(e))}</div>'
         finally:
             self._busy = False
-        self.output.value = self.last_html
+        self.view.panel_html = self.last_html
         return self.last_result
 
+    def snapshot_html(self) -> str:
+        """A self-contained HTML copy of the current result (for exported reports: no JavaScript needed)."""
+        if not self.last_results:
+            body = self.last_html or "<i>no search yet</i>"
+        else:
+            image, label, name, path = self.query()
+            body = render_result(self.last_results, image, query_label=label, query_name=name, query_path=path,
+                                 thumb=self.thumb, uri=self._uri, static=True)
+        note = ("A snapshot of the explorer (k = {k}, {backend} index). Open the notebook in JupyterLab "
+                "(<code>make lab</code>) to pick queries from a gallery, drop your own image and click a hit "
+                "to search with it.").format(k=self.k_slider.value, backend=_e(self.backend.value))
+        if self.backend_note:
+            note += " " + _e(self.backend_note)
+        return (f'<div class="vs-x vs-snapshot"><style>{CSS}</style>'
+                f'<p style="font-size:13px;color:#555">{note}</p>{body}</div>')
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = self.widget._repr_mimebundle_(**kwargs) or {}
+        if isinstance(bundle, tuple):
+            bundle = bundle[0]
+        return {**bundle, "text/html": self.snapshot_html()}
+
     def show(self):
-        """Display the widget (and run a first search)."""
+        """Run a first search and display the explorer (the widget, plus a static snapshot for HTML exports)."""
         from IPython.display import display
 
-        display(self.widget)
         self.run()
+        display(self)
 
     def close(self) -> None:
         for backend in list(self._own):
@@ -276,4 +548,4 @@ class QueryExplorer:
         self.close()
 
 
-__all__ = ["QueryExplorer", "elasticsearch_status", "render_result"]
+__all__ = ["QueryExplorer", "elasticsearch_status", "render_result", "scores_text"]

@@ -180,17 +180,55 @@ def _declared_parameters(path: Path) -> set[str]:
     return set(pm.inspect_notebook(str(path)))
 
 
+#: nbconvert's lab template without what it fetches from the internet (require.js, MathJax,
+#: mermaid, the widget manager): the reports must work offline
+OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_NOTE = ('<p style="color:#666"><i>An interactive widget: open the notebook in JupyterLab '
+               "(<code>make lab</code>) to use it.</i></p>")
+
+
+def offline_notebook(nb):
+    """Drop live-widget outputs (they need a widget manager from a CDN) in favour of their HTML snapshot.
+
+    A widget displayed with a ``text/html`` snapshot (the query explorer) keeps the snapshot;
+    one without gets a one-line note instead of an empty box. Changes ``nb`` in place and returns it.
+    """
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if WIDGET_VIEW in data:
+                del data[WIDGET_VIEW]
+                if "text/html" not in data:
+                    data["text/html"] = WIDGET_NOTE
+                    data.pop("text/plain", None)
+    nb.metadata.pop("widgets", None)
+    return nb
+
+
 def export_html(executed: Path, html_path: Path) -> Path:
-    """Export an executed notebook to a self-contained HTML file (figures inline)."""
+    """Export an executed notebook to a self-contained HTML file that needs no network.
+
+    Figures are inline, and nothing is loaded from a CDN: no require.js, MathJax or
+    widget manager (widgets are replaced by their static snapshot, see :func:`offline_notebook`).
+    """
+    import jinja2
     import nbformat
     from nbconvert import HTMLExporter
 
-    nb = nbformat.read(str(executed), as_version=4)
+    nb = offline_notebook(nbformat.read(str(executed), as_version=4))
     quiet = logging.getLogger("traitlets")  # "Alternative text is missing on N image(s)" for every figure
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        body, _ = HTMLExporter().from_notebook_node(nb)
+        exporter = HTMLExporter(template_name="lab", template_file="vs_offline.html.j2",
+                                extra_loaders=[jinja2.DictLoader({"vs_offline.html.j2": OFFLINE_TEMPLATE})])
+        body, _ = exporter.from_notebook_node(nb)
     finally:
         quiet.setLevel(level)
     html_path.parent.mkdir(parents=True, exist_ok=True)
@@ -327,15 +365,16 @@ def write_index(cfg: Config, runs: Sequence[dict], *, total: Optional[float] = N
         rel = os.path.relpath(r["html"], out.parent)
         status = r.get("status", "not run")
         colour = {"ok": "#1a9850", "failed": "#d73027"}.get(status, "#777")
-        link = f'<a href="{html.escape(rel)}">{html.escape(r["name"])}</a>' if Path(r["html"]).exists() \
-            else html.escape(r["name"])
+        stem = Path(r["name"]).stem
+        link = f'<a href="{html.escape(rel)}">{html.escape(stem)}</a>' if Path(r["html"]).exists() \
+            else html.escape(stem)
         nb_rel = os.path.relpath(r["executed"], out.parent)
         rows.append(
             f"<tr><td>{link}</td><td>{html.escape(r.get('title', ''))}</td>"
             f'<td style="color:{colour}"><b>{status}</b>'
             + (f"<br><small>{html.escape(r['error'])}</small>" if r.get("error") else "")
             + f"</td><td>{r.get('seconds', 0):.1f} s</td>"
-            f'<td><a href="{html.escape(nb_rel)}">.ipynb</a></td></tr>')
+            f'<td><a href="{html.escape(nb_rel)}">{html.escape(r["name"])}</a></td></tr>')
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>VisualSearch reports</title>",
         "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
@@ -346,7 +385,8 @@ def write_index(cfg: Config, runs: Sequence[dict], *, total: Optional[float] = N
         f"<b>{html.escape(cfg.index.backend)}</b> index; settings from <code>{html.escape(cfg.source)}</code>; "
         f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}"
         + (f" in {total:.0f} s" if total is not None else "") + ".</p>",
-        "<table><tr><th>notebook</th><th>what it shows</th><th>status</th><th>time</th><th>executed</th></tr>",
+        "<table><tr><th>report (HTML)</th><th>what it shows</th><th>status</th><th>time</th>"
+        "<th>executed notebook</th></tr>",
         *rows, "</table>",
     ]
     parts += _evaluation_section(cfg)
@@ -383,4 +423,4 @@ def _evaluation_section(cfg: Config) -> list[str]:
 
 
 __all__ = ["ReportError", "ensure", "error_outputs", "export_html", "list_notebooks", "notebook_config",
-           "notebook_parameters", "run_notebooks", "write_index"]
+           "notebook_parameters", "offline_notebook", "run_notebooks", "write_index"]
