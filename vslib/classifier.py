@@ -32,7 +32,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -491,8 +491,7 @@ def train(cfg, *, force: bool = False):
     cfg.reports_dir.mkdir(parents=True, exist_ok=True)
     _write_json(cfg.reports_dir / METRICS_FILE, metrics)
     save_confusion_figure(metrics["confusion_matrix"], cfg.figures_dir / CONFUSION_FIGURE,
-                          title=f"Classifier ({cfg.dataset.name}, {cfg.backbone.name}, {ccfg.head} head) — "
-                                "out of fold, row-normalised")
+                          title=f"Classifier ({cfg.dataset.name}, {cfg.backbone.name}, {ccfg.head} head), out of fold")
     log.info("classifier: %s head, accuracy %.3f, top-3 %.3f, ECE %.3f -> %.3f (T = %.2f); saved to %s",
              ccfg.head, metrics["accuracy"], metrics.get("top3_accuracy", float("nan")), metrics["ece_before"],
              metrics["ece_after"], clf.temperature_, cfg.classifier_dir)
@@ -534,40 +533,15 @@ def check_labels(classifier, index_labels: Iterable) -> None:
 # Figures
 
 
-def save_confusion_figure(confusion: dict, path, *, title: str = "Confusion matrix (row-normalised)") -> Path:
-    """Save a row-normalised confusion matrix (``{"labels", "matrix"}``) as a PNG readable at ~60 classes."""
-    import matplotlib
+def save_confusion_figure(confusion: dict, path, *, title: str = "Classifier confusion matrix") -> Path:
+    """Save the row-normalised confusion matrix as a PNG (drawn by :func:`vslib.plots.confusion_matrix`)."""
+    from vslib import plots
 
-    matplotlib.use("Agg", force=False)
+    fig = plots.confusion_matrix(confusion, title=title, save_as=Path(path))
     import matplotlib.pyplot as plt
 
-    labels = [_short(str(x)) for x in confusion["labels"]]
-    cm = np.asarray(confusion["matrix"], dtype=np.float64)
-    rows = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-    n = len(labels)
-    side = float(np.clip(0.22 * n + 3, 5, 24))
-    fontsize = float(np.clip(12 - n / 8, 5, 10))
-    fig, ax = plt.subplots(figsize=(side + 1.5, side))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks(range(n), labels, rotation=90, fontsize=fontsize)
-    ax.set_yticks(range(n), labels, fontsize=fontsize)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                if norm[i, j] > 0:
-                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=fontsize - 1,
-                            color="white" if norm[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------
@@ -745,11 +719,3 @@ def _fine_tune(cfg, head: Optional[EmbeddingClassifier], index, tr, va, metrics)
     ft_metrics["evaluated_on"] = metrics.get("evaluated_on")
     ft_metrics["head_only"] = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}
     return ft, ft_metrics
-
-
-# ---------------------------------------------------------------------------
-# Helpers
-
-
-def _short(label: str, n: int = 24) -> str:
-    return label if len(label) <= n else label[: n - 1] + "…"

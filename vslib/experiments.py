@@ -440,7 +440,7 @@ def execute(cfg: Config, *, notebooks: bool = True, echo: Callable[[str], None] 
         if "confusion_matrix" in metrics:
             classifier.save_confusion_figure(metrics["confusion_matrix"], cfg.figures_dir / classifier.CONFUSION_FIGURE,
                                              title=f"Classifier ({cfg.dataset.name}, {cfg.backbone.name}, "
-                                                   f"{cfg.classifier.head} head) — out of fold, row-normalised")
+                                                   f"{cfg.classifier.head} head), out of fold")
 
     def build_index():
         want = len(fs.split("index"))

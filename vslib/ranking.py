@@ -194,7 +194,11 @@ def tune_adaptive(vectors: np.ndarray, labels: np.ndarray, proba: np.ndarray, *,
     exactly (:func:`ranked_items`); the chosen one maximises the mean of p@1 ..
     p@k subject to p@1 >= flat p@1 and p@k >= hierarchical p@k on these
     validation queries (when no setting meets both, the one that misses by
-    least). Returns the settings and the validation figures behind the choice.
+    least). A setting meets a constraint only if its paired per-query
+    difference is at least one standard error above zero, or exactly zero on
+    every query: a gain the validation queries cannot tell from noise does
+    not earn a departure from the safe choice. Returns the settings and the
+    validation figures behind the choice.
     """
     grid = {**GRID, **(grid or {})}
     labels = np.asarray(labels)
@@ -206,21 +210,26 @@ def tune_adaptive(vectors: np.ndarray, labels: np.ndarray, proba: np.ndarray, *,
     cands = candidates(vectors[rows], vectors, labels, n_classes, k, self_rows=rows)
     qlab = labels[rows]
 
-    def curve(s: Settings) -> np.ndarray:
+    def per_query(s: Settings) -> np.ndarray:
         rel = relevance(ranked_items(cands, proba, s, k), labels, qlab)
-        return np.cumsum(rel, axis=1).mean(0) / np.arange(1, k + 1)  # p@1 .. p@k
+        return np.cumsum(rel, axis=1) / np.arange(1, k + 1)  # (n, k): p@1 .. p@k of every query
 
-    flat = curve(Settings("flat"))
-    hier = curve(Settings("hierarchical"))
+    def lower_bound(diff: np.ndarray) -> float:
+        return float(diff.mean() - diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float(diff.mean())
+
+    flat_q = per_query(Settings("flat"))
+    hier_q = per_query(Settings("hierarchical"))
+    flat, hier = flat_q.mean(0), hier_q.mean(0)
     best, best_key, tried = None, None, 0
     for mass, minc, maxc, w in itertools.product(grid["mass"], grid["min_confidence"], grid["max_classes"],
                                                  grid["class_weight"]):
         if maxc > n_classes or (maxc == 1 and w != grid["class_weight"][0]):
             continue  # one class kept: its log-probability shifts every hit alike, so class_weight changes nothing
         s = Settings("adaptive", mass, minc, maxc, w)
-        c = curve(s)
+        q = per_query(s)
+        c = q.mean(0)
         tried += 1
-        shortfall = min(c[0] - flat[0], c[-1] - hier[-1], 0.0)
+        shortfall = min(lower_bound(q[:, 0] - flat_q[:, 0]), lower_bound(q[:, -1] - hier_q[:, -1]), 0.0)
         key = (round(shortfall, 9), round(float(c.mean()), 9), round(float(c[0]), 9))
         if best_key is None or key > best_key:
             best, best_key, best_curve = s, key, c
