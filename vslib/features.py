@@ -19,6 +19,8 @@
   back by :func:`load_features`.
 
 Images that fail to load are counted as skipped and listed with their reasons.
+A run holds the lock of ``features_dir`` (:mod:`vslib.locks`): a second run at the
+same time waits for it, then finds everything computed.
 """
 from __future__ import annotations
 
