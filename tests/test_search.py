@@ -171,8 +171,12 @@ def test_search_cli_json_schema(project):
     assert out["query"] == q["path"]
     assert isinstance(out["predicted"], list) and set(out["predicted"][0]) == {"label", "probability"}
     assert [p["probability"] for p in out["predicted"]] == sorted((p["probability"] for p in out["predicted"]), reverse=True)
-    assert len(out["hits"]) == 6 and all(set(h) == {"path", "label", "score"} for h in out["hits"])
+    assert len(out["hits"]) == 6 and all(set(h) - {"outside"} == {"path", "label", "score", "rank_score"}
+                                         for h in out["hits"])
     assert all(Path(h["path"]).exists() for h in out["hits"])
+    ranks = [h["rank_score"] for h in out["hits"] if not h.get("outside")]
+    assert ranks == sorted(ranks, reverse=True)  # listed in the order they were ranked
+    assert out["search_settings"]["source"].startswith("tuned")
 
 
 def test_search_cli_bad_image_is_one_clear_line(project, tmp_path):

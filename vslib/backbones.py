@@ -350,10 +350,10 @@ def _load_lite(name: str, input_size: int, cache_dir: Path) -> Backbone:
     if not loaded:
         log.info("converting %s weights from %s", name, pth)
         _port_lite_weights(full, sd)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.weights.h5")
-        full.save_weights(tmp)
-        os.replace(tmp, cache)
+        from vslib.atomic import atomic_path
+
+        with atomic_path(cache, suffix=".weights.h5") as tmp:
+            full.save_weights(tmp)
     return Backbone(name=name, input_size=input_size, dim=int(features.output.shape[-1]), keras_model=features,
                     preprocess_fn=lite_preprocess, classifier_model=full, weights=str(pth),
                     cache_key=weights_key(name))

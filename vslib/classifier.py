@@ -37,8 +37,10 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from vslib import calibration
+from vslib.atomic import atomic_path
 from vslib.errors import ClassifierError
 from vslib.heads import HEADS
+from vslib.locks import locked
 from vslib.heads.base import ClassifierMixin, as_matrix as _as_matrix, classification_report
 from vslib.heads.base import is_single_image as _is_single_image, write_json as _write_json
 
@@ -298,9 +300,8 @@ class EmbeddingClassifier(ClassifierMixin):
         for attr in ("backbone_", "backbone_weights_", "dataset_"):
             if getattr(self, attr, None) is not None:
                 meta.setdefault(attr.rstrip("_"), getattr(self, attr))
-        tmp = directory / (MODEL_FILE + ".tmp.keras")
-        self.model_.save(tmp)
-        os.replace(tmp, directory / MODEL_FILE)
+        with atomic_path(directory / MODEL_FILE, suffix=".keras") as tmp:
+            self.model_.save(tmp)
         _write_json(directory / LABELS_FILE, [str(c) for c in self.classes_])
         _write_json(directory / METADATA_FILE, meta)  # written last: its presence marks a complete model
         self.metadata_ = meta
@@ -441,6 +442,7 @@ def tuning_k(cfg) -> int:
     return int(max([cfg.search.k, *cfg.evaluation.ks]))
 
 
+@locked(lambda cfg: cfg.classifier_dir, lambda cfg: f"the classifier {cfg.classifier_dir}")
 def train(cfg, *, force: bool = False):
     """Train, calibrate, evaluate and save the classifier of ``cfg``; return ``(classifier, metrics)``.
 

@@ -27,6 +27,22 @@ from vslib.paths import DEFAULT_CONFIG
 
 log = logging.getLogger("vslib")
 
+EXIT_STATUS = """\
+exit status:
+  0    done
+  1    a bug (a traceback is printed; please report it)
+  2    a configuration or data error (the message says what to change)
+  3    no space left on the device, or a file size limit reached
+  4    a read-only file system
+  5    permission denied
+  6    a file or folder is missing or vanished while running
+  7    too many open files
+  8    an input/output error (failing disk, lost mount)
+  130  interrupted (Ctrl-C)
+A fault of the machine (3-8) is one line naming the path, what happened and what to do;
+finished work is kept and a rerun resumes. -v shows the traceback too.
+"""
+
 
 def _config(args):
     from vslib.config import load_config
@@ -126,8 +142,9 @@ def cmd_experiment(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="visualsearch", description="Hierarchical reverse image search.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p = argparse.ArgumentParser(prog="visualsearch", description="Hierarchical reverse image search.",
+                                epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, func, help, **kw):
@@ -194,16 +211,32 @@ def main(argv=None) -> int:
         logging.getLogger("faiss").setLevel(logging.WARNING)  # "could not load AVX512 ..." probing
         logging.getLogger("elastic_transport").setLevel(logging.ERROR)  # per-request lines; errors say it all
     from vslib.config import ConfigError
-    from vslib.errors import VisualSearchError
+    from vslib.errors import EnvironmentFault, VisualSearchError, environment_fault
 
     try:
         return args.func(args)
+    except EnvironmentFault as e:
+        return _fault(e, args.verbose)
     except (ConfigError, VisualSearchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # from the machine (no space, read-only, ...) unless it is none of those: a bug
+        fault = environment_fault(e)
+        if fault is None:
+            raise
+        return _fault(fault, args.verbose, e)
     except KeyboardInterrupt:
         print("interrupted; finished work is kept in the caches, rerun to resume", file=sys.stderr)
         return 130
+
+
+def _fault(fault, verbose: bool, cause: BaseException | None = None) -> int:
+    if verbose:
+        import traceback
+
+        traceback.print_exception(cause or fault, file=sys.stderr)
+    print(f"error: {fault}", file=sys.stderr)
+    return fault.exit_code
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 import urllib.request
@@ -38,8 +39,10 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
+from vslib.atomic import atomic_path
 from vslib.config import Config, DatasetConfig
-from vslib.errors import DatasetError
+from vslib.errors import MACHINE_ERRNOS, DatasetError, environment_fault
+from vslib.locks import locked
 from vslib.images import ImageError, file_hash, load_image
 
 log = logging.getLogger(__name__)
@@ -73,8 +76,9 @@ def _is_hidden(name: str) -> bool:
 def folder_items(root: Path, *, drop: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     """``root/<class>/<file>`` pairs; files nested deeper count for their top class folder.
 
-    Every non-hidden file is listed, images or not, so that a stray non-image is
-    recorded in the manifest with its reason instead of vanishing.
+    Every non-hidden entry that is not a folder is listed, images or not (dangling
+    symbolic links, pipes), so that a stray non-image is recorded in the manifest with
+    its reason instead of vanishing.
     """
     root = Path(root)
     if not root.is_dir():
@@ -85,8 +89,9 @@ def folder_items(root: Path, *, drop: tuple[str, ...] = ()) -> list[tuple[str, s
         if cls.name in drop:
             continue
         for f in sorted(cls.rglob("*")):
-            if f.is_file() and not any(_is_hidden(part) for part in f.relative_to(root).parts):
-                out.append((str(f.resolve()), cls.name))
+            if not f.is_dir() and not any(_is_hidden(part) for part in f.relative_to(root).parts):
+                # a dangling link is listed under its own name (check_file records why it is skipped)
+                out.append((str(f.resolve() if f.exists() else f.absolute()), cls.name))
     if not out:
         raise DatasetError(f"dataset folder {str(root)!r} holds no class sub-folders with files "
                            "(expected root/<class>/<image>)")
@@ -249,10 +254,8 @@ class FashionMnistDataset(Dataset):
             from tqdm.auto import tqdm
 
             for path, _, images, i in tqdm(missing, desc="writing Fashion-MNIST PNGs", unit="img"):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp.png")
-                Image.fromarray(images[i]).save(tmp)
-                os.replace(tmp, path)
+                with atomic_path(path, suffix=".png") as tmp:
+                    Image.fromarray(images[i]).save(tmp)
         return [(str(p), cls) for p, cls, _, _ in out]
 
 
@@ -339,14 +342,32 @@ def check_file(path: str, max_pixels: int) -> dict:
     """Hash and fully decode one file; return its manifest fields."""
     row = {"content_hash": "", "width": 0, "height": 0, "status": "ok", "reason": ""}
     try:
+        if not_regular := _not_a_regular_file(path):
+            row.update(status="skipped", reason=not_regular)
+            return row
         row["content_hash"] = file_hash(path)
         w, h = load_image(path, max_pixels=max_pixels).size
         row.update(width=w, height=h)
     except ImageError as e:
         row.update(status="skipped", reason=e.reason)
     except OSError as e:  # unreadable file (permissions, I/O error)
+        if e.errno in MACHINE_ERRNOS:  # too many open files: the machine's fault, not this file's
+            raise environment_fault(e, path) from e
         row.update(status="skipped", reason=f"unreadable file ({e.strerror or e})")
     return row
+
+
+def _not_a_regular_file(path: str) -> str:
+    """Why ``path`` cannot be read as an image file ('' when it is a regular file)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"dangling symbolic link (to {os.readlink(path)}, which does not exist)"
+        return "file not found (removed after it was listed)"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a pipe, socket or device)"
+    return ""
 
 
 def _order_key(seed: int, label: str, content_hash: str) -> str:
@@ -382,6 +403,7 @@ def _stat_key(path: str) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+@locked(lambda cfg: cfg.dataset_dir, lambda cfg: f"the {cfg.dataset.name} manifest {cfg.manifest_path}")
 def prepare(cfg: Config, *, force: bool = False, progress: bool = True,
             echo: Callable[[str], None] = print) -> pd.DataFrame:
     """Find, check and split the configured dataset; write and return the manifest.
@@ -466,10 +488,8 @@ def prepare(cfg: Config, *, force: bool = False, progress: bool = True,
 
 def write_parquet(df: pd.DataFrame, path: Path) -> None:
     """Write atomically: a crash never leaves a half-written file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
 
 
 def _reason_kind(reason: str) -> str:

@@ -365,9 +365,10 @@ def format_table(results: dict) -> str:
 
 
 def write_results(cfg: Config, results: dict) -> Path:
+    from vslib.atomic import atomic_write_json, atomic_write_text
+
     out = cfg.reports_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS_JSON).write_text(json.dumps(results, indent=2))
+    atomic_write_json(out / RESULTS_JSON, results)
     md = [format_table(results), ""]
     modes = list(results["per_class"])
     if modes:
@@ -376,7 +377,7 @@ def write_results(cfg: Config, results: dict) -> Path:
         md += [f"### Per-class precision@{k}", "", "| class | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
         for lbl in labels:
             md.append(f"| {lbl} | " + " | ".join(f"{results['per_class'][m][lbl]:.2f}" for m in modes) + " |")
-    (out / RESULTS_MD).write_text("\n".join(md) + "\n")
+    atomic_write_text(out / RESULTS_MD, "\n".join(md) + "\n")
     return out / RESULTS_JSON
 
 

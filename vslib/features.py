@@ -19,6 +19,8 @@
   back by :func:`load_features`.
 
 Images that fail to load are counted as skipped and listed with their reasons.
+A run holds the lock of ``features_dir`` (:mod:`vslib.locks`): a second run at the
+same time waits for it, then finds everything computed.
 """
 from __future__ import annotations
 
@@ -35,8 +37,10 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from vslib.atomic import TEMP_GLOB, atomic_savez
 from vslib.errors import VisualSearchError
 from vslib.images import DEFAULT_MAX_PIXELS, ImageError, load_for_model
+from vslib.locks import locked
 
 log = logging.getLogger(__name__)
 
@@ -112,18 +116,7 @@ class FeatureSet:
             return cls(z["vectors"], table, str(z["backbone"]))
 
 
-def _atomic_savez(path: Path, /, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+_atomic_savez = atomic_savez  # the shared atomic writer (vslib.atomic)
 
 
 # ---------------------------------------------------------------------------
@@ -203,7 +196,7 @@ class FeatureCache:
                 p.unlink(missing_ok=True)
         self.foreign = []
         # temporary files of runs killed while writing (an hour old: surely not being written now)
-        for p in self.directory.glob(".*.tmp"):
+        for p in self.directory.glob(TEMP_GLOB):
             try:
                 if time.time() - p.stat().st_mtime > 3600:
                     p.unlink()
@@ -294,6 +287,7 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, smoothing=0.1, dynamic_ncols=True)
 
 
+@locked(lambda cfg: cfg.features_dir, lambda cfg: f"the {cfg.backbone.name} feature cache {cfg.features_dir}")
 def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = None,
             on_batch: Optional[Callable[[int, int], None]] = None, backbone=None) -> FeatureSet:
     """Vectors of every usable manifest image, computing only what the cache lacks.

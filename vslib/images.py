@@ -17,6 +17,8 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from vslib.errors import MACHINE_ERRNOS, environment_fault
+
 #: default decompression-bomb guard (pixels); ``dataset.max_image_pixels`` overrides it
 DEFAULT_MAX_PIXELS = 50_000_000
 
@@ -86,6 +88,8 @@ def load_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     except UnidentifiedImageError:
         raise ImageError(path, "not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated / corrupt data
+        if isinstance(e, OSError) and e.errno in MACHINE_ERRNOS:  # the machine's fault, not the image's
+            raise environment_fault(e, path) from e
         msg = str(e) or type(e).__name__
         if "truncated" in msg.lower() or isinstance(e, EOFError):
             raise ImageError(path, f"truncated or corrupt image ({msg})") from None

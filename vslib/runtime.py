@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import threading
-import uuid
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -215,12 +214,9 @@ class TFLiteRunner:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from vslib.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
 
 
 def _check(runner: TFLiteRunner, probes: np.ndarray, reference: np.ndarray, tolerance: float) -> tuple[bool, float]:

@@ -25,7 +25,6 @@ hyperparameters), ``_fit_final(X, yi)``, ``_logits(X)`` and ``_state()`` /
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -33,6 +32,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from vslib import calibration
+from vslib.atomic import atomic_path, atomic_write_json
 from vslib.errors import ClassifierError
 
 STATE_FILE = "head.npz"
@@ -257,9 +257,8 @@ class Head(ClassifierMixin):
         for attr in ("backbone_", "backbone_weights_", "dataset_"):
             if getattr(self, attr, None) is not None:
                 meta.setdefault(attr.rstrip("_"), getattr(self, attr))
-        tmp = directory / (STATE_FILE + ".tmp.npz")
-        np.savez(tmp, **self._state())
-        os.replace(tmp, directory / STATE_FILE)
+        with atomic_path(directory / STATE_FILE, suffix=".npz") as tmp:
+            np.savez(tmp, **self._state())
         write_json(directory / LABELS_FILE, [str(c) for c in self.classes_])
         write_json(directory / METADATA_FILE, meta)
         self.metadata_ = meta
@@ -292,11 +291,7 @@ def is_single_image(x: Any) -> bool:
 
 
 def write_json(path: Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, default=_json_default)
 
 
 def _json_default(o):

@@ -16,6 +16,7 @@ import logging
 from typing import Optional
 
 from vslib.errors import IndexBackendError
+from vslib.locks import locked
 from vslib.index.base import (BulkIndexError, Hit, IndexDimensionError, IndexMismatchError, IndexNotFoundError,
                               IndexPermissionError, IndexTimeoutError, IndexUnreachableError, VectorIndex, exact_search,
                               normalize_filter)
@@ -66,6 +67,8 @@ def item_ids(table) -> list[str]:
     return [h if seen[h] == 1 else f"{h}-{hashlib.sha1(p.encode()).hexdigest()[:12]}" for h, p in zip(hashes, paths)]
 
 
+@locked(lambda cfg: cfg.index_dir if cfg.index.backend == "embedded" else None,
+        lambda cfg: f"the embedded index {cfg.index_dir}")
 def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool = True) -> dict:
     """Index the feature cache's index split into the configured backend.
 

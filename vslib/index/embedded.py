@@ -29,6 +29,8 @@ from typing import Optional
 
 import numpy as np
 
+from vslib.atomic import atomic_write_json, ensure_dir
+from vslib.errors import environment_fault
 from vslib.index.base import (Hit, IndexBackendError, IndexDimensionError, IndexNotFoundError, VectorIndex,
                               exact_search, normalize_filter)
 
@@ -43,6 +45,18 @@ def _faiss():
     except ImportError:  # pragma: no cover - faiss-cpu is a dependency
         raise IndexBackendError("the embedded index needs FAISS: pip install faiss-cpu") from None
     return faiss
+
+
+def _faiss_fault(error: RuntimeError, path: Path):
+    """FAISS's C++ I/O errors arrive as RuntimeError quoting strerror: the fault they name, if any."""
+    import errno
+
+    text = str(error)
+    for n in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT,
+              errno.EMFILE, errno.ENFILE, errno.EIO):
+        if os.strerror(n) in text:
+            return environment_fault(OSError(n, os.strerror(n)), path)
+    return None
 
 
 class EmbeddedIndex(VectorIndex):
@@ -261,31 +275,40 @@ class EmbeddedIndex(VectorIndex):
         import pyarrow.parquet as pq
 
         self._compact()
-        self.path.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.path)
         meta_file = self.path / "meta.json"
         old = json.loads(meta_file.read_text()).get("generation") if meta_file.exists() else None
         number = int(old[1:]) + 1 if old and old[1:].isdigit() else 1
         gen = f"g{number:06d}"
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.path))
-        np.save(tmp / "vectors.npy", self._vectors[:self._n])
-        rows = [{"id": i, **m} for i, m in zip(self._ids, self._meta)]
+        # a new generation is written whole in a hidden folder, then named; meta.json (written
+        # atomically, last) points at it. On any fault the folder is removed and the index on
+        # disk stays the previous generation.
+        tmp = None
         try:
-            table = pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.string())})
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # a field holds mixed types: keep it as JSON
-            table = pa.table({"id": self._ids, "_json": [json.dumps(m) for m in self._meta]})
-        pq.write_table(table, tmp / "metadata.parquet")
-        if not self.exact and self._n:
-            _faiss().write_index(self._index(), str(tmp / "faiss.index"))
-        if (self.path / gen).exists():
-            shutil.rmtree(self.path / gen)
-        os.replace(tmp, self.path / gen)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.path))
+            np.save(tmp / "vectors.npy", self._vectors[:self._n])
+            rows = [{"id": i, **m} for i, m in zip(self._ids, self._meta)]
+            try:
+                table = pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.string())})
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # a field holds mixed types: keep it as JSON
+                table = pa.table({"id": self._ids, "_json": [json.dumps(m) for m in self._meta]})
+            pq.write_table(table, tmp / "metadata.parquet")
+            if not self.exact and self._n:
+                _faiss().write_index(self._index(), str(tmp / "faiss.index"))
+            if (self.path / gen).exists():
+                shutil.rmtree(self.path / gen)
+            os.replace(tmp, self.path / gen)
+            tmp = None
+        except OSError as e:
+            raise (environment_fault(e, self.path) or e) from e
+        except RuntimeError as e:  # faiss reports a failed write as a RuntimeError quoting strerror
+            fault = _faiss_fault(e, self.path)
+            raise (fault or e) from e
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         meta = {"format": FORMAT, "dim": self.dim, "factory": self.factory, "count": self._n, "generation": gen}
-        fd, tmp_meta = tempfile.mkstemp(prefix=".meta-", dir=self.path)
-        with os.fdopen(fd, "w") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_meta, meta_file)
+        atomic_write_json(meta_file, meta)
         for child in self.path.iterdir():  # older generations and leftovers of crashed saves
             if child.name != gen and (child.name.startswith(("g", ".tmp-", ".meta-"))) and child.name != "meta.json":
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
