@@ -123,13 +123,13 @@ def run(datasets: list[str], backbones: list[str], heads: list[str], seeds: int,
 
 def to_markdown(report: dict) -> str:
     lines = [f"# Retrieval benchmark ({report['date']}, {report['machine']})", "",
-             f"Seeds {report['seeds']}: each seed is its own stratified split, head fit, tuning and exact search; "
+             f"Seeds {report['seeds']} (a row's count is in its `seeds` column): each seed is its own stratified split, head fit, tuning and exact search; "
              "figures are means over seeds, gains are pooled over the queries of all seeds (paired bootstrap 95 % "
              "interval). `1-NN`: label of the most similar indexed image; `LR`: logistic regression, C = 100, "
              "on the same index split.", "",
-             "| dataset | backbone | head | queries | top-1 | top-3 | 1-NN | LR | flat p@1 | hier p@1 | adapt p@1 "
+             "| dataset | backbone | head | seeds | queries | top-1 | top-3 | 1-NN | LR | flat p@1 | hier p@1 | adapt p@1 "
              "| flat p@10 | hier p@10 | adapt p@10 | adapt mAP@10 | gain p@1 vs flat | gain p@10 vs flat | claims |",
-             "|---" * 18 + "|"]
+             "|---" * 19 + "|"]
     for r in report["results"]:
         m = r["mean"]
         mo = m["modes"]
@@ -137,7 +137,7 @@ def to_markdown(report: dict) -> str:
         ok = sum(r["claims"].values())
         fail = [k for k, v in r["claims"].items() if not v]
         lines.append(
-            f"| {r['dataset']} | {r['backbone'].replace('efficientnet_', '')} | {r['head']} | "
+            f"| {r['dataset']} | {r['backbone'].replace('efficientnet_', '')} | {r['head']} | {len(r['runs'])} | "
             f"{r['runs'][0]['n_query']} | {m['classifier_accuracy']['mean']:.3f} | {m['classifier_top3']['mean']:.3f} | "
             f"{m['nn1_accuracy']['mean']:.3f} | {m['logreg_accuracy']['mean']:.3f} | "
             f"{mo['flat']['p@1']['mean']:.3f} | {mo['hierarchical']['p@1']['mean']:.3f} | {mo['adaptive']['p@1']['mean']:.3f} | "
@@ -165,9 +165,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=OUT, help="folder for retrieval.json/.md (default reports/benchmarks)")
     p.add_argument("--data", type=Path, default=ROOT / "data", help="data folder: manifests and the feature cache "
                                                                     "(default: the project's, shared with the pipeline)")
+    p.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                   help="write one report from retrieval.json files of earlier runs instead of running")
     args = p.parse_args(argv)
-    report = run(args.datasets.split(","), args.backbones.split(","), args.heads.split(","), args.seeds, args.base_seed,
-                 args.data)
+    if args.combine:
+        parts = [json.loads(f.read_text()) for f in args.combine]
+        report = {"date": max(r["date"] for r in parts), "machine": parts[0]["machine"],
+                  "seeds": sorted({s for r in parts for s in r["seeds"]}),
+                  "results": [res for r in parts for res in r["results"]]}
+    else:
+            report = run(args.datasets.split(","), args.backbones.split(","), args.heads.split(","), args.seeds,
+                     args.base_seed, args.data)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "retrieval.json").write_text(json.dumps(report, indent=2))
     md = to_markdown(report)
