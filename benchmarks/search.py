@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a FeatureSet .npz: grid-search the synthetic generator to match its hardness, then use "
                         "the parameters found for the synthetic sizes")
     p.add_argument("--synthetic", type=parse_synth, default=None,
-                   help="synthetic generator parameters, e.g. 'rank=16,noise=1.0,shared=1.0' (default: calibrated)")
+                   help="synthetic generator parameters, e.g. 'rank=16,spread=1.0,noise=0.5' (default: calibrated)")
     p.add_argument("--queries", type=int, default=200, help="number of query vectors")
     p.add_argument("--single-budget", type=float, default=None,
                    help="seconds at most for timing one-query-per-call searches (at least 5 queries are timed)")
@@ -255,16 +255,14 @@ class Synth:
     rank: int = 16             # dimension of each cluster's own variation subspace
     spread: float = 0.6        # scale of the in-subspace variation
     noise: float = 0.25        # scale of the isotropic noise (all dims): raises intrinsic dimensionality
-    shared: float = 0.0        # weight of one direction common to all points (image embeddings are
-                               # non-negative, so all their cosines are positive): lowers relative contrast
 
     def clusters(self, n: int) -> int:
         return max(N_LABELS, int(round(n / self.per_cluster)))
 
     def describe(self, n: int) -> str:
-        return (f"synthetic: {self.clusters(n)} clusters ({self.per_cluster} points each) = shared direction "
-                f"(weight {self.shared}) + random centre + rank-{self.rank} per-cluster variation (scale "
-                f"{self.spread}) + isotropic noise (scale {self.noise}), normalised; labels = cluster % {N_LABELS}")
+        return (f"synthetic: {self.clusters(n)} clusters ({self.per_cluster} points each) = random centre + "
+                f"rank-{self.rank} per-cluster variation (scale {self.spread}) + isotropic noise (scale "
+                f"{self.noise}), normalised; labels = cluster % {N_LABELS}")
 
 
 def parse_synth(text: str) -> Synth:
@@ -282,13 +280,13 @@ def parse_synth(text: str) -> Synth:
     return Synth(**kw)
 
 
-#: the generator's parameters calibrated to real features (see README "Search benchmark"): chosen by
-#: ``--calibrate`` so that median LID and relative contrast match the real Fashion-MNIST vectors
-CALIBRATED = Synth()
+#: the generator's parameters calibrated to real features: ``--calibrate`` on 5,000 Fashion-MNIST
+#: EfficientNet-Lite0 vectors (median LID 18.4, RC@10 1.664) chose these (LID 17.6, RC@10 1.659 at that size)
+CALIBRATED = Synth(per_cluster=250, rank=16, spread=1.0, noise=0.5)
 
 
 def synthetic(n: int, nq: int, dim: int, seed: int, cache_dir: Optional[Path], p: Synth = CALIBRATED) -> Collection:
-    """Clustered unit vectors: shared direction + centre + variation in a per-cluster subspace + isotropic noise.
+    """Clustered unit vectors: centre + variation in a per-cluster subspace + isotropic noise, normalised.
 
     Real image embeddings vary along few directions around each class, so pure
     isotropic noise in 1280 dims (where all distances look alike) would be an
@@ -296,8 +294,7 @@ def synthetic(n: int, nq: int, dim: int, seed: int, cache_dir: Optional[Path], p
     ``p`` (calibrated against real features with ``--calibrate``).
     """
     n_clusters = p.clusters(n)
-    key = (f"synthetic3-n{n}-q{nq}-d{dim}-s{seed}-pc{p.per_cluster}-r{p.rank}-a{p.spread}-b{p.noise}"
-           f"-g{p.shared}")
+    key = f"synthetic3-n{n}-q{nq}-d{dim}-s{seed}-pc{p.per_cluster}-r{p.rank}-a{p.spread}-b{p.noise}"
     source = p.describe(n)
     if cache_dir is not None and (cache_dir / f"{key}.x.npy").exists():
         try:
@@ -308,7 +305,6 @@ def synthetic(n: int, nq: int, dim: int, seed: int, cache_dir: Optional[Path], p
         except (OSError, ValueError) as e:
             print(f"  cached collection {key} unreadable ({e}); regenerating", file=sys.stderr)
     rng = np.random.default_rng(seed)
-    shared = _normalise(rng.standard_normal((1, dim), dtype=np.float32))[0]
     centres = _normalise(rng.standard_normal((n_clusters, dim), dtype=np.float32))
     cluster = rng.integers(0, n_clusters, n)
     q_cluster = rng.integers(0, n_clusters, nq)
@@ -332,7 +328,7 @@ def synthetic(n: int, nq: int, dim: int, seed: int, cache_dir: Optional[Path], p
                 continue
             m = len(idx)
             # basis rows have norm ~1, so the variation has norm ~spread and the noise norm ~noise
-            pts = (p.shared * shared + centres[c]
+            pts = (centres[c]
                    + (p.spread / np.sqrt(p.rank)) * (crng.standard_normal((m, p.rank), dtype=np.float32) @ basis)
                    + p.noise * crng.standard_normal((m, dim), dtype=np.float32) / np.sqrt(dim))
             target[np.sort(idx)] = _normalise(pts)
@@ -385,12 +381,16 @@ def hardness_gap(h: dict, target: dict) -> float:
 
 
 def calibrate(target: dict, n: int, nq: int, dim: int, seed: int, base: Synth = Synth()) -> tuple[Synth, dict, list]:
-    """Grid-search the generator (rank, noise, shared) for the hardness closest to ``target`` at size ``n``."""
+    """Grid-search the generator (rank, spread, noise) for the hardness closest to ``target`` at size ``n``.
+
+    Noise in all dimensions raises LID; a wider spread inside each cluster's
+    subspace (against the fixed distance between centres) lowers relative contrast.
+    """
     tried = []
-    for rank in (8, 16, 32, 64):
-        for noise in (0.25, 0.5, 0.75, 1.0, 1.5):
-            for shared in (0.0, 0.5, 1.0, 1.5, 2.0, 3.0):
-                p = Synth(per_cluster=base.per_cluster, rank=rank, spread=base.spread, noise=noise, shared=shared)
+    for rank in (8, 16, 32):
+        for noise in (0.25, 0.5, 0.75, 1.0):
+            for spread in (0.6, 1.0, 1.5, 2.5):
+                p = Synth(per_cluster=base.per_cluster, rank=rank, spread=spread, noise=noise)
                 col = synthetic(n, nq, dim, seed, None, p)
                 h = hardness(col.vectors, col.queries)
                 tried.append((hardness_gap(h, target), p, h))
@@ -726,8 +726,17 @@ def _f(v, spec=".0f", none="-"):
     return none if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
 
 
+def held(r: dict) -> int:
+    """Memory an index holds: the larger of the measured anonymous-RSS growth and what its parts count up to.
+
+    RSS growth is the truth at large sizes but under-reads small ones (the allocator reuses freed pages), so
+    the bytes FAISS's codes, links and lists and any float buffer add up to are a floor.
+    """
+    return max(r.get("index_bytes") or 0, (r.get("faiss_bytes") or 0) + (r.get("vector_buffer_bytes") or 0))
+
+
 def _print_row(r: dict, raw: int) -> None:
-    mem = r.get("index_bytes") or 0
+    mem = held(r)
     print(f"    {r['backend']:<15} {r['setting']:<28} build {_f(r.get('build_s'), '7.1f')} s  "
           f"mem {_f(mem / raw if mem else None, '5.2f')}x raw  "
           f"QPS {_f(r.get('qps_single'), '8.1f')} / {_f(r.get('qps_batch'), '8.1f')}  "
@@ -775,9 +784,9 @@ def check_targets(sizes: dict) -> list[dict]:
         add("filtered recall@10 >= 0.95", best["filtered_recall"] >= TARGET_RECALL,
             f"{best['setting']}, filter = the query's own label (~{res['label_share']:.1%} of the collection): "
             f"recall {best['filtered_recall']:.3f} at {best['filtered_qps_single']:.0f} QPS")
-        ratio = best["index_bytes"] / res["raw_bytes"]
+        ratio = held(best) / res["raw_bytes"]
         add("index memory <= 1.5x raw vector bytes", ratio <= TARGET_MEMORY,
-            f"{best['factory']}: {best['index_bytes'] / 2**20:.0f} MiB held vs {res['raw_bytes'] / 2**20:.0f} MiB "
+            f"{best['factory']}: {held(best) / 2**20:.0f} MiB held vs {res['raw_bytes'] / 2**20:.0f} MiB "
             f"raw = {ratio:.2f}x (vector buffer {best.get('vector_buffer_bytes', 0) / 2**20:.0f} MiB + FAISS "
             f"{best.get('faiss_bytes', 0) / 2**20:.0f} MiB)")
     quant = [r for r in rows if r["backend"] == "embedded-quant"]
@@ -788,14 +797,14 @@ def check_targets(sizes: dict) -> list[dict]:
         add(f"quantized embedded build <= {TARGET_BUILD_S / 60:.0f} min", None, "needs the embedded-quant rows")
     else:
         def ok(r):
-            return (r["recall"] >= TARGET_RECALL and r["index_bytes"] / res["raw_bytes"] <= TARGET_QUANT_MEMORY
+            return (r["recall"] >= TARGET_RECALL and held(r) / res["raw_bytes"] <= TARGET_QUANT_MEMORY
                     and r["qps_single"] / base["qps_single"] >= TARGET_SPEEDUP)
         passing = [r for r in quant if ok(r)]
         pick = (min(passing, key=lambda r: r["build_s"]) if passing
                 else max(quant, key=lambda r: (r["recall"] >= TARGET_RECALL, r["qps_single"] / base["qps_single"])))
         add(name, bool(passing),
             f"{pick['setting']}: recall {pick['recall']:.3f} (filtered {pick['filtered_recall']:.3f}), memory "
-            f"{pick['index_bytes'] / res['raw_bytes']:.2f}x raw ({pick['index_bytes'] / 2**20:.0f} MiB; FAISS "
+            f"{held(pick) / res['raw_bytes']:.2f}x raw ({held(pick) / 2**20:.0f} MiB; FAISS "
             f"{pick['faiss_bytes'] / 2**20:.0f} MiB; vectors {pick['vectors']}), {pick['qps_single']:.0f} vs "
             f"{base['qps_single']:.1f} QPS = {pick['qps_single'] / base['qps_single']:.1f}x")
         add(f"quantized embedded build <= {TARGET_BUILD_S / 60:.0f} min", pick["build_s"] <= TARGET_BUILD_S,
@@ -833,7 +842,7 @@ def _table(res: dict) -> list[str]:
              "| recall@10 | filt. QPS single | filt. QPS batch | filt. recall@10 |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["results"]:
-        mem = r.get("index_bytes") or 0
+        mem = held(r)
         name = r["backend"] + (" (emulator)" if r.get("emulator") else "")
         lines.append(
             f"| {name} | {r['setting']} | {_f(r.get('build_s'), '.1f')} | "
@@ -852,7 +861,8 @@ def markdown(report: dict) -> str:
              f"k = {K}; {report['queries']} queries; data: {report['source']}.", "",
              "QPS single: one query per call; batched: all queries in one call (Elasticsearch rows: the backend "
              "sends one request per query, so only single-query QPS is given). Filtered: each query asks for its "
-             "own label. Memory: what the index holds in RAM after the build (anonymous RSS growth of this process; "
+             "own label. Memory: what the index holds in RAM after the build (anonymous RSS growth of this process, or "
+             "the bytes its FAISS parts and float buffers count up to where that is larger; "
              "for Elasticsearch, the emulator server's RSS growth), over the raw float32 vector bytes; "
              "embedded-quant keeps its float vectors on disk, memory-mapped, for re-ranking.", ""]
     if report.get("hardness"):
