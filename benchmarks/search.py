@@ -1,4 +1,4 @@
-"""Search at scale: build time, memory, QPS and recall@10 of every index backend (issue 8).
+"""Search at scale: build time, memory, QPS and recall@10 of every index backend (issues 8 and 15).
 
     python benchmarks/search.py --quick             # 10k vectors, a few minutes (CI smoke test)
     python benchmarks/search.py                     # 10k, 100k and 1M vectors (hours on 2 cores)
@@ -16,6 +16,9 @@ Backends (``--backends``)
                         and the ground truth for recall
 ``embedded-exact``      :class:`~vslib.index.embedded.EmbeddedIndex` with FAISS ``Flat``
 ``embedded-hnsw``       EmbeddedIndex with FAISS ``HNSW32``, one row per ``efSearch`` (``--ef``)
+``embedded-quant``      EmbeddedIndex with compressed factories (``--quant-factories``; default
+                        ``HNSW32,SQ8`` and ``IVF{nlist}_HNSW32,SQ8``) saved to disk, float vectors
+                        memory-mapped for exact re-ranking; one row per re-rank depth x efSearch/nprobe
 ``es-knn``              :class:`~vslib.index.elasticsearch.ElasticsearchIndex`, top-level ``knn``
                         (HNSW), one row per ``num_candidates`` (``--num-candidates``)
 ``es-exact``            the same index searched with exact ``script_score``
@@ -25,10 +28,14 @@ The Elasticsearch rows run against ``noida-db``, an Elasticsearch-API
 ``--es-url``); their figures say nothing about Elasticsearch itself. They run
 only up to ``--es-max-size`` vectors (default 100k).
 
-Data: synthetic clustered unit vectors by default (1000 cluster centres on the
-unit sphere; each point is its centre plus variation inside a low-dimensional
-per-cluster subspace plus a little isotropic noise, normalised; labels are the
-cluster id modulo 20, so one label holds ~5% of the collection). Queries are
+Data: synthetic clustered unit vectors by default (clusters of 250 points around
+random centres on the unit sphere; each point is its centre plus variation inside a
+rank-16 per-cluster subspace plus isotropic noise, normalised; labels are the
+cluster id modulo 20, so one label holds ~5% of the collection). The generator's
+parameters were calibrated (``--calibrate``) so that the data is as hard as real
+Fashion-MNIST embeddings: every collection's relative contrast and local intrinsic
+dimensionality (:func:`hardness`) are measured and reported beside its results.
+``--real PATH`` also runs every backend on a real FeatureSet at its own size. Queries are
 drawn the same way, not taken from the collection. With ``--features PATH`` (a
 FeatureSet ``.npz`` written by :mod:`vslib.features`) the real vectors are used,
 held-out rows become the queries, and the collection is tiled with small
