@@ -8,7 +8,7 @@ from vslib.config import ConfigError, parse_config
 from vslib.index import open_index
 from vslib.index.embedded import EmbeddedIndex
 
-COMPRESSED = ["HNSW16,SQ8", "IVF16,SQ8", "IVF16,PQ16", "PCA32,IVF16,SQ8"]
+COMPRESSED = ["HNSW16,SQ8", "IVF16,SQ8", "IVF16,PQ16x4", "PCA32,IVF16,SQ8"]
 
 
 def clustered(n: int, dim: int, seed: int = 0, clusters: int = 20) -> np.ndarray:
@@ -55,11 +55,11 @@ def test_embedded_quantized_rerank_returns_the_exact_top_k(factory, data, tmp_pa
 def test_embedded_without_rerank_scores_come_from_the_codes(data):
     x, q = data
     ids = [str(i) for i in range(len(x))]
-    idx = EmbeddedIndex(x.shape[1], factory="IVF16,PQ8", nprobe=16)
+    idx = EmbeddedIndex(x.shape[1], factory="IVF16,PQ8x4", nprobe=16)
     idx.add(ids, x, _meta(len(x)))
     approx = idx.search(q[:5], 10)
     exact = [[float(x[int(h.id)] @ q[i]) for h in row] for i, row in enumerate(approx)]
-    assert not np.allclose([[h.score for h in r] for r in approx], exact, atol=1e-4)  # PQ8 in 64 dims is coarse
+    assert not np.allclose([[h.score for h in r] for r in approx], exact, atol=1e-4)  # 4-bit PQ8 in 64 dims is coarse
     idx.rerank = 100
     reranked = idx.search(q[:5], 10)
     exact = [[float(x[int(h.id)] @ q[i]) for h in row] for i, row in enumerate(reranked)]
