@@ -96,6 +96,9 @@ class EmbeddedIndexConfig:
     factory: str = _f("Flat", help="FAISS index factory string: Flat (exact), HNSW32, ...")
     ef_search: int = _f(128, min=1, help="HNSW search breadth")
     ef_construction: int = _f(200, min=8, help="HNSW build breadth (FAISS's own default is 40)")
+    nprobe: int = _f(16, min=1, help="IVF lists scanned per query (IVF factories only)")
+    rerank: int = _f(0, min=0, max=100_000, help="candidates re-ranked exactly with the float vectors; 0 = off")
+    mmap_vectors: bool = _f(True, help="compressed factories: float vectors stay on disk, memory-mapped")
 
 
 @dataclass

@@ -13,6 +13,14 @@ On disk (``cfg.index_dir``)::
     g000003/metadata.parquet   id + one column per metadata field
     g000003/faiss.index  the trained/built FAISS index (non-Flat factories only)
 
+Compressed factories (``HNSW32,SQ8``, ``IVF4096_HNSW32,SQ8``, ``OPQ64,IVF4096,PQ64``
+…) keep only codes in RAM. With ``rerank`` > 0 a search asks FAISS for that
+many candidates and re-ranks them exactly against the float vectors, which
+(``mmap_vectors``) stay in ``vectors.npy`` memory-mapped instead of in RAM once
+the index is saved or opened, so RAM holds the codes and links, and the
+operating system's page cache holds the float rows searches touch.
+:meth:`EmbeddedIndex.memory` says where the bytes are.
+
 A save writes a new generation folder, then replaces ``meta.json`` (which
 names it) in one rename, then deletes older generations, so a crash at any
 moment leaves the previous or the new state, never a mix.
@@ -68,17 +76,26 @@ class EmbeddedIndex(VectorIndex):
     exact_below = 10_000
     #: compact (drop removed rows) when more than this share of the rows is dead
     compact_share = 0.5
+    #: quantizers (IVF centroids, SQ ranges, PQ codebooks) are trained on at most this many rows
+    train_max = 100_000
 
     def __init__(self, dim: int, path: Optional[os.PathLike] = None, factory: str = "Flat", ef_search: int = 128,
-                 ef_construction: int = 200):
+                 ef_construction: int = 200, *, nprobe: int = 16, rerank: int = 0, mmap_vectors: bool = True):
         super().__init__(dim)
         self.path = Path(path) if path is not None else None
         self.factory = factory
         self.ef_search = int(ef_search)
         self.ef_construction = int(ef_construction)
-        #: the FAISS index whose storage ``_vectors`` is a view of (kept alive while the view is used)
+        #: IVF lists scanned per query (IVF factories only)
+        self.nprobe = int(nprobe)
+        #: candidates fetched from FAISS and re-ranked exactly with the float vectors (0: no re-ranking)
+        self.rerank = int(rerank)
+        #: keep the float vectors memory-mapped from disk when FAISS does not hold them (compressed factories)
+        self.mmap_vectors = bool(mmap_vectors)
+        #: what owns the memory ``_vectors`` views (the FAISS index, or a read-only memmap); None: our own buffer
         self._view_owner = None
-        _make_faiss(dim, factory)  # fail now, naming the factory string, if it is not valid
+        # fail now, naming the factory string, if it is not valid; and learn whether FAISS keeps the floats
+        self.stores_floats = _stores_floats(_make_faiss(dim, factory))
         self._vectors = np.empty((0, dim), np.float32)  # capacity buffer; rows [0, _n) are used
         self._n = 0
         self._ids: list[Optional[str]] = []
@@ -92,9 +109,12 @@ class EmbeddedIndex(VectorIndex):
 
     # -- opening -------------------------------------------------------------
     @classmethod
-    def open(cls, path: Optional[os.PathLike], dim: Optional[int] = None, *, factory: str = "Flat",
-             ef_search: int = 128, ef_construction: int = 200, create: bool = True) -> "EmbeddedIndex":
+    def open(cls, path: Optional[os.PathLike], dim: Optional[int] = None, *, create: bool = True,
+             **options) -> "EmbeddedIndex":
         """Open the index saved in ``path``, or create an empty one.
+
+        ``options`` are the constructor's: factory, ef_search, ef_construction,
+        nprobe, rerank, mmap_vectors.
 
         Raises :class:`IndexNotFoundError` when there is none and ``create`` is
         False, :class:`IndexDimensionError` when the saved vectors are not ``dim``-dimensional.
@@ -106,7 +126,7 @@ class EmbeddedIndex(VectorIndex):
             if dim is None:
                 raise IndexBackendError(f"cannot create an embedded index in {path} without knowing the "
                                         "vector dimension (pass dim=...)")
-            return cls(dim, path, factory, ef_search, ef_construction)
+            return cls(dim, path, **options)
         try:
             meta = json.loads(meta_file.read_text())
             saved_dim = int(meta["dim"])
@@ -119,7 +139,7 @@ class EmbeddedIndex(VectorIndex):
             raise IndexDimensionError(
                 f"the embedded index in {path} holds {saved_dim}-dimensional vectors but the backbone gives "
                 f"{dim}-dimensional ones; delete {path} or rebuild it with vslib.index.build(cfg, rebuild=True)")
-        self = cls(saved_dim, path, factory, ef_search, ef_construction)
+        self = cls(saved_dim, path, **options)
         self._load(Path(path) / meta["generation"], meta)
         return self
 
@@ -127,7 +147,8 @@ class EmbeddedIndex(VectorIndex):
     def from_config(cls, cfg, dim: Optional[int] = None, *, create: bool = True) -> "EmbeddedIndex":
         e = cfg.index.embedded
         return cls.open(cfg.index_dir, dim, factory=e.factory, ef_search=e.ef_search,
-                        ef_construction=e.ef_construction, create=create)
+                        ef_construction=e.ef_construction, nprobe=e.nprobe, rerank=e.rerank,
+                        mmap_vectors=e.mmap_vectors, create=create)
 
     def _load(self, folder: Path, meta: dict) -> None:
         import pyarrow.parquet as pq
@@ -164,7 +185,13 @@ class EmbeddedIndex(VectorIndex):
             log.info("embedded index in %s was built with factory %r; rebuilding it as %r",
                      self.path, meta.get("factory"), self.factory)
             self._dirty = True
-        if self._faiss is None or not self._adopt_storage(self._faiss):
+        if self._faiss is not None and self._adopt_storage(self._faiss):
+            return
+        if self.mmap_vectors and not self.stores_floats:
+            # compressed codes in RAM, floats on disk (a later save replaces the file but never rewrites it, so
+            # the mapping stays valid; Linux keeps a deleted file's pages while they are mapped)
+            self._vectors, self._view_owner = vectors, vectors
+        else:
             self._vectors = np.array(vectors, dtype=np.float32)  # into memory: the file may be replaced
 
     # -- the contract ------------------------------------------------------------
@@ -217,6 +244,7 @@ class EmbeddedIndex(VectorIndex):
         if n_match == 0:
             return [[] for _ in range(nq)]
         want = min(k, n_match)
+        depth = min(max(k, self.rerank), n_match) if self.rerank and not self.exact else want
         if allowed is not None and n_match <= self.exact_below:
             rows = np.flatnonzero(allowed)
             scores, found = exact_search(self._vectors[:self._n], queries, k, rows)
@@ -225,20 +253,30 @@ class EmbeddedIndex(VectorIndex):
         faiss = _faiss()
         params = None
         sel_bits = None
+        sel = None
         if allowed is not None:
             sel_bits = np.packbits(allowed, bitorder="little")
             sel = faiss.IDSelectorBitmap(len(sel_bits), faiss.swig_ptr(sel_bits))
-            params = (faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.ef_search, k))
-                      if hasattr(index, "hnsw") else faiss.SearchParameters(sel=sel))
-        elif hasattr(index, "hnsw"):
-            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
-        scores, found = index.search(queries, want, params=params)
+        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+        if hasattr(inner, "hnsw"):
+            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, depth))
+        elif hasattr(inner, "nprobe"):
+            params = faiss.SearchParametersIVF(nprobe=self.nprobe)
+        elif sel is not None:
+            params = faiss.SearchParameters()
+        if sel is not None:
+            params.sel = sel
+        scores, found = index.search(queries, depth, params=params)
         del sel_bits  # the selector reads this buffer; keep it alive until here
         out = []
         short = []
         for qi in range(nq):
             ok = found[qi] >= 0
-            out.append(self._hits(scores[qi][ok], found[qi][ok]))
+            if depth > want:  # re-rank the candidates exactly with the float vectors
+                s, r = self._rerank(queries[qi], found[qi][ok], k)
+                out.append(self._hits(s, r))
+            else:
+                out.append(self._hits(scores[qi][ok], found[qi][ok]))
             if ok.sum() < want:
                 short.append(qi)
         if short:  # an approximate search missed some matches: rank those queries exactly
@@ -263,7 +301,30 @@ class EmbeddedIndex(VectorIndex):
         self._faiss = None
 
     def info(self) -> dict:
-        return {**super().info(), "factory": self.factory, "path": str(self.path) if self.path else None}
+        out = {**super().info(), "factory": self.factory, "path": str(self.path) if self.path else None,
+               "memory": self.memory()}
+        if not self.exact:
+            out.update(rerank=self.rerank, ef_search=self.ef_search, nprobe=self.nprobe)
+        return out
+
+    def memory(self) -> dict:
+        """Where the index's bytes are: RAM held by FAISS and by the float vectors, and what stays on disk.
+
+        ``ram_bytes`` is what this index keeps in memory (FAISS's codes, links and
+        lists plus any float vectors of our own); ``ram_ratio`` divides it by the
+        raw float32 vector bytes. Memory-mapped vectors count as on disk: the
+        page cache holds the rows that searches touch and may drop them.
+        """
+        raw = self._n * self.dim * 4
+        faiss_bytes = _faiss_bytes(self._faiss) if self._faiss is not None else 0
+        mapped = isinstance(self._view_owner, np.memmap)
+        shared = self._view_owner is not None and not mapped
+        vec_ram = 0 if (mapped or shared) else int(self._vectors.nbytes)
+        where = ("memory-mapped from " + str(getattr(self._view_owner, "filename", "disk")) if mapped
+                 else "in FAISS's storage" if shared else "in RAM")
+        ram = faiss_bytes + vec_ram
+        return {"ram_bytes": ram, "faiss_bytes": faiss_bytes, "vector_ram_bytes": vec_ram, "vectors": where,
+                "raw_vector_bytes": raw, "ram_ratio": ram / raw if raw else None}
 
     # -- persistence -----------------------------------------------------------------
     def save(self) -> None:
@@ -309,6 +370,10 @@ class EmbeddedIndex(VectorIndex):
                 shutil.rmtree(tmp, ignore_errors=True)
         meta = {"format": FORMAT, "dim": self.dim, "factory": self.factory, "count": self._n, "generation": gen}
         atomic_write_json(meta_file, meta)
+        if self.mmap_vectors and not self.stores_floats and self._n:
+            # the floats now live in the saved file: map it and let the RAM copy go
+            self._vectors = np.load(self.path / gen / "vectors.npy", mmap_mode="r")
+            self._view_owner = self._vectors
         for child in self.path.iterdir():  # older generations and leftovers of crashed saves
             if child.name != gen and (child.name.startswith(("g", ".tmp-", ".meta-"))) and child.name != "meta.json":
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -316,13 +381,20 @@ class EmbeddedIndex(VectorIndex):
         log.debug("saved %d vectors to %s/%s", self._n, self.path, gen)
 
     # -- internals ------------------------------------------------------------------
+    def _rerank(self, query: np.ndarray, rows: np.ndarray, k: int):
+        """Exact scores of candidate ``rows`` (read in row order, kind to a memory map); the best k first."""
+        rows = np.sort(rows)
+        scores = np.asarray(self._vectors[rows], dtype=np.float32) @ query
+        order = np.argsort(-scores, kind="stable")[:k]
+        return scores[order], rows[order]
+
     def _hits(self, scores, rows) -> list[Hit]:
         return [Hit(self._ids[r], float(s), dict(self._meta[r])) for s, r in zip(scores, rows)]
 
     def _reserve(self, n: int) -> None:
         if n <= len(self._vectors) and self._view_owner is None:
             return
-        # a view of FAISS's storage is never written to: new rows go into a buffer of our own
+        # a view of FAISS's storage or of a memory map is never written to: new rows go into a buffer of our own
         cap = max(n, 2 * self._n if self._view_owner is None else n, 1024)
         vectors = np.empty((cap, self.dim), np.float32)
         vectors[:self._n] = self._vectors[:self._n]
@@ -388,10 +460,17 @@ class EmbeddedIndex(VectorIndex):
         if index.ntotal < self._n:
             new = self._vectors[index.ntotal:self._n]
             if not index.is_trained:
-                index.train(self._vectors[:self._n])
+                index.train(self._training_sample())
             index.add(np.ascontiguousarray(new))
             self._adopt_storage(index)  # our copy of the vectors can go: FAISS holds them now
         return index
+
+    def _training_sample(self) -> np.ndarray:
+        """At most ``train_max`` rows (a fixed random sample, in row order) to train FAISS's quantizers on."""
+        if self._n <= self.train_max:
+            return np.ascontiguousarray(self._vectors[:self._n])
+        rows = np.sort(np.random.default_rng(0).choice(self._n, self.train_max, replace=False))
+        return np.ascontiguousarray(self._vectors[rows])
 
     def _column(self, field: str):
         import pandas as pd
@@ -429,3 +508,32 @@ def _make_faiss(dim: int, factory: str):
         first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
         raise IndexBackendError(f"index.embedded.factory {factory!r} is not a FAISS index factory string "
                                 f"(e.g. 'Flat', 'HNSW32'): {first}") from None
+
+
+def _stores_floats(index) -> bool:
+    """Whether this (empty) FAISS index keeps the raw float vectors (Flat, HNSW over Flat)."""
+    faiss = _faiss()
+    top = faiss.downcast_index(index)  # a view: ``index`` (which owns the C++ object) must stay referenced
+    flat = faiss.downcast_index(top.storage) if hasattr(top, "storage") else top
+    return isinstance(flat, faiss.IndexFlat)
+
+
+def _faiss_bytes(index) -> int:
+    """RAM a FAISS index holds: codes, HNSW links, IVF lists (codes + ids), quantizers and transforms."""
+    faiss = _faiss()
+    index = faiss.downcast_index(index)  # the caller keeps the owning object alive
+    if isinstance(index, faiss.IndexPreTransform):
+        chain = sum(int(faiss.downcast_VectorTransform(index.chain.at(i)).d_in) *
+                    int(faiss.downcast_VectorTransform(index.chain.at(i)).d_out) * 4
+                    for i in range(index.chain.size()))
+        return chain + _faiss_bytes(index.index)
+    if isinstance(index, faiss.IndexHNSW):
+        h = index.hnsw
+        links = h.neighbors.size() * 4 + h.levels.size() * 4 + h.offsets.size() * 8 + h.assign_probas.size() * 8
+        return int(links) + _faiss_bytes(index.storage)
+    if isinstance(index, faiss.IndexIVF):
+        lists = int(index.invlists.compute_ntotal()) * (int(index.code_size) + 8)
+        return lists + index.nlist * 16 + _faiss_bytes(index.quantizer)  # 16: a list's vector header
+    if isinstance(index, faiss.IndexFlatCodes):
+        return int(index.codes.size())
+    return int(faiss.serialize_index(index).nbytes)
