@@ -247,10 +247,15 @@ def extract_on_dask(cfg, sources: Sequence[str], key: str,
         start_of = {f.key: s for f, s in zip(futures, starts)}
         try:
             for fut in distributed.as_completed(futures):
-                if fut.status == "error":
-                    fut.result()  # raises the worker's exception here
                 s = start_of[fut.key]
-                pos, vecs, failures = fut.result()
+                try:
+                    pos, vecs, failures = fut.result()
+                except distributed.KilledWorker as e:
+                    raise VisualSearchError(
+                        f"the partition of images {s}..{min(s + size, len(sources)) - 1} (first {sources[s]}) was "
+                        f"running on each of the workers that died ({e}); look at the worker logs (out of memory? "
+                        "lower compute.dask.partition_size or backbone.batch_size), then run again: finished "
+                        "partitions are kept") from None
                 fut.release()  # its vectors are on disk once on_partition returns: the cluster may forget them
                 on_partition([s + i for i in pos], vecs, [(s + i, r) for i, r in failures])
         finally:
