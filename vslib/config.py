@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -153,6 +154,22 @@ class EvaluationConfig:
 
 
 @dataclass
+class DaskConfig:
+    address: Optional[str] = _f(None, help="null = start a LocalCluster on this machine; "
+                                           "tcp://host:8786 = connect to a running scheduler")
+    workers: int = _f(0, min=0, help="LocalCluster: worker processes; 0 = CPU cores // threads_per_worker")
+    threads_per_worker: int = _f(1, min=1, help="LocalCluster: threads per worker (TensorFlow uses as many)")
+    partition_size: int = _f(256, min=1, max=100_000, help="images per task (one partition = one shard)")
+    dashboard_address: str = _f(":8787", help="LocalCluster: where its dashboard listens (':0' = any free port)")
+
+
+@dataclass
+class ComputeConfig:
+    scheduler: Literal["local", "dask"] = _f("local", help="local = in this process; dask = on a Dask cluster")
+    dask: DaskConfig = _f(DaskConfig)
+
+
+@dataclass
 class PathsConfig:
     data: str = "data"
     models: str = "models"
@@ -167,6 +184,7 @@ class Config:
     index: IndexConfig = _f(IndexConfig)
     search: SearchConfig = _f(SearchConfig)
     evaluation: EvaluationConfig = _f(EvaluationConfig)
+    compute: ComputeConfig = _f(ComputeConfig)
     paths: PathsConfig = _f(PathsConfig)
     #: directory relative paths are resolved against (the config file's folder)
     base_dir: Path = field(default=PROJ_ROOT, repr=False, compare=False)
@@ -356,6 +374,10 @@ def parse_config(data: Optional[dict], *, source: str = "<dict>", base_dir: Opti
     return cfg
 
 
+#: a Dask scheduler address: [protocol://]host:port
+_DASK_ADDRESS = re.compile(r"^((tcp|tls|ucx|ws|wss)://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}$")
+
+
 def _validate(cfg: Config, source: str) -> None:
     """Cross-field checks that a single type cannot express."""
     for i, m in enumerate(cfg.evaluation.modes):
@@ -379,6 +401,10 @@ def _validate(cfg: Config, source: str) -> None:
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"{source}: index.elasticsearch.index_name {template!r} is not a valid name template "
                           f"({e!r}); use only the placeholders {{dataset}} and {{backbone}}") from None
+    address = cfg.compute.dask.address
+    if address is not None and not _DASK_ADDRESS.match(address):
+        raise ConfigError(f"{source}: compute.dask.address {address!r} is not a scheduler address; use "
+                          "tcp://host:8786 (or tls://, ucx://, or host:port), or null to start a LocalCluster")
     opts = cfg.index.elasticsearch.index_options
     if opts.get("type") not in ("hnsw", "int8_hnsw", "int4_hnsw", "bbq_hnsw", "flat", "int8_flat", "int4_flat", "bbq_flat"):
         raise ConfigError(f"{source}: index.elasticsearch.index_options.type {opts.get('type')!r} is not "

@@ -14,6 +14,9 @@
   of different backbones never mix. The runtime is not part of the key: a
   runtime is used only if its vectors agree with the Keras model's to cosine
   >= 0.9999, so shards computed on either serve both;
+* with ``compute.scheduler: dask`` the images still to compute are cut into
+  partitions that run as tasks on a Dask cluster (:mod:`vslib.compute`); each
+  finished partition is written as a shard the same way;
 * the result, vectors plus the manifest rows they belong to (path, label,
   split, content_hash), is written to ``<features_dir>/features-<dataset>.npz`` and read
   back by :func:`load_features`.
@@ -300,9 +303,11 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     manifest : DataFrame, optional
         Rows to embed (default: :func:`vslib.datasets.load_manifest`).
     on_batch : callable, optional
-        Called as ``on_batch(batches_done, images_done)`` after each batch is safely on disk.
+        Called as ``on_batch(batches_done, images_done)`` after each batch (with
+        ``compute.scheduler: dask``, each partition) is safely on disk.
     backbone : Backbone, optional
-        Default: :func:`vslib.backbones.backbone_from_config`.
+        Default: :func:`vslib.backbones.backbone_from_config`. Given, it runs
+        here, in this process, whatever ``compute.scheduler`` says.
 
     Returns
     -------
@@ -334,9 +339,10 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     first_path = manifest.drop_duplicates("content_hash").set_index("content_hash")["path"]
     todo = [h for h in first_path.index if h not in cache]
     reused = len(first_path) - len(todo)
-    # build the model (seconds: TensorFlow) only when there is something to compute
+    on_dask = getattr(cfg, "compute", None) is not None and cfg.compute.scheduler == "dask" and backbone is None
+    # build the model (seconds: TensorFlow) only when there is something to compute here
     bb = backbone
-    if bb is None and todo:
+    if bb is None and todo and not on_dask:
         bb = backbone_from_config(cfg)
     if bb is not None and backbone_key(bb) != key:
         raise VisualSearchError(f"backbone weights {backbone_key(bb)} differ from the configured {key}")
@@ -350,6 +356,23 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     try:
         sources = [first_path[h] for h in todo]
         size = bb.input_size if bb is not None else BACKBONES[name]["input_size"]
+        if on_dask and todo:
+            from vslib.compute import extract_on_dask
+
+            def store(pos, vecs, failed):  # one finished partition: on disk at once
+                nonlocal computed, batches
+                for i, reason in failed:
+                    failed_hashes[todo[i]] = reason
+                if pos:
+                    cache.add([todo[i] for i in pos], vecs)
+                    computed += len(pos)
+                batches += 1
+                bar.update(len(pos) + len(failed))
+                if on_batch is not None:
+                    on_batch(batches, computed)
+
+            extract_on_dask(cfg, sources, key, store, announce=bar.write if progress else None)
+            sources = []  # done: skip the in-process loop below
         for pos, batch, failed in iter_batches(sources, size, bs, workers=cfg.backbone.workers,
                                                max_pixels=cfg.dataset.max_image_pixels):
             for i, reason in failed:

@@ -1,0 +1,262 @@
+"""Where work runs: in this process (``compute.scheduler: local``) or on a Dask cluster (``dask``).
+
+``local`` is the default and never imports Dask. With ``dask``,
+:func:`vslib.features.extract` cuts the images still to compute into
+partitions of ``compute.dask.partition_size`` and runs each as one task
+(:func:`embed_partition`: decode, resize, backbone) on a worker:
+
+* ``compute.dask.address: null`` starts a :class:`distributed.LocalCluster` of
+  ``workers`` processes with ``threads_per_worker`` threads each on this machine;
+  an address such as ``tcp://host:8786`` connects to a running scheduler (started
+  with ``dask scheduler``, by ``dask-jobqueue`` on Slurm/PBS, or on Kubernetes).
+  The dashboard link is printed either way;
+* each worker loads the backbone **once** (a module-level cache in this module,
+  keyed by backbone, weights and runtime) and sizes TensorFlow's and TensorFlow
+  Lite's threads to the worker's own thread count, so that the workers of one
+  machine do not oversubscribe its cores;
+* results come back with ``as_completed`` and the client writes each finished
+  partition at once as a shard of the feature cache: a killed client keeps every
+  finished partition, and a worker that dies costs only its running partitions,
+  which the scheduler gives to another worker;
+* before any work is sent, every worker checks that it can read the images (a
+  shared filesystem mounted at the same path as on the client); one that cannot
+  is named with the path and the error.
+
+Library functions here take and return plain data (paths, arrays), so the same
+function runs in-process or as a task.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from vslib.errors import VisualSearchError
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'dask[distributed]' (both are dependencies of visualsearch: pip install -e .)"
+
+
+def _distributed():
+    try:
+        import distributed
+    except ImportError as e:
+        raise VisualSearchError(f"compute.scheduler: dask needs the `distributed` package ({e}); {INSTALL_HINT}") from None
+    return distributed
+
+
+def local_workers(cfg) -> int:
+    """Worker processes of a LocalCluster: ``compute.dask.workers``, or cores // threads_per_worker."""
+    d = cfg.compute.dask
+    return d.workers or max(1, (os.cpu_count() or 1) // d.threads_per_worker)
+
+
+@contextlib.contextmanager
+def dask_client(cfg, *, announce: Callable[[str], None] = None) -> Iterator[object]:
+    """A :class:`distributed.Client` on the cluster ``cfg.compute.dask`` describes; closed on exit.
+
+    A LocalCluster started here is shut down on exit; a running scheduler is left running.
+    ``announce`` receives one line naming the cluster and its dashboard link (default: stderr).
+    """
+    distributed = _distributed()
+    d = cfg.compute.dask
+    announce = announce or (lambda line: print(line, file=sys.stderr, flush=True))
+    if d.address:
+        try:
+            client = distributed.Client(d.address, timeout="20s")
+        except (OSError, TimeoutError) as e:
+            raise VisualSearchError(f"cannot reach the Dask scheduler at compute.dask.address {d.address!r} ({e}); "
+                                    "start it (`dask scheduler`) and its workers (`dask worker ADDRESS`), or set "
+                                    "compute.dask.address: null to start a LocalCluster here") from None
+        where = f"Dask scheduler {d.address}"
+        cluster = None
+    else:
+        cluster = distributed.LocalCluster(n_workers=local_workers(cfg), threads_per_worker=d.threads_per_worker,
+                                           processes=True, dashboard_address=d.dashboard_address)
+        client = distributed.Client(cluster)
+        where = f"Dask LocalCluster ({local_workers(cfg)} workers x {d.threads_per_worker} threads)"
+    try:
+        n = len(client.scheduler_info().get("workers", {}))
+        announce(f"{where}: {n} workers; dashboard {client.dashboard_link}")
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+# ---------------------------------------------------------------------------
+# Worker side
+
+
+#: backbones loaded in this process, keyed by (name, weights, cache_dir, runtime, threads)
+_BACKBONES: dict[tuple, object] = {}
+_BACKBONES_LOCK = threading.Lock()
+
+
+def _worker_threads() -> int:
+    """Threads of the Dask worker running this task (1 outside a worker)."""
+    try:
+        from distributed import get_worker
+
+        return max(1, int(get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):
+        return 1
+
+
+def worker_backbone(spec: dict, threads: int):
+    """The backbone ``spec`` names, built once per process, with ``threads`` TensorFlow (Lite) threads."""
+    key = (spec["name"], spec["weights"], spec["cache_dir"], spec["runtime"], threads)
+    with _BACKBONES_LOCK:
+        bb = _BACKBONES.get(key)
+        if bb is None:
+            bb = _BACKBONES[key] = _load_backbone(spec, threads)
+    return bb
+
+
+def _load_backbone(spec: dict, threads: int):
+    import dataclasses
+
+    import tensorflow as tf
+
+    from vslib.backbones import get_backbone
+    from vslib.runtime import TFLiteRunner
+
+    try:  # only possible before TensorFlow starts its thread pools, i.e. in a fresh worker process
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError as e:
+        log.debug("TensorFlow threads already set in this process: %s", e)
+    bb = get_backbone(spec["name"], weights=spec["weights"], cache_dir=spec["cache_dir"], runtime=spec["runtime"])
+    runner = bb._runner
+    if runner is not None and runner.threads != threads:
+        new = TFLiteRunner(runner.path, threads)
+        new.min_cosine = runner.min_cosine
+        bb = dataclasses.replace(bb, _runner=new, runtime_note=f"{bb.runtime_note} ({threads} threads on this worker)")
+    if bb.cache_key != spec["key"]:
+        raise VisualSearchError(f"this worker's {bb.name} weights are {bb.cache_key}, the client's {spec['key']}: "
+                                "install the same visualsearch version and weights on every worker")
+    return bb
+
+
+def embed_partition(spec: dict, sources: Sequence[str]) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
+    """One task: vectors of the images ``sources`` (paths) with the backbone of ``spec``.
+
+    Returns ``(positions, vectors, failures)``: the positions in ``sources`` of
+    the images embedded, their float32 vectors row for row, and ``(position,
+    reason)`` of those that could not be loaded.
+    """
+    from vslib.features import iter_batches
+
+    threads = _worker_threads()
+    bb = worker_backbone(spec, threads)
+    positions, chunks, failures = [], [], []
+    for pos, batch, failed in iter_batches(list(sources), bb.input_size, spec["batch_size"], workers=threads,
+                                           max_pixels=spec["max_pixels"]):
+        failures.extend(failed)
+        if pos:
+            positions.extend(pos)
+            chunks.append(bb.embed(batch))
+    vectors = np.concatenate(chunks) if chunks else np.zeros((0, bb.dim), np.float32)
+    return positions, vectors.astype(np.float32, copy=False), failures
+
+
+def check_readable(paths: Sequence[str]) -> list[tuple[str, str]]:
+    """``(path, error)`` of each of ``paths`` this process cannot open and read."""
+    bad = []
+    for p in paths:
+        try:
+            with open(p, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            bad.append((p, e.strerror or type(e).__name__))
+    return bad
+
+
+def _sample(paths: Sequence[str], n: int = 16) -> list[str]:
+    """Up to ``n`` paths spread over the list, one per folder first."""
+    by_dir: dict[str, str] = {}
+    for p in paths:
+        by_dir.setdefault(os.path.dirname(p), p)
+        if len(by_dir) >= n:
+            break
+    picks = list(by_dir.values())
+    step = max(1, len(paths) // n)
+    picks += [paths[i] for i in range(0, len(paths), step)][:n]
+    return list(dict.fromkeys(picks))[: 2 * n]
+
+
+def check_workers_read(client, paths: Sequence[str]) -> None:
+    """Raise :class:`VisualSearchError` naming each worker that cannot read a sample of ``paths`` this client can."""
+    sample = _sample(list(paths))
+    if not sample:
+        return
+    try:
+        root = os.path.commonpath(sample)
+    except ValueError:  # mixed absolute and relative paths
+        root = os.path.dirname(sample[0])
+    # a file that this client cannot read either is only a skipped image, not a worker's fault
+    unreadable_here = {p for p, _ in check_readable(sample)}
+    results = client.run(check_readable, sample)
+    bad = {w: [e for e in errs if e[0] not in unreadable_here] for w, errs in results.items()}
+    bad = {w: errs for w, errs in bad.items() if errs}
+    if bad:
+        lines = [f"  worker {w}: cannot read {errs[0][0]} ({errs[0][1]})" + (
+            f" and {len(errs) - 1} more of {len(sample)} checked" if len(errs) > 1 else "")
+            for w, errs in sorted(bad.items())]
+        raise VisualSearchError(f"{len(bad)} of {len(results)} Dask workers cannot read the images under {root}:\n"
+                                + "\n".join(lines) + "\nThe workers must see the images at the same path as this "
+                                "client: put them on a shared filesystem mounted at that path on every node, "
+                                "or set compute.scheduler: local")
+
+
+# ---------------------------------------------------------------------------
+# Client side
+
+
+def extract_on_dask(cfg, sources: Sequence[str], key: str,
+                    on_partition: Callable[[list[int], np.ndarray, list[tuple[int, str]]], None],
+                    *, announce: Optional[Callable[[str], None]] = None) -> None:
+    """Embed ``sources`` (paths) on the cluster of ``cfg``, partition by partition.
+
+    ``on_partition(positions, vectors, failures)`` is called on the client as
+    each partition finishes, with positions into ``sources``; it should store
+    them at once (the caller writes a shard).
+    """
+    from vslib.backbones import _config_weights
+
+    distributed = _distributed()
+    size = cfg.compute.dask.partition_size
+    spec = dict(name=cfg.backbone.name, weights=_config_weights(cfg), cache_dir=str(cfg.models_dir / "backbones"),
+                runtime=cfg.backbone.runtime, key=key, batch_size=cfg.backbone.batch_size,
+                max_pixels=cfg.dataset.max_image_pixels)
+    sources = [str(s) for s in sources]
+    starts = list(range(0, len(sources), size))
+    with dask_client(cfg, announce=announce) as client:
+        if not client.scheduler_info().get("workers"):
+            client.wait_for_workers(1, timeout=60)
+        check_workers_read(client, sources)
+        futures = client.map(embed_partition, [spec] * len(starts), [sources[s:s + size] for s in starts],
+                             key=[f"embed-partition-{i}-{os.urandom(4).hex()}" for i in range(len(starts))])
+        start_of = {f.key: s for f, s in zip(futures, starts)}
+        try:
+            for fut in distributed.as_completed(futures):
+                s = start_of[fut.key]
+                try:
+                    pos, vecs, failures = fut.result()
+                except distributed.KilledWorker as e:
+                    raise VisualSearchError(
+                        f"the partition of images {s}..{min(s + size, len(sources)) - 1} (first {sources[s]}) was "
+                        f"running on each of the workers that died ({e}); look at the worker logs (out of memory? "
+                        "lower compute.dask.partition_size or backbone.batch_size), then run again: finished "
+                        "partitions are kept") from None
+                fut.release()  # its vectors are on disk once on_partition returns: the cluster may forget them
+                on_partition([s + i for i in pos], vecs, [(s + i, r) for i, r in failures])
+        finally:
+            client.cancel(futures)
