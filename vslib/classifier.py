@@ -30,14 +30,12 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
 from vslib import calibration
-from vslib.atomic import atomic_path
 from vslib.errors import ClassifierError
 from vslib.heads import HEADS
 from vslib.locks import locked
@@ -266,11 +264,7 @@ class EmbeddingClassifier(ClassifierMixin):
 
     def predict_logits(self, X) -> np.ndarray:
         """Uncalibrated logits (n, n_classes), columns in the order of ``classes_``."""
-        self._check_fitted()
-        X = _as_matrix(X, "X")
-        if X.shape[1] != self.n_features_in_:
-            raise ClassifierError(f"X has {X.shape[1]} features but the classifier was trained on "
-                                  f"{self.n_features_in_} (another backbone?)")
+        X = self._checked(X)
         if len(X) == 0:
             return np.zeros((0, len(self.classes_)), np.float32)
         # direct calls: model.predict would retrace its tf.function for every new batch shape
@@ -281,31 +275,8 @@ class EmbeddingClassifier(ClassifierMixin):
     # -- persistence --------------------------------------------------------
     def save(self, directory, metadata: Optional[dict] = None) -> Path:
         """Write ``model.keras``, ``labels.json`` and ``metadata.json`` into ``directory``."""
-        self._check_fitted()
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        meta = dict(metadata or {})
-        meta.update({
-            "format_version": FORMAT_VERSION,
-            "kind": self.kind,
-            "params": self.get_params(),
-            "n_features": int(self.n_features_in_),
-            "n_classes": int(len(self.classes_)),
-            "n_train": int(self.n_train_),
-            "n_val": int(self.n_val_),
-            "n_epochs": int(self.n_epochs_),
-            "temperature": float(self.temperature_),
-            "calibration": self.calibration_,
-        })
-        for attr in ("backbone_", "backbone_weights_", "dataset_"):
-            if getattr(self, attr, None) is not None:
-                meta.setdefault(attr.rstrip("_"), getattr(self, attr))
-        with atomic_path(directory / MODEL_FILE, suffix=".keras") as tmp:
-            self.model_.save(tmp)
-        _write_json(directory / LABELS_FILE, [str(c) for c in self.classes_])
-        _write_json(directory / METADATA_FILE, meta)  # written last: its presence marks a complete model
-        self.metadata_ = meta
-        return directory
+        fields = {"n_train": int(self.n_train_), "n_val": int(self.n_val_), "n_epochs": int(self.n_epochs_)}
+        return self._save(directory, metadata, fields, MODEL_FILE, self.model_.save)
 
     @classmethod
     def load(cls, directory):

@@ -78,6 +78,39 @@ class ClassifierMixin:
                                   f"{' ...' if len(unknown) > 20 else ''}")
         return pos.astype(np.int64)
 
+    def _checked(self, X) -> np.ndarray:
+        """``X`` as a float32 matrix of the width the classifier was trained on (raises otherwise)."""
+        self._check_fitted()
+        X = as_matrix(X)
+        if X.shape[1] != self.n_features_in_:
+            raise ClassifierError(f"X has {X.shape[1]} features but the classifier was trained on "
+                                  f"{self.n_features_in_} (another backbone?)")
+        return X
+
+    def _save(self, directory, metadata: Optional[dict], fields: dict, state_file: str, write_state) -> Path:
+        """Write the model state (``write_state(tmp_path)``, atomically), then ``labels.json`` and ``metadata.json``.
+
+        ``metadata.json`` is written last: its presence marks a complete model.
+        """
+        from vslib.classifier import FORMAT_VERSION
+
+        self._check_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = dict(metadata or {})
+        meta.update({"format_version": FORMAT_VERSION, "kind": self.kind, "params": self.get_params(),
+                     "n_features": int(self.n_features_in_), "n_classes": int(len(self.classes_)),
+                     **fields, "temperature": float(self.temperature_), "calibration": self.calibration_})
+        for attr in ("backbone_", "backbone_weights_", "dataset_"):
+            if getattr(self, attr, None) is not None:
+                meta.setdefault(attr.rstrip("_"), getattr(self, attr))
+        with atomic_path(directory / state_file, suffix=Path(state_file).suffix) as tmp:
+            write_state(tmp)
+        write_json(directory / LABELS_FILE, [str(c) for c in self.classes_])
+        write_json(directory / METADATA_FILE, meta)
+        self.metadata_ = meta
+        return directory
+
     def predict_proba(self, X) -> np.ndarray:
         """Calibrated probabilities ``softmax(logits / temperature_)`` (n, n_classes)."""
         return calibration.softmax(self.predict_logits(X), self.temperature_)
@@ -224,11 +257,7 @@ class Head(ClassifierMixin):
 
     def predict_logits(self, X) -> np.ndarray:
         """Uncalibrated logits (n, n_classes), columns in the order of ``classes_``."""
-        self._check_fitted()
-        X = as_matrix(X)
-        if X.shape[1] != self.n_features_in_:
-            raise ClassifierError(f"X has {X.shape[1]} features but the classifier was trained on "
-                                  f"{self.n_features_in_} (another backbone?)")
+        X = self._checked(X)
         if len(X) == 0:
             return np.zeros((0, len(self.classes_)), np.float64)
         return np.asarray(self._logits(X), dtype=np.float64)
@@ -236,33 +265,8 @@ class Head(ClassifierMixin):
     # -- persistence -------------------------------------------------------------
     def save(self, directory, metadata: Optional[dict] = None) -> Path:
         """Write ``head.npz``, ``labels.json`` and ``metadata.json`` (last: it marks a complete model)."""
-        from vslib.classifier import FORMAT_VERSION
-
-        self._check_fitted()
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        meta = dict(metadata or {})
-        meta.update({
-            "format_version": FORMAT_VERSION,
-            "kind": self.kind,
-            "params": self.get_params(),
-            "selected": self.selected_,
-            "n_features": int(self.n_features_in_),
-            "n_classes": int(len(self.classes_)),
-            "n_train": int(self.n_train_),
-            "oof_accuracy": self.oof_accuracy_,
-            "temperature": float(self.temperature_),
-            "calibration": self.calibration_,
-        })
-        for attr in ("backbone_", "backbone_weights_", "dataset_"):
-            if getattr(self, attr, None) is not None:
-                meta.setdefault(attr.rstrip("_"), getattr(self, attr))
-        with atomic_path(directory / STATE_FILE, suffix=".npz") as tmp:
-            np.savez(tmp, **self._state())
-        write_json(directory / LABELS_FILE, [str(c) for c in self.classes_])
-        write_json(directory / METADATA_FILE, meta)
-        self.metadata_ = meta
-        return directory
+        fields = {"selected": self.selected_, "n_train": int(self.n_train_), "oof_accuracy": self.oof_accuracy_}
+        return self._save(directory, metadata, fields, STATE_FILE, lambda tmp: np.savez(tmp, **self._state()))
 
     @classmethod
     def _from_saved(cls, directory: Path, meta: dict, labels: list) -> "Head":
