@@ -110,7 +110,7 @@ def precision_curve(results: dict, ks: Sequence[int], *, save_as: Optional[str |
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode, m in results["modes"].items():
         ys = [m[f"p@{k}"] for k in ks]
-        ax.plot(ks, ys, marker="o", label=mode, linestyle="--" if mode == "oracle" else "-")
+        ax.plot(ks, ys, marker="o", label="oracle (diagnostic)" if mode == "oracle" else mode, linestyle="--" if mode == "oracle" else "-")
     ax.set_xlabel("k", fontsize=11)
     ax.set_ylabel("precision@k", fontsize=11)
     ax.tick_params(labelsize=10)
