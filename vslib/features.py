@@ -603,28 +603,42 @@ def iter_features(cfg, split: Optional[str] = None, batch_size: int = 10_000) ->
         raise VisualSearchError(f"{path} is inconsistent (vectors and table differ in length); "
                                 f"run `visualsearch extract -c {cfg.source}` again")
     rows: list[np.ndarray] = []
+    vecs: list[np.ndarray] = []
     pending = 0
 
     def flush():
         idx = np.concatenate(rows)
         table = pd.DataFrame({c: columns[c][idx].astype(object) for c in TABLE_COLUMNS})
-        return FeatureSet(vectors[idx], table, backbone)
+        return FeatureSet(np.concatenate(vecs), table, backbone)
 
-    # scan the split column a block at a time; emit full batches of matching rows
+    # read a block of rows at a time (plain reads: mapped pages would count in the RSS), keep the split's
     for start in range(0, n, batch_size):
-        idx = np.arange(start, min(start + batch_size, n))
+        stop = min(start + batch_size, n)
+        block = _read_rows(vectors, start, stop)
+        keep = np.arange(stop - start)
         if split is not None:
-            idx = idx[columns["split"][start:start + batch_size] == split]
-        while len(idx):
-            take = idx[: batch_size - pending]
-            idx = idx[len(take):]
-            rows.append(take)
+            keep = keep[np.asarray(columns["split"][start:stop]) == split]
+        while len(keep):
+            take = keep[: batch_size - pending]
+            keep = keep[len(take):]
+            rows.append(take + start)
+            vecs.append(block[take])
             pending += len(take)
             if pending == batch_size:
                 yield flush()
-                rows, pending = [], 0
+                rows, vecs, pending = [], [], 0
     if pending:
         yield flush()
+
+
+def _read_rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a (memory-mapped) 2-d array as an in-memory copy, read with a plain file read."""
+    if isinstance(array, np.memmap) and array.flags.c_contiguous and array.filename:
+        row = array.shape[1] * array.dtype.itemsize
+        out = np.fromfile(array.filename, dtype=array.dtype, count=(stop - start) * array.shape[1],
+                          offset=array.offset + start * row)
+        return out.reshape(stop - start, array.shape[1]).astype(np.float32, copy=False)
+    return np.array(array[start:stop], dtype=np.float32)
 
 
 def feature_columns(cfg, columns: Sequence[str], split: Optional[str] = None) -> pd.DataFrame:
