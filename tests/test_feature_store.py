@@ -81,6 +81,7 @@ def test_streamed_npz_is_memory_mappable_and_atomic(tmp_path):
     p = save_npz_streamed(tmp_path / "a.npz", {"names": np.array(["a", "b"])}, "v", x.shape, [x[:7], x[7:]])
     m = npz_memmap(p, "v")
     assert isinstance(m, np.memmap) and np.array_equal(m, x)
+    assert m.offset % 64 == 0 and m.flags.aligned  # numeric libraries get aligned data
     with np.load(p) as z:
         assert z["names"].tolist() == ["a", "b"] and np.array_equal(z["v"], x)
     with pytest.raises(ValueError, match="29 rows streamed for a member of 30"):

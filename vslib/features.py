@@ -180,6 +180,19 @@ def npz_member(path: str | os.PathLike, name: str, mode: str = "r") -> np.ndarra
             return z[name]
 
 
+def _aligned_member(zf: zipfile.ZipFile, filename: str, align: int = 64) -> zipfile.ZipInfo:
+    """A stored zip member whose ``.npy`` data will start ``align``-aligned in the file (so a memory map
+    of it is aligned): the local header is padded with an extra field, since the ``.npy`` header
+    itself pads to a multiple of 64 bytes."""
+    info = zipfile.ZipInfo(filename, date_time=time.localtime(time.time())[:6])
+    info.compress_type = zipfile.ZIP_STORED
+    # local header: 30 bytes + name + extra (ours: 4 + pad) + the zip64 extra (20) that force_zip64 adds
+    used = zf.start_dir + 30 + len(filename.encode()) + 4 + 20
+    pad = -used % align
+    info.extra = (0x7076).to_bytes(2, "little") + pad.to_bytes(2, "little") + b"\0" * pad
+    return info
+
+
 def save_npz_streamed(path: str | os.PathLike, arrays: dict, name: str, shape: tuple, chunks: Iterable[np.ndarray],
                       dtype=np.float32) -> Path:
     """An ``.npz`` (readable by ``np.load``) with ``arrays`` plus member ``name`` of ``shape`` written
@@ -190,7 +203,7 @@ def save_npz_streamed(path: str | os.PathLike, arrays: dict, name: str, shape: t
             for key, arr in arrays.items():
                 with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
-            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+            with zf.open(_aligned_member(zf, f"{name}.npy"), "w", force_zip64=True) as f:
                 header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
                 np.lib.format.write_array_header_1_0(f, header)
                 rows = 0
@@ -526,7 +539,10 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     stats = dict(backbone=name, images=len(manifest), computed=computed, reused=reused,
                  skipped=len(skipped), seconds=round(seconds, 3),
                  images_per_s=round(computed / seconds, 2) if computed else None)
-    fs = FeatureSet(npz_member(path, "vectors", "c"), table, name, stats, skipped)  # mapped: no copy held here
+    vectors = npz_member(path, "vectors", "c")  # mapped, copy-on-write: no copy held here
+    if not vectors.flags.aligned:  # (written aligned; in case) numeric libraries want aligned data
+        vectors = np.array(vectors)
+    fs = FeatureSet(vectors, table, name, stats, skipped)
     log.info(summary(fs))
     return fs
 
