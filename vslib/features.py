@@ -19,7 +19,14 @@
   finished partition is written as a shard the same way;
 * the result, vectors plus the manifest rows they belong to (path, label,
   split, content_hash), is written to ``<features_dir>/features-<dataset>.npz`` and read
-  back by :func:`load_features`.
+  back whole by :func:`load_features`, or in batches of rows by :func:`iter_features`.
+
+Out of core: shards and feature files are uncompressed ``.npz`` files (``np.savez``
+writes every member as a stored ``.npy``), so a reader memory-maps a member in place
+(:func:`npz_memmap`) and reads only the rows it slices. The cache learns its known hashes
+from the small ``hashes`` member of each shard without reading any vector; merging shards
+and writing the feature file stream the vectors chunk by chunk (:func:`save_npz_streamed`),
+so neither holds a dataset's vectors in memory.
 
 Images that fail to load are counted as skipped and listed with their reasons.
 A run holds the lock of ``features_dir`` (:mod:`vslib.locks`): a second run at the
@@ -32,6 +39,7 @@ import logging
 import os
 import time
 import uuid
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +48,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from vslib.atomic import TEMP_GLOB, atomic_savez
+from vslib.atomic import TEMP_GLOB, atomic_path, atomic_savez
 from vslib.errors import VisualSearchError
 from vslib.images import DEFAULT_MAX_PIXELS, ImageError, load_for_model
 from vslib.locks import locked
@@ -108,8 +116,7 @@ class FeatureSet:
     def save(self, path: str | os.PathLike) -> Path:
         """Write vectors and table to one ``.npz`` file, atomically."""
         path = Path(path)
-        arrays = {c: self.table[c].astype(str).to_numpy(dtype=str) for c in TABLE_COLUMNS}
-        _atomic_savez(path, vectors=self.vectors, backbone=np.array(self.backbone), **arrays)
+        _atomic_savez(path, vectors=self.vectors, backbone=np.array(self.backbone), **_table_arrays(self.table))
         return path
 
     @classmethod
@@ -119,7 +126,94 @@ class FeatureSet:
             return cls(z["vectors"], table, str(z["backbone"]))
 
 
+def _table_arrays(table: pd.DataFrame) -> dict:
+    return {c: table[c].astype(str).to_numpy(dtype=str) for c in TABLE_COLUMNS}
+
+
 _atomic_savez = atomic_savez  # the shared atomic writer (vslib.atomic)
+
+#: rows per chunk when vectors are streamed (merging shards, writing a feature file)
+STREAM_ROWS = 8192
+
+
+class NotMappable(ValueError):
+    """An ``.npz`` member that cannot be memory-mapped (compressed, or holds objects)."""
+
+
+def npz_memmap(path: str | os.PathLike, name: str, mode: str = "r") -> np.ndarray:
+    """Member ``name`` of an uncompressed ``.npz`` as a memory map (nothing is read yet).
+
+    ``mode`` as for :class:`numpy.memmap`: ``"r"`` read-only, ``"c"`` copy-on-write
+    (writable in memory, the file never changes).
+
+    Raises :class:`NotMappable` for a compressed member (``np.savez_compressed``); use ``np.load`` then.
+    """
+    path = Path(path)
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise NotMappable(f"{path}: member {name} is compressed")
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise NotMappable(f"{path}: bad zip header for member {name}")
+        start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+        f.seek(start)
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                 else np.lib.format.read_array_header_2_0(f))
+        offset = f.tell()
+    if dtype.hasobject:
+        raise NotMappable(f"{path}: member {name} holds Python objects")
+    if int(np.prod(shape)) == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode=mode, offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def npz_member(path: str | os.PathLike, name: str, mode: str = "r") -> np.ndarray:
+    """:func:`npz_memmap`, or the member read whole where it cannot be mapped."""
+    try:
+        return npz_memmap(path, name, mode)
+    except NotMappable:
+        with np.load(path, allow_pickle=False) as z:
+            return z[name]
+
+
+def _aligned_member(zf: zipfile.ZipFile, filename: str, align: int = 64) -> zipfile.ZipInfo:
+    """A stored zip member whose ``.npy`` data will start ``align``-aligned in the file (so a memory map
+    of it is aligned): the local header is padded with an extra field, since the ``.npy`` header
+    itself pads to a multiple of 64 bytes."""
+    info = zipfile.ZipInfo(filename, date_time=time.localtime(time.time())[:6])
+    info.compress_type = zipfile.ZIP_STORED
+    # local header: 30 bytes + name + extra (ours: 4 + pad) + the zip64 extra (20) that force_zip64 adds
+    used = zf.start_dir + 30 + len(filename.encode()) + 4 + 20
+    pad = -used % align
+    info.extra = (0x7076).to_bytes(2, "little") + pad.to_bytes(2, "little") + b"\0" * pad
+    return info
+
+
+def save_npz_streamed(path: str | os.PathLike, arrays: dict, name: str, shape: tuple, chunks: Iterable[np.ndarray],
+                      dtype=np.float32) -> Path:
+    """An ``.npz`` (readable by ``np.load``) with ``arrays`` plus member ``name`` of ``shape`` written
+    chunk by chunk from ``chunks`` (row blocks), atomically: never more than a chunk in memory."""
+    dtype = np.dtype(dtype).newbyteorder("<")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, arr in arrays.items():
+                with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+            with zf.open(_aligned_member(zf, f"{name}.npy"), "w", force_zip64=True) as f:
+                header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+                np.lib.format.write_array_header_1_0(f, header)
+                rows = 0
+                for chunk in chunks:
+                    chunk = np.ascontiguousarray(chunk, dtype=dtype)
+                    f.write(chunk.tobytes())
+                    rows += len(chunk)
+                if rows != shape[0]:
+                    raise ValueError(f"{path}: {rows} rows streamed for a member of {shape[0]}")
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------
@@ -127,7 +221,11 @@ _atomic_savez = atomic_savez  # the shared atomic writer (vslib.atomic)
 
 
 class FeatureCache:
-    """Append-only shards of ``content_hash -> vector`` for one backbone.
+    """Append-only shards of ``content_hash -> vector`` for one backbone, read out of core.
+
+    Opening the cache reads only each shard's ``hashes`` member (and its backbone
+    and key), never its vectors: :meth:`get` memory-maps the shards it needs and
+    reads just the requested rows.
 
     Parameters
     ----------
@@ -143,7 +241,8 @@ class FeatureCache:
         self.directory = Path(directory)
         self.backbone = backbone
         self.key = key
-        self.vectors: dict[str, np.ndarray] = {}
+        self._where: dict[str, int] = {}  # hash -> shard number << 32 | row
+        self._maps: dict[int, np.ndarray] = {}
         self.shards: list[Path] = []
         self.foreign: list[Path] = []
         self._read()
@@ -153,10 +252,10 @@ class FeatureCache:
             return
         for p in sorted(self.directory.glob("*.npz")):
             try:
-                with np.load(p, allow_pickle=False) as z:
+                with np.load(p, allow_pickle=False) as z:  # members are read on access: the vectors are not
                     backbone, key = str(z["backbone"]), str(z["key"])
-                    hashes, vecs = z["hashes"], z["vectors"]
-            except (OSError, ValueError, KeyError) as e:  # a torn file cannot happen (atomic rename), but say so
+                    hashes = z["hashes"]
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # a torn file cannot happen (atomic rename)
                 log.warning("ignoring unreadable feature shard %s: %s", p, e)
                 continue
             if backbone != self.backbone or key != self.key:
@@ -164,36 +263,63 @@ class FeatureCache:
                             p, backbone, key, self.backbone, self.key)
                 self.foreign.append(p)
                 continue
-            self.shards.append(p)
-            for h, v in zip(hashes, vecs):
-                self.vectors[str(h)] = v
+            self._remember(p, hashes)
+
+    def _remember(self, path: Path, hashes: Sequence[str]) -> None:
+        n = len(self.shards)
+        self.shards.append(path)
+        base = n << 32
+        for i, h in enumerate(hashes):
+            self._where[str(h)] = base | i
 
     def __contains__(self, content_hash: str) -> bool:
-        return content_hash in self.vectors
+        return content_hash in self._where
 
     def __len__(self) -> int:
-        return len(self.vectors)
+        return len(self._where)
+
+    def hashes(self):
+        """The known content hashes (a set-like view; no vector is read)."""
+        return self._where.keys()
 
     def add(self, hashes: Sequence[str], vectors: np.ndarray) -> Path:
         """Write one batch as a new shard (atomically) and remember it."""
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.npz"
         path = self.directory / name
-        _atomic_savez(path, hashes=np.asarray(list(hashes), dtype=str), vectors=np.asarray(vectors, np.float32),
+        hashes = np.asarray(list(hashes), dtype=str)
+        _atomic_savez(path, hashes=hashes, vectors=np.asarray(vectors, np.float32),
                       backbone=np.array(self.backbone), key=np.array(self.key))
-        self.shards.append(path)
-        for h, v in zip(hashes, vectors):
-            self.vectors[str(h)] = v
+        self._remember(path, hashes)
         return path
 
+    def _vectors_of(self, shard: int) -> np.ndarray:
+        if shard not in self._maps:
+            self._maps[shard] = npz_member(self.shards[shard], "vectors")
+        return self._maps[shard]
+
+    @property
+    def dim(self) -> Optional[int]:
+        """Vector dimension (from the first shard's header), None when empty."""
+        return int(self._vectors_of(0).shape[1]) if self.shards else None
+
     def compact(self) -> None:
-        """Merge all shards into one (then delete the old ones and any foreign shards)."""
+        """Merge all shards into one (then delete the old ones and any foreign shards).
+
+        The vectors are streamed from the memory-mapped shards into the new one,
+        :data:`STREAM_ROWS` at a time.
+        """
         if len(self.shards) <= 1 and not self.foreign:
             return
         old = self.shards + self.foreign
-        hashes = list(self.vectors)
-        vecs = np.stack([self.vectors[h] for h in hashes]) if hashes else np.zeros((0, 0), np.float32)
-        self.shards = []
-        merged = self.add(hashes, vecs)
+        hashes = list(self._where)
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.npz"
+        merged = self.directory / name
+        dim = self.dim or 0
+        chunks = (self.get(hashes[i:i + STREAM_ROWS]) for i in range(0, len(hashes), STREAM_ROWS))
+        save_npz_streamed(merged, dict(hashes=np.asarray(hashes, dtype=str), backbone=np.array(self.backbone),
+                                       key=np.array(self.key)), "vectors", (len(hashes), dim), chunks)
+        self.shards, self._maps, self._where = [], {}, {}
+        self._remember(merged, hashes)
         for p in old:
             if p != merged:
                 p.unlink(missing_ok=True)
@@ -207,7 +333,16 @@ class FeatureCache:
                 log.debug("could not remove %s: %s", p, e)
 
     def get(self, hashes: Sequence[str]) -> np.ndarray:
-        return np.stack([self.vectors[h] for h in hashes]).astype(np.float32, copy=False)
+        """Vectors of ``hashes`` (row for row), read from the memory-mapped shards."""
+        codes = np.fromiter((self._where[h] for h in hashes), dtype=np.int64, count=len(hashes))
+        if not len(codes):
+            return np.zeros((0, self.dim or 0), np.float32)
+        shard, row = codes >> 32, codes & 0xFFFFFFFF
+        out = np.empty((len(codes), self.dim), np.float32)
+        for s in np.unique(shard):
+            m = shard == s
+            out[m] = self._vectors_of(int(s))[row[m]]
+        return out
 
 
 # ---------------------------------------------------------------------------
@@ -390,10 +525,13 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     if computed or cache.foreign:
         cache.compact()
 
-    ok = manifest["content_hash"].isin(cache.vectors.keys()).to_numpy()
+    ok = manifest["content_hash"].isin(cache.hashes()).to_numpy()
     table = manifest.loc[ok, list(TABLE_COLUMNS)].reset_index(drop=True)
-    vectors = (cache.get(table["content_hash"].tolist()) if len(table)
-               else np.zeros((0, BACKBONES[name]["dim"]), np.float32))
+    dim = cache.dim or BACKBONES[name]["dim"]
+    table_hashes = table["content_hash"].tolist()
+    chunks = (cache.get(table_hashes[i:i + STREAM_ROWS]) for i in range(0, len(table_hashes), STREAM_ROWS))
+    path = save_npz_streamed(features_path(cfg), dict(backbone=np.array(name), **_table_arrays(table)),
+                             "vectors", (len(table), dim), chunks)
     skipped_rows = manifest.loc[~ok, ["path", "content_hash"]].copy()
     skipped_rows["reason"] = skipped_rows["content_hash"].map(failed_hashes).fillna("not computed")
     skipped = skipped_rows[["path", "reason"]].reset_index(drop=True)
@@ -401,8 +539,10 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     stats = dict(backbone=name, images=len(manifest), computed=computed, reused=reused,
                  skipped=len(skipped), seconds=round(seconds, 3),
                  images_per_s=round(computed / seconds, 2) if computed else None)
+    vectors = npz_member(path, "vectors", "c")  # mapped, copy-on-write: no copy held here
+    if not vectors.flags.aligned:  # (written aligned; in case) numeric libraries want aligned data
+        vectors = np.array(vectors)
     fs = FeatureSet(vectors, table, name, stats, skipped)
-    fs.save(features_path(cfg))
     log.info(summary(fs))
     return fs
 
@@ -432,11 +572,11 @@ def features_path(cfg) -> Path:
 
 
 def load_features(cfg) -> FeatureSet:
-    """The feature set :func:`extract` wrote for ``cfg``'s dataset and backbone."""
-    path = features_path(cfg)
-    if not path.exists():
-        raise VisualSearchError(f"no features for backbone {cfg.backbone.name} at {path}; run "
-                                f"`visualsearch extract -c {cfg.source}` first")
+    """The feature set :func:`extract` wrote for ``cfg``'s dataset and backbone, whole and in memory.
+
+    For data larger than memory read it in batches with :func:`iter_features`.
+    """
+    path = _check_features_file(cfg)
     try:
         fs = FeatureSet.load(path)
     except (OSError, ValueError, KeyError) as e:
@@ -445,3 +585,81 @@ def load_features(cfg) -> FeatureSet:
         raise VisualSearchError(f"{path} holds {fs.backbone} vectors, but the config names {cfg.backbone.name}; "
                                 f"run `visualsearch extract -c {cfg.source}`")
     return fs
+
+
+def _check_features_file(cfg) -> Path:
+    path = features_path(cfg)
+    if not path.exists():
+        raise VisualSearchError(f"no features for backbone {cfg.backbone.name} at {path}; run "
+                                f"`visualsearch extract -c {cfg.source}` first")
+    return path
+
+
+def iter_features(cfg, split: Optional[str] = None, batch_size: int = 10_000) -> Iterator[FeatureSet]:
+    """The feature set of :func:`load_features` in batches of at most ``batch_size`` rows, in file order.
+
+    Out of core: the file's members are memory-mapped and only each batch's rows are
+    read (the vectors of a batch are an in-memory copy), so memory stays at one batch
+    however large the dataset. ``split`` ('index' or 'query') keeps only that split's rows.
+    """
+    path = _check_features_file(cfg)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    try:
+        backbone = str(npz_member(path, "backbone")[()])
+        columns = {c: npz_member(path, c) for c in TABLE_COLUMNS}
+        vectors = npz_member(path, "vectors")
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise VisualSearchError(f"{path} is unreadable ({e}); run `visualsearch extract -c {cfg.source}` again") from None
+    if backbone != cfg.backbone.name:
+        raise VisualSearchError(f"{path} holds {backbone} vectors, but the config names {cfg.backbone.name}; "
+                                f"run `visualsearch extract -c {cfg.source}`")
+    n = len(vectors)
+    if any(len(col) != n for col in columns.values()):
+        raise VisualSearchError(f"{path} is inconsistent (vectors and table differ in length); "
+                                f"run `visualsearch extract -c {cfg.source}` again")
+    rows: list[np.ndarray] = []
+    vecs: list[np.ndarray] = []
+    pending = 0
+
+    def flush():
+        idx = np.concatenate(rows)
+        table = pd.DataFrame({c: columns[c][idx].astype(object) for c in TABLE_COLUMNS})
+        return FeatureSet(np.concatenate(vecs), table, backbone)
+
+    # read a block of rows at a time (plain reads: mapped pages would count in the RSS), keep the split's
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        block = _read_rows(vectors, start, stop)
+        keep = np.arange(stop - start)
+        if split is not None:
+            keep = keep[np.asarray(columns["split"][start:stop]) == split]
+        while len(keep):
+            take = keep[: batch_size - pending]
+            keep = keep[len(take):]
+            rows.append(take + start)
+            vecs.append(block[take])
+            pending += len(take)
+            if pending == batch_size:
+                yield flush()
+                rows, vecs, pending = [], [], 0
+    if pending:
+        yield flush()
+
+
+def _read_rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a (memory-mapped) 2-d array as an in-memory copy, read with a plain file read."""
+    if isinstance(array, np.memmap) and array.flags.c_contiguous and array.filename:
+        row = array.shape[1] * array.dtype.itemsize
+        out = np.fromfile(array.filename, dtype=array.dtype, count=(stop - start) * array.shape[1],
+                          offset=array.offset + start * row)
+        return out.reshape(stop - start, array.shape[1]).astype(np.float32, copy=False)
+    return np.array(array[start:stop], dtype=np.float32)
+
+
+def feature_columns(cfg, columns: Sequence[str], split: Optional[str] = None) -> pd.DataFrame:
+    """Table columns of the feature file (of one ``split``) without reading any vector."""
+    path = _check_features_file(cfg)
+    data = {c: npz_member(path, c) for c in set(columns) | ({"split"} if split else set())}
+    mask = slice(None) if split is None else np.asarray(data["split"]) == split
+    return pd.DataFrame({c: np.asarray(data[c][mask]).astype(object) for c in columns})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import itertools
 import logging
 from typing import Optional
 
@@ -77,22 +78,27 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
     so the vector dimension, changed): Elasticsearch fills a new concrete index while
     searches keep using the old one and swaps the alias at the end; the embedded
     index is deleted first. The load runs in the backend's :meth:`~VectorIndex.bulk_session`
-    (Elasticsearch: no periodic refresh, one refresh at the end). Returns :meth:`VectorIndex.info`.
+    (Elasticsearch: no periodic refresh, one refresh at the end). The vectors are read
+    from the feature file in batches of ``batch_size`` rows (:func:`vslib.features.iter_features`)
+    and each batch is added at once (FAISS ``add``, one Elasticsearch bulk request), so the
+    client holds one batch, not the dataset. Returns :meth:`VectorIndex.info`.
     """
     from tqdm.auto import tqdm
 
-    from vslib.features import load_features
+    import pandas as pd
 
-    feats = load_features(cfg).split("index")
-    vectors, table = feats.vectors, feats.table.reset_index(drop=True)
-    if len(table) != len(vectors):
-        raise IndexBackendError(f"the feature cache is inconsistent: {len(vectors)} vectors for {len(table)} rows")
-    ids = item_ids(table)
-    fields = [c for c in ("label", "path", "split", "content_hash", "predicted_label") if c in table.columns]
-    metadata = table[fields].to_dict("records")
-    for m in metadata:
-        m["backbone"] = feats.backbone
-    dim = int(vectors.shape[1])
+    from vslib.features import TABLE_COLUMNS, FeatureSet, feature_columns, features_path, iter_features, npz_member
+
+    # ids need the whole split's hashes and paths (to tell duplicates apart), not its vectors
+    ids = item_ids(feature_columns(cfg, ["content_hash", "path"], split="index"))
+    batches = iter_features(cfg, split="index", batch_size=batch_size)  # out of core: one batch in memory
+    first = next(batches, None)  # checks the file and its backbone
+    if first is None:  # no index rows: an empty index of the file's dimension
+        first = FeatureSet(npz_member(features_path(cfg), "vectors")[:0], pd.DataFrame(columns=list(TABLE_COLUMNS)),
+                           cfg.backbone.name)
+    backbone = first.backbone
+    fields = [c for c in ("label", "path", "split", "content_hash", "predicted_label") if c in first.table.columns]
+    dim = int(first.dim)
     if rebuild:
         index = backend_class(cfg.index.backend).create_fresh(cfg, dim)
     else:
@@ -103,14 +109,19 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
     try:
         with index.bulk_session(), tqdm(total=len(ids), desc=f"indexing ({cfg.index.backend})", unit="img",
                                         disable=not progress) as bar:
-            for start in range(0, len(ids), batch_size):
-                stop = min(start + batch_size, len(ids))
+            start = 0
+            for feats in itertools.chain([first], batches):  # FAISS add / Elasticsearch bulk per batch
+                stop = start + len(feats)
+                metadata = feats.table[fields].to_dict("records")
+                for m in metadata:
+                    m["backbone"] = backbone
                 try:
-                    added += index.add(ids[start:stop], vectors[start:stop], metadata[start:stop])
+                    added += index.add(ids[start:stop], feats.vectors, metadata)
                 except BulkIndexError as e:
                     failures += e.failures
                     added += e.added
                 bar.update(stop - start)
+                start = stop
                 if failures:
                     bar.set_postfix(failed=len(failures))
         if rebuild:
