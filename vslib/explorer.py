@@ -436,9 +436,11 @@ def render_map(points, *, query: Optional[str] = None, hits=(), mode: str = "", 
     if query in pos:
         q = pos[query]
         tip = f"<title>query: {_e(labels[q])}: {_e(Path(query).name)}</title>" if static else ""
+        marks.append(f'<circle cx="{px[q]:.1f}" cy="{py[q]:.1f}" r="11" fill="none" stroke="#2b6cb0" '
+                     f'stroke-width="3"/>')  # the blue ring, outside a white one: visible on any class colour
         marks.append(f'<circle class="vs-pt vs-querypt" data-id="{_e(query)}" data-label="{_e(labels[q])}" '
-                     f'cx="{px[q]:.1f}" cy="{py[q]:.1f}" r="8" fill="{colour[labels[q]]}" stroke="#2b6cb0" '
-                     f'stroke-width="3.5">{tip}</circle>')
+                     f'cx="{px[q]:.1f}" cy="{py[q]:.1f}" r="7" fill="{colour[labels[q]]}" stroke="#fff" '
+                     f'stroke-width="2.5">{tip}</circle>')
     n_index = sum(s != "query" for s in splits)
     caption = (f"UMAP of {len(paths)} embeddings ({n_index} indexed: dots; {len(paths) - n_index} held-out "
                "queries: squares), coloured by class, class names at the class centres.")
