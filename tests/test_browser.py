@@ -113,7 +113,7 @@ def test_index_and_every_report_stand_alone_offline(project, browser):
         page.screenshot(path=str(SHOTS / "index.png"), full_page=True)
         links = page.eval_on_selector_all("table a", "as => as.map(a => [a.textContent, a.getAttribute('href')])")
         reports = [(text, href) for text, href in links if href.endswith(".html")]
-        assert len(reports) == 5, links
+        assert len(reports) == len(list(NOTEBOOKS_DIR.glob("*.ipynb"))), links
         for text, href in links:  # a link's text says what it opens
             assert Path(href).suffix in text or Path(href).stem == text, (text, href)
         assert pages.broken_images() == []
@@ -129,6 +129,10 @@ def test_index_and_every_report_stand_alone_offline(project, browser):
         # the explorer's snapshot: the three modes side by side, enlarge works without a kernel
         page.goto((out / "05_query_explorer.html").as_uri())
         assert page.locator(".vs-snapshot .vs-col").count() == 3
+        # the embedding map as a static SVG: the query and its hits ringed
+        assert page.locator(".vs-snapshot .vs-map svg .vs-querypt").count() == 1
+        assert page.locator(".vs-snapshot .vs-map svg .vs-hitpt").count() >= 1
+        page.locator(".vs-snapshot .vs-map").screenshot(path=str(SHOTS / "05_query_explorer_map.png"))
         page.locator(".vs-snapshot .vs-zoom").first.click()
         big = page.locator(".vs-big:target img")
         big.wait_for(state="visible")
@@ -247,6 +251,34 @@ def test_the_explorer_in_jupyterlab_picks_a_query_and_searches_with_a_clicked_hi
         assert page.locator('.vs-x .vs-col[data-mode="flat"] .vs-hit').first.get_attribute("data-id") == hit_path
         assert pages.broken_images() == []
         explorer.screenshot(path=str(SHOTS / "lab_explorer_hit_clicked.png"))
+
+        # the embedding map: the query and its hits are ringed; hovering a point shows its thumbnail
+        emap = page.locator(".vs-x .vs-map")
+        assert emap.locator(".vs-querypt").get_attribute("data-id") == hit_path
+        assert emap.locator(".vs-hitpt").count() == page.locator('.vs-x .vs-col[data-mode="adaptive"] .vs-hit').count()
+        emap.scroll_into_view_if_needed()
+        visible = emap.evaluate(  # the first indexed point not covered by another one
+            "m => [...m.querySelectorAll('.vs-pts circle.vs-pt')].findIndex(c => { const r = c.getBoundingClientRect();"
+            " return document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2) === c; })")
+        assert visible >= 0
+        point = emap.locator(".vs-pts circle.vs-pt").nth(visible)
+        point_path, point_label = point.get_attribute("data-id"), point.get_attribute("data-label")
+        point.hover()
+        page.wait_for_function("() => { const i = document.querySelector('.vs-x .vs-tip:not([hidden]) img');"
+                               " return i && i.complete && i.naturalWidth > 0; }", timeout=30_000)
+        tip = page.locator(".vs-x .vs-tip")
+        assert point_label in tip.inner_text() and Path(point_path).name in tip.inner_text()
+        page.wait_for_timeout(300)  # let the decoded thumbnail paint before the screenshot
+        page.screenshot(path=str(SHOTS / "lab_explorer_map_hover.png"), clip=emap.bounding_box())  # no scrolling
+        # clicking a point makes it the query: the results change and the map rings it
+        before = result.inner_html()
+        point.click()
+        wait_query(point_path)
+        assert result.inner_html() != before
+        page.wait_for_function("p => { const q = document.querySelector('.vs-x .vs-map .vs-querypt');"
+                               " return q && q.dataset.id === p; }", arg=point_path, timeout=30_000)
+        assert pages.broken_images() == []
+        page.locator(".vs-x .vs-mapbox").screenshot(path=str(SHOTS / "lab_explorer_map_clicked.png"))
 
         # enlarge a hit
         page.locator(".vs-x .vs-zoom").first.click()

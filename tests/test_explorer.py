@@ -155,6 +155,60 @@ def test_the_display_carries_a_static_snapshot_for_html_exports(explorer):
     assert snap.count('class="vs-big"') == 3 * explorer.k_slider.value
     assert "<script" not in snap and not re.search(r'(src|href)="https?:', snap)  # nothing to fetch
     assert snap.count("Elasticsearch is not offered") == 1
+    # the embedding map as a static SVG, the query and the main mode's hits ringed, labels in native tooltips
+    assert snap.count("<svg") == 1 and snap.count('class="vs-pt vs-querypt"') == 1
+    assert snap.count('class="vs-pt vs-hitpt"') == len(explorer.last_result.hits)
+    assert snap.count("<title>") == len(explorer.map_points)
+
+
+def test_the_embedding_map_has_one_point_per_image_with_its_label(explorer, cfg):
+    import numpy as np
+
+    from vslib.explorer import map_points
+
+    fs = features.load_features(cfg)
+    explorer.select(explorer.query_paths[0])  # a held-out query: not among its own hits
+    pts = explorer.map_points
+    assert len(pts) == len(fs) and sorted(pts["path"]) == sorted(fs.table["path"].astype(str))
+    assert set(pts["split"]) == {"index", "query"}
+    assert np.isfinite(pts[["x", "y"]].to_numpy()).all() and pts["x"].std() > 0 and pts["y"].std() > 0
+    assert dict(zip(pts["path"], pts["label"])) == explorer._labels
+    svg = explorer.view.map_html
+    for path, label in zip(pts["path"], pts["label"]):  # every image is one point carrying its label
+        assert svg.count(f'data-id="{path}" data-label="{label}"') == 1, path
+    assert len(re.findall(r'class="vs-pt[" ]', svg)) == len(pts)
+    names = re.findall(r'<text [^>]*font-size="(\d+)"[^>]*>([^<]+)</text>', svg)
+    last = [c.split("/")[-1] for c in sorted(set(pts["label"]))]
+    expected = {c.split("/")[-1] if last.count(c.split("/")[-1]) == 1 else c for c in pts["label"]}
+    assert {n for _, n in names} == expected  # class names at the centres (in full where the last part repeats)
+    assert min(int(f) for f, _ in names) >= 9  # legible: the SVG is shown unscaled
+    # computed once: the second call reads the cached coordinates
+    cached = list(fs.table["path"].astype(str))
+    again = map_points(cfg)
+    assert list(again["path"]) == cached and np.array_equal(again[["x", "y"]].to_numpy(), pts[["x", "y"]].to_numpy())
+    assert len(list(features.features_path(cfg).parent.glob("umap-*.npy"))) == 1
+
+
+def test_clicking_a_map_point_makes_it_the_query_and_rings_its_hits(explorer, monkeypatch):
+    explorer.mode.value = "compare"
+    explorer.select(explorer.query_paths[0])
+    before = [h["path"] for h in explorer.last_result.hits]
+    pts = explorer.map_points
+    point = next(p for p in pts[pts["split"] == "index"]["path"] if p not in before)
+    # a click on a point sets `selected` from the browser, as a click on a thumbnail does
+    explorer.view.selected = point
+    r = explorer.last_result
+    assert r.query == point and r.hits[0]["path"] == point and [h["path"] for h in r.hits] != before
+    svg = explorer.view.map_html
+    assert re.findall(r'class="vs-pt vs-querypt" data-id="([^"]+)"', svg) == [point]
+    assert re.findall(r'class="vs-pt vs-hitpt" data-id="([^"]+)"', svg) == [h["path"] for h in r.hits]
+    assert f'data-query="{point}"' in explorer.view.panel_html
+    # hovering a point asks for its thumbnail; only images of the collection are answered
+    sent = []
+    monkeypatch.setattr(explorer.view, "send", lambda content, buffers=None: sent.append(content))
+    explorer._on_view_msg(explorer.view, {"type": "thumb", "id": point}, [])
+    explorer._on_view_msg(explorer.view, {"type": "thumb", "id": "/etc/passwd"}, [])
+    assert len(sent) == 1 and sent[0]["id"] == point and sent[0]["uri"].startswith("data:image/png;base64,")
 
 
 def test_rank_score_is_shown_beside_the_similarity_when_the_engine_ranks_by_it():

@@ -17,9 +17,12 @@ What it shows:
   else (``rank_score``), the score the list was ranked by; the path shows on
   hover; clicking a hit searches with it ("more like this"), its ⤢ button
   enlarges it. Frames are green when a hit has the query's label, red when
-  not, grey when the query's label is unknown (an upload).
+  not, grey when the query's label is unknown (an upload);
+- the **embedding map**: a UMAP of every image coloured by class (:func:`map_points`,
+  :func:`render_map`); hovering a point shows its thumbnail, clicking it searches
+  with it; the query and its hits are ringed.
 
-The gallery, the result and the drop zone are one small `anywidget
+The gallery, the map, the result and the drop zone are one small `anywidget
 <https://anywidget.dev>`_ view (its JavaScript travels inside the widget state:
 nothing is fetched from the internet). Everything a click does is also a
 method (:meth:`QueryExplorer.select`, :meth:`QueryExplorer.upload_bytes`,
@@ -94,6 +97,17 @@ CSS = """
 .vs-x .vs-zoom{position:absolute;top:2px;right:4px;font-size:16px;text-decoration:none;color:#2b6cb0}
 .vs-x .vs-legend{font-size:12px;color:#555;margin:6px 0}
 .vs-x .vs-error{color:#b00020;font-weight:bold;margin:8px 0}
+.vs-x details.vs-mapbox{margin:8px 0}
+.vs-x details.vs-mapbox summary{cursor:pointer;font-weight:bold;font-size:13px}
+.vs-x .vs-map{position:relative;overflow-x:auto}
+.vs-x .vs-map svg{display:block;background:#fff;border:1px solid #ddd;border-radius:4px}
+.vs-x .vs-map .vs-pt{cursor:pointer}
+.vs-x .vs-map .vs-pt:hover{stroke:#000;stroke-width:2}
+.vs-x .vs-map text{font-family:var(--jp-ui-font-family,sans-serif);font-weight:bold;paint-order:stroke;
+  stroke:#fff;stroke-width:3px;pointer-events:none}
+.vs-x .vs-tip{position:absolute;z-index:10;background:#fff;border:1px solid #888;border-radius:4px;padding:4px;
+  font-size:12px;pointer-events:none;box-shadow:0 2px 6px rgba(0,0,0,.25);max-width:180px;overflow-wrap:anywhere}
+.vs-x .vs-tip img{width:96px;height:96px;object-fit:contain;display:block;margin:0 auto 2px}
 .vs-x .vs-big{display:none}
 .vs-x .vs-big a{color:inherit;text-decoration:none}
 .vs-x .vs-big:target,.vs-x .vs-lightbox-live:not([hidden]){display:flex;position:fixed;inset:0;z-index:1000;
@@ -114,8 +128,19 @@ export default {
     const input = document.createElement("input");
     input.type = "file"; input.accept = "image/*"; input.hidden = true;
     const gallery = mk("vs-gallery"), panel = mk("vs-panel"), box = mk("vs-lightbox-live");
-    box.hidden = true;
-    el.append(drop, input, gallery, panel, box);
+    const mapbox = document.createElement("details"), map = mk("vs-map"), tip = mk("vs-tip");
+    mapbox.className = "vs-mapbox"; mapbox.open = true;
+    mapbox.innerHTML = "<summary>Embedding map</summary>";
+    mapbox.append(map);
+    box.hidden = true; tip.hidden = true;
+    el.append(drop, input, gallery, mapbox, panel, box);
+    const thumbs = {};
+    let tipId = "";
+    const drawTip = () => {
+      const uri = thumbs[tipId];
+      const img = tip.querySelector("img");
+      if (uri && img) img.src = uri;
+    };
     const mark = () => {
       const sel = model.get("selected");
       for (const t of gallery.querySelectorAll(".vs-thumb")) t.classList.toggle("vs-selected", t.dataset.id === sel);
@@ -136,6 +161,21 @@ export default {
       if (h) { e.preventDefault(); pick(h.dataset.id); }
     });
     box.addEventListener("click", () => { box.hidden = true; });
+    map.addEventListener("click", (e) => { const p = e.target.closest(".vs-pt"); if (p) pick(p.dataset.id); });
+    map.addEventListener("mouseover", (e) => {
+      const p = e.target.closest(".vs-pt");
+      if (!p) return;
+      tipId = p.dataset.id;
+      tip.innerHTML = "<img alt=''><div><b></b></div><div></div>";
+      tip.querySelector("b").textContent = p.dataset.label;
+      tip.querySelectorAll("div")[1].textContent = tipId.split("/").pop();
+      const r = map.getBoundingClientRect(), q = p.getBoundingClientRect();
+      tip.style.left = (q.right - r.left + map.scrollLeft + 8) + "px";
+      tip.style.top = Math.max(0, q.top - r.top - 40) + "px";
+      tip.hidden = false;
+      if (tipId in thumbs) drawTip(); else model.send({ type: "thumb", id: tipId });
+    });
+    map.addEventListener("mouseout", (e) => { if (e.target.closest(".vs-pt")) tip.hidden = true; });
     drop.addEventListener("click", () => input.click());
     input.addEventListener("change", () => { upload(input.files[0]); input.value = ""; });
     for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("vs-over"); });
@@ -145,6 +185,7 @@ export default {
       upload(e.dataTransfer && e.dataTransfer.files[0]);
     });
     model.on("msg:custom", (msg) => {
+      if (msg.type === "thumb") { thumbs[msg.id] = msg.uri; if (msg.id === tipId) drawTip(); return; }
       if (msg.type !== "enlarged") return;
       box.innerHTML = "<figure><img><figcaption></figcaption></figure>";
       box.querySelector("img").src = msg.uri;
@@ -153,10 +194,15 @@ export default {
     });
     const drawGallery = () => { gallery.innerHTML = model.get("gallery_html"); mark(); };
     const drawPanel = () => { panel.innerHTML = model.get("panel_html"); };
+    const drawMap = () => {
+      map.innerHTML = model.get("map_html"); map.append(tip); tip.hidden = true;
+      mapbox.hidden = !model.get("map_html");
+    };
+    model.on("change:map_html", drawMap);
     model.on("change:gallery_html", drawGallery);
     model.on("change:selected", mark);
     model.on("change:panel_html", drawPanel);
-    drawGallery(); drawPanel();
+    drawGallery(); drawPanel(); drawMap();
   }
 };
 """
@@ -271,6 +317,148 @@ def render_result(results, query_image, *, query_label: Optional[str] = None, qu
             + "".join(bigs) + "</div>")
 
 
+MAP_W, MAP_H, MAP_PAD = 760, 520, 16
+MAP_FONT = 11  # px: class names at the cluster centres (legible at the size shown: the SVG is never scaled)
+
+
+def map_points(cfg: Config):
+    """The embedding map's points: a DataFrame with ``path, label, split, x, y``, one row per image (index + query).
+
+    The coordinates are a 2-D UMAP of the feature vectors (:func:`vslib.plots.umap_coords`), computed once per
+    feature set and cached next to the feature file (keyed by a hash of the vectors and paths).
+    """
+    import hashlib
+
+    import numpy as np
+
+    from vslib import features
+    from vslib.plots import umap_coords
+
+    fs = features.load_features(cfg)
+    digest = hashlib.sha1(fs.vectors.tobytes())
+    digest.update("\n".join(fs.table["path"].astype(str)).encode())
+    cache = features.features_path(cfg).with_name(f"umap-{cfg.dataset.name}-{digest.hexdigest()[:16]}.npy")
+    xy = None
+    if cache.exists():
+        try:
+            xy = np.load(cache, allow_pickle=False)
+        except (OSError, ValueError):
+            xy = None
+        if xy is not None and xy.shape != (len(fs), 2):
+            xy = None
+    if xy is None:
+        log.info("computing the UMAP of %d embeddings for the explorer's map (cached in %s)", len(fs), cache)
+        xy = np.asarray(umap_coords(fs.vectors), dtype=np.float64)
+        from vslib.atomic import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.save(buf, xy)
+        atomic_write_bytes(cache, buf.getvalue())
+    points = fs.table[["path", "label", "split"]].astype(str).copy()
+    points["x"], points["y"] = xy[:, 0], xy[:, 1]
+    return points
+
+
+def _label_boxes(centres, names, font: int = MAP_FONT, tries: int = 10):
+    """Positions for the class names: nudged up/down in steps of a line until no two (estimated) boxes overlap."""
+    placed, out = [], []
+    for (cx, cy), name in zip(centres, names):
+        w, h = 0.62 * font * len(name) + 4, font + 3
+        x = min(max(cx, w / 2 + 2), MAP_W - w / 2 - 2)
+        for step in range(tries + 1):
+            y = cy + h * ((step + 1) // 2) * (1 if step % 2 else -1)
+            y = min(max(y, h), MAP_H - 4)
+            box = (x - w / 2, y - h, x + w / 2, y)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        out.append((x, y))
+    return out
+
+
+def render_map(points, *, query: Optional[str] = None, hits=(), mode: str = "", static: bool = False,
+               uploaded: bool = False) -> str:
+    """The embedding map as an SVG scatter (HTML): points coloured by class, class names at the class centres,
+    the ``query`` and its ``hits`` (paths) ringed and joined. ``static`` adds a native tooltip to each point
+    (label and file name) for exported pages; the live widget draws its own, with the thumbnail."""
+    import numpy as np
+
+    from vslib.plots import distinct_colours
+
+    def hexc(c):
+        return c if isinstance(c, str) else "#%02x%02x%02x" % tuple(round(255 * v) for v in c)
+
+    if points is None or not len(points):
+        return ""
+    xy = points[["x", "y"]].to_numpy(float)
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    span = np.where(hi - lo > 0, hi - lo, 1.0)
+    px = MAP_PAD + (xy[:, 0] - lo[0]) / span[0] * (MAP_W - 2 * MAP_PAD)
+    py = MAP_PAD + (1 - (xy[:, 1] - lo[1]) / span[1]) * (MAP_H - 2 * MAP_PAD)
+    labels = points["label"].tolist()
+    paths = points["path"].tolist()
+    splits = points["split"].tolist()
+    classes = sorted(set(labels))
+    colour = dict(zip(classes, (hexc(c) for c in distinct_colours(len(classes)))))
+    pos = {p: i for i, p in enumerate(paths)}
+    hits = [h for h in hits if h in pos]
+    marked = set(hits) | ({query} if query in pos else set())
+    dim = bool(marked)
+    parts = []
+    for i, (path, lbl, split) in enumerate(zip(paths, labels, splits)):
+        if path in marked:
+            continue
+        tip = f"<title>{_e(lbl)}: {_e(Path(path).name)}</title>" if static else ""
+        attrs = (f'class="vs-pt" data-id="{_e(path)}" data-label="{_e(lbl)}" fill="{colour[lbl]}"'
+                 + (' fill-opacity="0.45"' if dim else ""))
+        if split == "query":
+            parts.append(f'<rect {attrs} x="{px[i] - 3:.1f}" y="{py[i] - 3:.1f}" width="6" height="6">{tip}</rect>')
+        else:
+            parts.append(f'<circle {attrs} cx="{px[i]:.1f}" cy="{py[i]:.1f}" r="3.2">{tip}</circle>')
+    # class names at the median of their points
+    last = [c.split("/")[-1] for c in classes]
+    names = [n if last.count(n) == 1 else c for n, c in zip(last, classes)]
+    lab = np.asarray(labels)
+    centres = [(float(np.median(px[lab == c])), float(np.median(py[lab == c]))) for c in classes]
+    texts = [f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="middle" font-size="{MAP_FONT}" fill="{colour[c]}">'
+             f'{_e(n)}</text>' for (x, y), n, c in zip(_label_boxes(centres, names), names, classes)]
+    marks = []
+    if query in pos:
+        q = pos[query]
+        marks += [f'<line x1="{px[q]:.1f}" y1="{py[q]:.1f}" x2="{px[pos[h]]:.1f}" y2="{py[pos[h]]:.1f}" '
+                  f'stroke="#555" stroke-width="1" stroke-opacity="0.6"/>' for h in hits]
+    for rank, h in enumerate(hits, 1):
+        i = pos[h]
+        tip = f"<title>hit {rank}: {_e(labels[i])}: {_e(Path(h).name)}</title>" if static else ""
+        marks.append(f'<circle class="vs-pt vs-hitpt" data-id="{_e(h)}" data-label="{_e(labels[i])}" '
+                     f'data-rank="{rank}" cx="{px[i]:.1f}" cy="{py[i]:.1f}" r="5.5" fill="{colour[labels[i]]}" '
+                     f'stroke="#111" stroke-width="2">{tip}</circle>')
+    if query in pos:
+        q = pos[query]
+        tip = f"<title>query: {_e(labels[q])}: {_e(Path(query).name)}</title>" if static else ""
+        marks.append(f'<circle cx="{px[q]:.1f}" cy="{py[q]:.1f}" r="11" fill="none" stroke="#2b6cb0" '
+                     f'stroke-width="3"/>')  # the blue ring, outside a white one: visible on any class colour
+        marks.append(f'<circle class="vs-pt vs-querypt" data-id="{_e(query)}" data-label="{_e(labels[q])}" '
+                     f'cx="{px[q]:.1f}" cy="{py[q]:.1f}" r="7" fill="{colour[labels[q]]}" stroke="#fff" '
+                     f'stroke-width="2.5">{tip}</circle>')
+    n_index = sum(s != "query" for s in splits)
+    caption = (f"UMAP of {len(paths)} embeddings ({n_index} indexed: dots; {len(paths) - n_index} held-out "
+               "queries: squares), coloured by class, class names at the class centres.")
+    if query in pos:
+        caption += " Blue ring: the query"
+        caption += f"; black rings: its hits{f' ({mode})' if mode else ''}, joined to it." if hits else "."
+    elif uploaded:
+        caption += (" The uploaded query is not on the map" + (f"; black rings: its hits{f' ({mode})' if mode else ''}."
+                                                               if hits else "."))
+    caption += (" Hover a point to see its label and file name." if static else
+                " Hover a point to see its image; click it to search with it.")
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{MAP_W}" height="{MAP_H}" '
+           f'viewBox="0 0 {MAP_W} {MAP_H}" role="img" aria-label="embedding map">'
+           f'<g class="vs-pts">{"".join(parts)}</g><g class="vs-names">{"".join(texts)}</g>'
+           f'<g class="vs-marks">{"".join(marks)}</g></svg>')
+    return f'{svg}<div class="vs-legend">{_e(caption)}</div>'
+
+
 def _view_class():
     """The anywidget class (imported lazily: ``import vslib.explorer`` stays light)."""
     global _View
@@ -284,6 +472,7 @@ def _view_class():
             gallery_html = traitlets.Unicode("").tag(sync=True)
             panel_html = traitlets.Unicode("").tag(sync=True)
             selected = traitlets.Unicode("").tag(sync=True)
+            map_html = traitlets.Unicode("").tag(sync=True)
 
         _View = ExplorerView
     return _View
@@ -310,10 +499,12 @@ class QueryExplorer:
         Hits per mode at start (the slider goes to 50).
     mode : str
         ``compare`` (flat, hierarchical and adaptive side by side) or one mode.
+    embedding_map : bool
+        Show the embedding map (a UMAP of every image, computed on first use and cached; see :func:`map_points`).
     """
 
     def __init__(self, cfg: Config, engine=None, *, check_elasticsearch: bool = True, query=0,
-                 k: Optional[int] = None, mode: str = COMPARE, thumb: int = 72):
+                 k: Optional[int] = None, mode: str = COMPARE, thumb: int = 72, embedding_map: bool = True):
         import ipywidgets as W
 
         from vslib import features
@@ -363,6 +554,7 @@ class QueryExplorer:
                                        else backends[0], description="backend", style={"button_width": "110px"})
         self.notice = W.HTML(value=f'<span style="color:#666;font-size:12px">{html.escape(note)}</span>' if note else "")
         self.view = _view_class()()
+        self.map_points = map_points(cfg) if embedding_map else None
         self.widget = W.VBox([W.HBox([self.search_text, self.label_filter, self.k_slider]),
                               W.HBox([self.mode, self.backend]), self.notice, self.view])
 
@@ -440,6 +632,10 @@ class QueryExplorer:
             label = self._labels.get(key, "")
             self.view.send({"type": "enlarged", "id": key, "uri": self._uri(src, 384),
                             "caption": f"{label}: {key}" if label else key})
+        elif kind == "thumb":  # hovering a point of the map
+            key = str(content.get("id", ""))
+            if key in self._labels:
+                self.view.send({"type": "thumb", "id": key, "uri": self._uri(key, 96)})
 
     def select(self, key: str):
         """Search with ``key`` (an image path, as a click on a thumbnail or a hit does); returns the result."""
@@ -504,7 +700,19 @@ class QueryExplorer:
         finally:
             self._busy = False
         self.view.panel_html = self.last_html
+        self.view.map_html = self.map_html()
         return self.last_result
+
+    def map_html(self, static: bool = False) -> str:
+        """The embedding map with the current query and the main mode's hits ringed ('' without a map)."""
+        if self.map_points is None:
+            return ""
+        key = self.view.selected
+        r = self.last_result
+        return render_map(self.map_points, query=None if key.startswith(UPLOAD_ID) else key,
+                          hits=[str(h["path"]) for h in r.hits] if r is not None else (),
+                          mode=r.mode if r is not None else "", static=static,
+                          uploaded=key.startswith(UPLOAD_ID))
 
     def snapshot_html(self) -> str:
         """A self-contained HTML copy of the current result (for exported reports: no JavaScript needed)."""
@@ -519,8 +727,11 @@ class QueryExplorer:
                 "to search with it.").format(k=self.k_slider.value, backend=_e(self.backend.value))
         if self.backend_note:
             note += " " + _e(self.backend_note)
+        emap = self.map_html(static=True)
+        if emap:
+            emap = f'<h4 style="margin:10px 0 4px">Embedding map</h4><div class="vs-map">{emap}</div>'
         return (f'<div class="vs-x vs-snapshot"><style>{CSS}</style>'
-                f'<p style="font-size:13px;color:#555">{note}</p>{body}</div>')
+                f'<p style="font-size:13px;color:#555">{note}</p>{body}{emap}</div>')
 
     def _repr_mimebundle_(self, **kwargs):
         bundle = self.widget._repr_mimebundle_(**kwargs) or {}
@@ -548,4 +759,4 @@ class QueryExplorer:
         self.close()
 
 
-__all__ = ["QueryExplorer", "elasticsearch_status", "render_result", "scores_text"]
+__all__ = ["QueryExplorer", "elasticsearch_status", "map_points", "render_map", "render_result", "scores_text"]

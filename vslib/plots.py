@@ -367,18 +367,26 @@ def _separate(fig, ax, texts, tries: int = 8) -> None:
         placed.append(moved)
 
 
+def umap_coords(vectors: np.ndarray, *, seed: int = 42) -> np.ndarray:
+    """2-D UMAP coordinates (cosine metric) of ``vectors``, one row per vector: the layout every map here uses."""
+    import umap
+
+    n = len(vectors)
+    return umap.UMAP(n_neighbors=max(2, min(15, n - 1)), min_dist=0.1, metric="cosine",
+                     random_state=seed, n_jobs=1).fit_transform(vectors)  # seeded UMAP runs on one thread anyway
+
+
 def embedding_map(vectors: np.ndarray, labels: Sequence[str], paths: Optional[Sequence[str]] = None, *,
                   n_thumbnails: int = 40, seed: int = 42, title: str = "", save_as: Optional[str | Path] = None):
     """A UMAP map of the embedding space: points coloured (and shaped) by class, class names at the
     class centres, and thumbnails on a grid of the map so that they never overlap."""
-    import umap
     from matplotlib import patheffects
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
     from vslib.images import ImageError, thumbnail
 
     plt = _plt()
-    xy = umap.UMAP(n_neighbors=15, min_dist=0.1, metric="cosine", random_state=seed).fit_transform(vectors)
+    xy = umap_coords(vectors, seed=seed)
     labels = np.asarray(labels).astype(str)
     uniq = sorted(set(labels))
     colours = distinct_colours(len(uniq))
