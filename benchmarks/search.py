@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds at most for timing one-query-per-call searches (at least 5 queries are timed)")
     p.add_argument("--es-max-size", type=parse_size, default=100_000,
                    help="largest collection indexed into Elasticsearch (default 100k)")
-    p.add_argument("--es-queries", type=int, default=None, help="queries sent to Elasticsearch (default: --queries)")
+    p.add_argument("--es-queries", type=int, default=None, help="queries sent to Elasticsearch (default: --queries; 20 with --quick)")
     p.add_argument("--es-url", default=None, help="an Elasticsearch URL to use instead of starting the emulator")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="do not cache generated collections under data/")
@@ -1002,7 +1002,7 @@ def main(argv=None) -> dict:
     efs = args.ef or ([16, 64, 128] if args.quick else [16, 32, 64, 128, 256])
     ncs = args.num_candidates or ([10, 100] if args.quick else [10, 50, 100, 200])
     budget = args.single_budget if args.single_budget is not None else (3.0 if args.quick else 20.0)
-    es_q = args.es_queries or (min(args.queries, 100) if args.quick else args.queries)
+    es_q = args.es_queries or (min(args.queries, 20) if args.quick else args.queries)  # the emulator is slow: a smoke test
     cache = None if args.no_cache else DATA_DIR / "interim" / "bench"
     opts = {"budget": budget, "efs": efs, "ncs": ncs, "es_q": es_q,
             "quant_factories": args.quant_factories or list(QUANT_FACTORIES),
