@@ -122,12 +122,14 @@ def _list(kind, choices=None, sep=","):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="10k vectors only, fewer settings (CI smoke test)")
+    p.add_argument("--quick", action="store_true",
+                   help="10k vectors only, fewer settings, embedded backends unless --backends names others "
+                        "(CI smoke test)")
     p.add_argument("--sizes", type=_list(parse_size), default=None, help="collection sizes (default 10k,100k,1M)")
     p.add_argument("--dim", type=int, default=1280, help="vector dimension (default 1280, EfficientNet-Lite0)")
     p.add_argument("--features", type=Path, default=None, help="a FeatureSet .npz to use instead of synthetic data")
-    p.add_argument("--backends", type=_list(str, BACKENDS), default=list(BACKENDS),
-                   help=f"comma-separated subset of {','.join(BACKENDS)}")
+    p.add_argument("--backends", type=_list(str, BACKENDS), default=None,
+                   help=f"comma-separated subset of {','.join(BACKENDS)} (default: all; with --quick: numpy and embedded)")
     p.add_argument("--ef", type=_list(int), default=None, help="HNSW efSearch values (default 16,32,64,128,256)")
     p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node (FAISS factory HNSW<M>)")
     p.add_argument("--num-candidates", type=_list(int), default=None,
@@ -155,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds at most for timing one-query-per-call searches (at least 5 queries are timed)")
     p.add_argument("--es-max-size", type=parse_size, default=100_000,
                    help="largest collection indexed into Elasticsearch (default 100k)")
-    p.add_argument("--es-queries", type=int, default=None, help="queries sent to Elasticsearch (default: --queries; 20 with --quick)")
+    p.add_argument("--es-queries", type=int, default=None, help="queries sent to Elasticsearch (default: --queries)")
     p.add_argument("--es-url", default=None, help="an Elasticsearch URL to use instead of starting the emulator")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="do not cache generated collections under data/")
@@ -998,11 +1000,13 @@ def _real_collection(path: Path, nq: int, seed: int) -> Collection:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.backends is None:  # the Elasticsearch emulator needs minutes for 10k vectors: not in the smoke test
+        args.backends = [b for b in BACKENDS if not (args.quick and b.startswith("es-"))]
     sizes = args.sizes or ([10_000] if args.quick else [10_000, 100_000, 1_000_000])
     efs = args.ef or ([16, 64, 128] if args.quick else [16, 32, 64, 128, 256])
     ncs = args.num_candidates or ([10, 100] if args.quick else [10, 50, 100, 200])
     budget = args.single_budget if args.single_budget is not None else (3.0 if args.quick else 20.0)
-    es_q = args.es_queries or (min(args.queries, 20) if args.quick else args.queries)  # the emulator is slow: a smoke test
+    es_q = args.es_queries or (min(args.queries, 100) if args.quick else args.queries)
     cache = None if args.no_cache else DATA_DIR / "interim" / "bench"
     opts = {"budget": budget, "efs": efs, "ncs": ncs, "es_q": es_q,
             "quant_factories": args.quant_factories or list(QUANT_FACTORIES),
