@@ -195,9 +195,15 @@ def test_evaluate_cli_json(project):
     r = subprocess.run([sys.executable, "-m", "vslib.cli", "evaluate", "-c", str(cfg.base_dir / "application.yaml"),
                         "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    # stdout holds the table, then the JSON document
-    doc = json.loads(r.stdout[r.stdout.index("\n{") + 1:])
+    # stdout holds the JSON document alone (the table goes to stderr), so it can be piped
+    doc = json.loads(r.stdout)
+    assert "| flat |" in r.stderr
     assert doc["modes"]["flat"]["p@1"] == json.loads((cfg.reports_dir / "evaluation.json").read_text())["modes"]["flat"]["p@1"]
+    # the quantities that say whether the hierarchy earns its place
+    for key in ("classifier_accuracy", "classifier_top3", "nn1_accuracy", "logreg_accuracy", "hierarchy_gain",
+                "search_settings"):
+        assert key in doc, key
+    assert set(doc["hierarchy_gain"]["adaptive_vs_flat"]) == {"p@1", "p@5", "p@10"}
 
 
 def test_same_search_on_elasticsearch_backend(project, es_url):
