@@ -19,6 +19,17 @@ def write_config(dir_: Path, data: dict, name: str = "application.yaml") -> Path
     return p
 
 
+def tux_config(dir_: Path, **sections):
+    """A small Tux Paint config (at most 12 stamps a class, lite0) in ``dir_``; ``sections`` update its sections."""
+    data = {
+        "dataset": {"name": "tuxpaint", "max_per_class": 12, "install": False},
+        "backbone": {"name": "efficientnet_lite0", "batch_size": 32, "workers": 2},
+    }
+    for k, v in sections.items():
+        data[k] = {**data.get(k, {}), **v}
+    return load_config(write_config(dir_, data))
+
+
 @pytest.fixture
 def make_config(tmp_path):
     """``make_config({...})`` -> a validated Config living in a temporary folder."""

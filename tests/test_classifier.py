@@ -14,28 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from vslib import calibration, classifier, datasets, features
 from vslib.classifier import (EmbeddingClassifier, FineTunedClassifier, check_labels, check_trainable,
                               load_classifier, stratified_split, train)
-from vslib.config import load_config
 from vslib.errors import ClassifierError
+
+from conftest import tux_config
 
 
 
 def _config(dir_: Path, **sections):
-    data = {
-        "dataset": {"name": "tuxpaint", "max_per_class": 12, "install": False},
-        "backbone": {"name": "efficientnet_lite0", "batch_size": 32, "workers": 2},
-        "classifier": {"head": "mlp"},  # this module tests the Keras head; the others: test_heads.py
-        "paths": {"data": "data", "models": "models", "reports": "reports"},
-    }
-    for k, v in sections.items():
-        data[k] = {**data.get(k, {}), **v}
-    p = Path(dir_) / "application.yaml"
-    p.write_text(yaml.safe_dump(data, sort_keys=False))
-    return load_config(p)
+    # this module tests the Keras head; the others: test_heads.py
+    return tux_config(dir_, **{"classifier": {"head": "mlp"}, **sections})
 
 
 @pytest.fixture(scope="module")

@@ -6,36 +6,21 @@ stamps (at most 12 per class) is shared; heads are fitted on its cached vectors.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from vslib import calibration, classifier, datasets, evaluate, features, index, ranking
-from vslib.config import load_config
 from vslib.heads import EnsembleHead, KnnHead, LinearHead
 from vslib.heads.linear import calibrated_nll
 from vslib.search import VisualSearch
 
-
-def _config(dir_: Path, **sections):
-    data = {
-        "dataset": {"name": "tuxpaint", "max_per_class": 12, "install": False},
-        "backbone": {"name": "efficientnet_lite0", "batch_size": 32, "workers": 2},
-        "evaluation": {"grid_queries": 0},
-        "paths": {"data": "data", "models": "models", "reports": "reports"},
-    }
-    for k, v in sections.items():
-        data[k] = {**data.get(k, {}), **v}
-    p = Path(dir_) / "application.yaml"
-    p.write_text(yaml.safe_dump(data, sort_keys=False))
-    return load_config(p)
+from conftest import tux_config
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    cfg = _config(tmp_path_factory.mktemp("tux"))
+    cfg = tux_config(tmp_path_factory.mktemp("tux"), evaluation={"grid_queries": 0})
     datasets.prepare(cfg, progress=False, echo=lambda *_: None)
     features.extract(cfg, progress=False)
     fs = features.load_features(cfg)
