@@ -169,19 +169,6 @@ class EmbeddingClassifier(ClassifierMixin):
     _PARAMS = ("hidden_units", "dropout", "epochs", "batch_size", "learning_rate", "weight_decay",
                "validation_fraction", "seed", "calibrate", "patience", "verbose")
 
-    @classmethod
-    def from_config(cls, ccfg, **kw) -> "EmbeddingClassifier":
-        """Build from a :class:`vslib.config.ClassifierConfig` (``cfg.classifier``)."""
-        params = {p: getattr(ccfg, p) for p in cls._PARAMS if hasattr(ccfg, p)}
-        params.update(kw)
-        return cls(**params)
-
-    def get_params(self) -> dict:
-        return {p: getattr(self, p) for p in self._PARAMS}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
-
     # -- fitting ------------------------------------------------------------
     def _build(self, X_train: np.ndarray, n_classes: int):
         keras = _keras()

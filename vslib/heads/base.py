@@ -64,6 +64,21 @@ class ClassifierMixin:
     """Prediction, evaluation and image helpers shared by every head (needs ``classes_`` and ``predict_logits``)."""
 
     temperature_: float = 1.0
+    #: the constructor parameters (scikit-learn's get_params)
+    _PARAMS: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, ccfg, **kw):
+        """Build from a :class:`vslib.config.ClassifierConfig` (``cfg.classifier``)."""
+        params = {p: getattr(ccfg, p) for p in cls._PARAMS if hasattr(ccfg, p)}
+        params.update(kw)
+        return cls(**params)
+
+    def get_params(self) -> dict:
+        return {p: getattr(self, p) for p in self._PARAMS}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
 
     def _check_fitted(self):
         if not hasattr(self, "classes_"):
@@ -201,19 +216,6 @@ class Head(ClassifierMixin):
         self.folds = folds
         self.seed = seed
         self.calibrate = calibrate
-
-    @classmethod
-    def from_config(cls, ccfg, **kw):
-        """Build from a :class:`vslib.config.ClassifierConfig` (``cfg.classifier``)."""
-        params = {p: getattr(ccfg, p) for p in cls._PARAMS if hasattr(ccfg, p)}
-        params.update(kw)
-        return cls(**params)
-
-    def get_params(self) -> dict:
-        return {p: getattr(self, p) for p in self._PARAMS}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
 
     # -- the contract subclasses fill in ---------------------------------------
     def _cross_fit(self, X: np.ndarray, yi: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
