@@ -136,6 +136,86 @@ class EsServer:
         self.stop()
 
 
+class ThrottlingProxy:
+    """An HTTP proxy in front of an Elasticsearch URL that answers 429 to the first ``reject`` bulk requests.
+
+    A busy cluster answers ``429 Too Many Requests`` (``es_rejected_execution_exception``)
+    when its write queue is full; this stands in for that in front of any server (the
+    emulator never throttles). Every other request is forwarded unchanged::
+
+        with ThrottlingProxy(es_url, reject=3) as proxy:   # proxy.url, proxy.rejected, proxy.forwarded
+            ...
+    """
+
+    def __init__(self, upstream: str, reject: int = 3, paths: tuple = ("/_bulk",)):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        self.upstream = urlsplit(upstream)
+        self.reject, self.paths = reject, paths
+        self.rejected = self.forwarded = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                import http.client
+
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if any(self.path.split("?")[0].endswith(p) for p in proxy.paths):
+                    with proxy._lock:
+                        throttle = proxy.rejected < proxy.reject
+                        proxy.rejected += throttle
+                    if throttle:
+                        payload = (b'{"error":{"type":"es_rejected_execution_exception","reason":"rejected '
+                                   b'execution (write queue full; test proxy)"},"status":429}')
+                        self.send_response(429)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("X-Elastic-Product", "Elasticsearch")
+                        self.send_header("Content-Length", str(len(payload)))
+                        self.end_headers()
+                        self.wfile.write(payload)
+                        return
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=120)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                    conn.request(self.command, self.path, body=body or None, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                with proxy._lock:
+                    proxy.forwarded += 1
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "ThrottlingProxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 if __name__ == "__main__":  # python tests/es_server.py: run one until Ctrl-C
     with EsServer() as s:
         print(f"Elasticsearch emulator at {s.url} (pid {s.proc.pid}); Ctrl-C stops it", flush=True)

@@ -235,6 +235,50 @@ def test_scheduler_and_workers_then_a_stopped_client_resumes(cluster, config_of,
     assert_same_vectors(fs, ref)
 
 
+def _hits(cfg, queries) -> list[list[tuple[str, float]]]:
+    from vslib.index import open_index
+
+    with open_index(cfg, create=False) as index:
+        return [[(h.id, round(h.score, 4)) for h in hits] for hits in index.search(queries, 5)]
+
+
+def test_elasticsearch_bulk_from_the_workers_retries_429(cluster, config_of, reference, es_url):
+    """`visualsearch index` with scheduler dask: the workers send the bulk requests, through a cluster that throttles."""
+    import shutil
+
+    from es_server import ThrottlingProxy
+    from vslib.index import build, open_index
+
+    address, _, _ = cluster
+    ref_cfg, ref = reference
+    name = f"vs-dask-bulk-{os.urandom(3).hex()}"
+
+    def es_config(scheduler, hosts, alias):
+        cfg = config_of({"index": {"backend": "elasticsearch", "elasticsearch": {
+                             "hosts": hosts, "index_name": alias, "index_options": {"type": "flat"}}},
+                         "compute": {"scheduler": scheduler, "dask": {"address": address}}})
+        shutil.copytree(ref_cfg.features_dir, cfg.features_dir)  # the same feature file
+        return cfg
+
+    local = es_config("local", [es_url], name + "-local")
+    build(local, progress=False)
+    n_index = int((ref.table["split"] == "index").sum())
+    with ThrottlingProxy(es_url, reject=3) as proxy:
+        cfg = es_config("dask", [proxy.url], name + "-dask")
+        info = build(cfg, batch_size=4, progress=False)  # 5 tasks of 4 rows
+    assert proxy.rejected == 3  # three bulk requests answered 429 ...
+    assert info["count"] == n_index  # ... and every document is in, once
+    with distributed.Client(address) as client:  # the bulk requests came from the workers
+        sent = client.run(lambda: sum(ix.requests for ix in __import__("vslib.compute").compute._ES_INDEXES.values()))
+    assert sum(sent.values()) >= -(-n_index // 4), sent
+    queries = ref.vectors[ref.table["split"].to_numpy() == "query"]
+    cfg_direct = es_config("local", [es_url], name + "-dask")  # same index, searched without the proxy
+    assert _hits(cfg_direct, queries) == _hits(local, queries)
+    for c in (local, cfg_direct):
+        with open_index(c, create=False) as index:
+            index.drop()
+
+
 def test_worker_killed_mid_run_every_image_exactly_once(cluster, config_of, reference, manifest):
     address, workers, _ = cluster
     _, ref = reference

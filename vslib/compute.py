@@ -192,8 +192,12 @@ def _sample(paths: Sequence[str], n: int = 16) -> list[str]:
     return list(dict.fromkeys(picks))[: 2 * n]
 
 
-def check_workers_read(client, paths: Sequence[str]) -> None:
-    """Raise :class:`VisualSearchError` naming each worker that cannot read a sample of ``paths`` this client can."""
+class WorkersCannotRead(VisualSearchError):
+    """Some Dask workers cannot read files this client can (no shared filesystem at the same path)."""
+
+
+def check_workers_read(client, paths: Sequence[str], what: str = "the images") -> None:
+    """Raise :class:`WorkersCannotRead` naming each worker that cannot read a sample of ``paths`` this client can."""
     sample = _sample(list(paths))
     if not sample:
         return
@@ -210,8 +214,8 @@ def check_workers_read(client, paths: Sequence[str]) -> None:
         lines = [f"  worker {w}: cannot read {errs[0][0]} ({errs[0][1]})" + (
             f" and {len(errs) - 1} more of {len(sample)} checked" if len(errs) > 1 else "")
             for w, errs in sorted(bad.items())]
-        raise VisualSearchError(f"{len(bad)} of {len(results)} Dask workers cannot read the images under {root}:\n"
-                                + "\n".join(lines) + "\nThe workers must see the images at the same path as this "
+        raise WorkersCannotRead(f"{len(bad)} of {len(results)} Dask workers cannot read {what} under {root}:\n"
+                                + "\n".join(lines) + f"\nThe workers must see {what} at the same path as this "
                                 "client: put them on a shared filesystem mounted at that path on every node, "
                                 "or set compute.scheduler: local")
 
@@ -258,5 +262,112 @@ def extract_on_dask(cfg, sources: Sequence[str], key: str,
                         "partitions are kept") from None
                 fut.release()  # its vectors are on disk once on_partition returns: the cluster may forget them
                 on_partition([s + i for i in pos], vecs, [(s + i, r) for i, r in failures])
+        finally:
+            client.cancel(futures)
+
+
+# ---------------------------------------------------------------------------
+# Elasticsearch bulk from the workers
+
+#: Elasticsearch connections of this worker process, keyed by (hosts, user, concrete index)
+_ES_INDEXES: dict[tuple, object] = {}
+#: bulk retries of a worker (each waits up to 30 s): many workers against one cluster meet 429 more often
+WORKER_BULK_RETRIES = 8
+
+
+def worker_es_index(es_cfg, index_name: str, dim: int):
+    """This process's connection to the concrete Elasticsearch index ``index_name``, opened once.
+
+    The client created and checked the index; a worker only writes documents to
+    it (no refresh per request: the client's bulk session refreshes once at the end).
+    """
+    from vslib.index.elasticsearch import ElasticsearchIndex, connect, redact
+
+    key = (tuple(es_cfg.hosts), es_cfg.username, index_name)
+    with _BACKBONES_LOCK:
+        index = _ES_INDEXES.get(key)
+        if index is None:
+            index = ElasticsearchIndex(connect(es_cfg), index_name, dim, es_cfg=es_cfg,
+                                       where=", ".join(redact(h) for h in es_cfg.hosts))
+            index._in_bulk = True
+            index.max_retries = WORKER_BULK_RETRIES
+            _ES_INDEXES[key] = index
+    return index
+
+
+def bulk_partition(es_cfg, index_name: str, dim: int, path: str, start: int, stop: int, ids: Sequence[str],
+                   fields: Sequence[str], backbone: str) -> tuple[int, list[tuple[str, str]]]:
+    """One task: index the ``index``-split rows among rows ``start:stop`` of the feature file ``path``.
+
+    ``ids`` are those rows' item ids, in file order. The worker reads its rows
+    itself (memory-mapped file on a shared filesystem) and sends them with
+    bulk requests that retry on 429 and 5xx with backoff. Returns ``(added,
+    [(id, reason), ...])``; failures are returned, not raised, so that one bad
+    document does not fail the task.
+    """
+    from vslib.features import _read_rows, npz_member
+    from vslib.index.base import BulkIndexError
+
+    keep = np.flatnonzero(np.asarray(npz_member(path, "split")[start:stop]) == "index")
+    if len(keep) != len(ids):
+        raise VisualSearchError(f"{path} rows {start}..{stop - 1} hold {len(keep)} index rows, the client sent "
+                                f"{len(ids)} ids: the feature file changed during indexing; run it again")
+    if not len(keep):
+        return 0, []
+    vectors = _read_rows(npz_member(path, "vectors"), start, stop)[keep]
+    columns = {c: np.asarray(npz_member(path, c)[start:stop])[keep] for c in fields}
+    metadata = [{**{c: str(columns[c][i]) for c in fields}, "backbone": backbone} for i in range(len(keep))]
+    index = worker_es_index(es_cfg, index_name, dim)
+    try:
+        return index.add(list(ids), vectors, metadata), []
+    except BulkIndexError as e:
+        return e.added, e.failures
+
+
+def index_on_dask(cfg, index, path, ids: Sequence[str], fields: Sequence[str], backbone: str, *,
+                  rows_per_task: int, on_task: Callable[[int, int, list[tuple[str, str]]], None],
+                  announce: Optional[Callable[[str], None]] = None) -> None:
+    """Fill the Elasticsearch ``index`` (an open :class:`~vslib.index.elasticsearch.ElasticsearchIndex`) from the workers.
+
+    The feature file ``path`` is cut into ranges of ``rows_per_task`` rows; each
+    range is one task (:func:`bulk_partition`) that reads its rows and sends
+    them to the cluster itself, so indexing throughput grows with the workers,
+    bounded by what Elasticsearch accepts (429 answers are retried with
+    backoff). ``on_task(rows, added, failures)`` is called on the client as
+    each task finishes. Raises :class:`WorkersCannotRead` before any work is
+    sent when a worker cannot read ``path``.
+    """
+    from vslib.features import npz_member
+
+    distributed = _distributed()
+    path = str(path)
+    split = np.asarray(npz_member(path, "split")) == "index"
+    before = np.concatenate([[0], np.cumsum(split)])  # index rows before each file row
+    if int(before[-1]) != len(ids):
+        raise VisualSearchError(f"{path} holds {int(before[-1])} index rows but {len(ids)} ids were given")
+    n = len(split)
+    starts = list(range(0, n, rows_per_task))
+    with dask_client(cfg, announce=announce) as client:
+        if not client.scheduler_info().get("workers"):
+            client.wait_for_workers(1, timeout=60)
+        check_workers_read(client, [path], what="the feature file")
+        args = []
+        for s in starts:
+            e = min(s + rows_per_task, n)
+            args.append((s, e, list(ids[before[s]:before[e]])))
+        futures = [client.submit(bulk_partition, cfg.index.elasticsearch, index.index_name, index.dim, path, s, e,
+                                 part, list(fields), backbone, key=f"es-bulk-{s}-{os.urandom(4).hex()}",
+                                 pure=False) for s, e, part in args]
+        rows_of = {f.key: len(part) for f, (_, _, part) in zip(futures, args)}
+        try:
+            for fut in distributed.as_completed(futures):
+                try:
+                    added, failures = fut.result()
+                except distributed.KilledWorker as e:
+                    raise VisualSearchError(f"a bulk task was running on each of the workers that died ({e}); "
+                                            "look at the worker logs, then index again (ids are stable: "
+                                            "documents already sent are replaced, not duplicated)") from None
+                on_task(rows_of[fut.key], added, failures)
+                fut.release()
         finally:
             client.cancel(futures)

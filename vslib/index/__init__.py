@@ -81,7 +81,12 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
     (Elasticsearch: no periodic refresh, one refresh at the end). The vectors are read
     from the feature file in batches of ``batch_size`` rows (:func:`vslib.features.iter_features`)
     and each batch is added at once (FAISS ``add``, one Elasticsearch bulk request), so the
-    client holds one batch, not the dataset. Returns :meth:`VectorIndex.info`.
+    client holds one batch, not the dataset. With ``compute.scheduler: dask`` and the
+    Elasticsearch backend the bulk requests are sent by the Dask workers instead, in
+    parallel, each reading its own rows of the feature file
+    (:func:`vslib.compute.index_on_dask`; 429 answers are retried with backoff); when the
+    workers cannot read the feature file the client sends them, as above. Returns
+    :meth:`VectorIndex.info`.
     """
     from tqdm.auto import tqdm
 
@@ -109,21 +114,29 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
     try:
         with index.bulk_session(), tqdm(total=len(ids), desc=f"indexing ({cfg.index.backend})", unit="img",
                                         disable=not progress) as bar:
-            start = 0
-            for feats in itertools.chain([first], batches):  # FAISS add / Elasticsearch bulk per batch
-                stop = start + len(feats)
-                metadata = feats.table[fields].to_dict("records")
-                for m in metadata:
-                    m["backbone"] = backbone
-                try:
-                    added += index.add(ids[start:stop], feats.vectors, metadata)
-                except BulkIndexError as e:
-                    failures += e.failures
-                    added += e.added
-                bar.update(stop - start)
-                start = stop
+            def tally(rows, ok, failed):
+                nonlocal added
+                added += ok
+                failures.extend(failed)
+                bar.update(rows)
                 if failures:
                     bar.set_postfix(failed=len(failures))
+
+            sent = False
+            if cfg.index.backend == "elasticsearch" and cfg.compute.scheduler == "dask" and ids:
+                sent = _index_on_workers(cfg, index, ids, fields, backbone, batch_size, tally)
+            if not sent:
+                start = 0
+                for feats in itertools.chain([first], batches):  # FAISS add / Elasticsearch bulk per batch
+                    stop = start + len(feats)
+                    metadata = feats.table[fields].to_dict("records")
+                    for m in metadata:
+                        m["backbone"] = backbone
+                    try:
+                        tally(stop - start, index.add(ids[start:stop], feats.vectors, metadata), [])
+                    except BulkIndexError as e:
+                        tally(stop - start, e.added, e.failures)
+                    start = stop
         if rebuild:
             index.publish()
         info = index.info()
@@ -142,6 +155,24 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
     if failures:
         raise BulkIndexError(failures, added)
     return info
+
+
+def _index_on_workers(cfg, index, ids, fields, backbone, rows_per_task, tally) -> bool:
+    """Elasticsearch bulk requests from the Dask workers (:func:`vslib.compute.index_on_dask`).
+
+    Returns False, having sent nothing, when the workers cannot read the feature
+    file (no shared filesystem): the client then sends the batches itself.
+    """
+    from vslib import compute
+    from vslib.features import features_path
+
+    try:
+        compute.index_on_dask(cfg, index, features_path(cfg), ids, fields, backbone, rows_per_task=rows_per_task,
+                              on_task=tally)
+        return True
+    except compute.WorkersCannotRead as e:
+        log.warning("%s\nIndexing from this client instead (one bulk request at a time).", e)
+        return False
 
 
 __all__ = ["BACKENDS", "BulkIndexError", "Hit", "IndexDimensionError", "IndexMismatchError", "IndexNotFoundError",
