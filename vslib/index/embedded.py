@@ -262,6 +262,9 @@ class EmbeddedIndex(VectorIndex):
             params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, depth))
         elif hasattr(inner, "nprobe"):
             params = faiss.SearchParametersIVF(nprobe=self.nprobe)
+            if _hnsw_quantizer(inner) is not None:  # the lists to scan, found accurately (see COARSE_EF_SEARCH)
+                coarse = faiss.SearchParametersHNSW(efSearch=max(COARSE_EF_SEARCH, 2 * self.nprobe))
+                params.quantizer_params = coarse
         elif sel is not None:
             params = faiss.SearchParameters()
         if sel is not None:
@@ -374,6 +377,8 @@ class EmbeddedIndex(VectorIndex):
             # the floats now live in the saved file: map it and let the RAM copy go
             self._vectors = np.load(self.path / gen / "vectors.npy", mmap_mode="r")
             self._view_owner = self._vectors
+        del rows, table
+        release_free_memory()  # the metadata table and the float copy were freed: return the pages
         for child in self.path.iterdir():  # older generations and leftovers of crashed saves
             if child.name != gen and (child.name.startswith(("g", ".tmp-", ".meta-"))) and child.name != "meta.json":
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -461,8 +466,12 @@ class EmbeddedIndex(VectorIndex):
             new = self._vectors[index.ntotal:self._n]
             if not index.is_trained:
                 index.train(self._training_sample())
+            q = _hnsw_quantizer(index)
+            if q is not None:  # assign each vector to its nearest list, not to an approximate one
+                q.hnsw.efSearch = max(q.hnsw.efSearch, COARSE_EF_SEARCH)
             index.add(np.ascontiguousarray(new))
             self._adopt_storage(index)  # our copy of the vectors can go: FAISS holds them now
+            release_free_memory()
         return index
 
     def _training_sample(self) -> np.ndarray:
@@ -498,6 +507,41 @@ class EmbeddedIndex(VectorIndex):
             self._filter_cache.clear()
         self._filter_cache[key] = mask
         return mask
+
+
+#: efSearch of an HNSW coarse quantizer (``IVF<n>_HNSW32``) when assigning vectors to lists and
+#: choosing the lists to scan. FAISS's default, 16, put 6% of 1M vectors in a list other than their
+#: nearest with 2,048 lists (and the lists a query scans miss them): recall@10 stalled at 0.90 whatever
+#: nprobe or rerank; at 128 the assignment matched exact search for every vector checked.
+COARSE_EF_SEARCH = 128
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the operating system (glibc ``malloc_trim``; elsewhere nothing).
+
+    Building an IVF index grows every inverted list by doubling; the outgrown buffers are freed
+    but stay in the process (0.16x the raw vector bytes at 1M vectors, more than the lists' codes
+    they once held), so the index looked half again as large as it is until this ran.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _hnsw_quantizer(index):
+    """The HNSW coarse quantizer of an IVF index (inside any pre-transform), or None."""
+    faiss = _faiss()
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF index
+        return None
+    q = faiss.downcast_index(ivf.quantizer)
+    return q if hasattr(q, "hnsw") else None
 
 
 def _make_faiss(dim: int, factory: str):
