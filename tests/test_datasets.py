@@ -183,3 +183,13 @@ def test_read_idx_rejects_truncated(tmp_path):
     p.write_bytes(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + bytes(5))
     with pytest.raises(DatasetError, match="truncated"):
         datasets.read_idx(p)
+
+
+def test_fashion_mnist_cap_takes_half_from_each_part_and_fills_from_the_other():
+    assert datasets.split_cap(6, 6000, 1000) == (3, 3)
+    assert datasets.split_cap(1000, 6000, 1000) == (500, 500)
+    assert datasets.split_cap(1001, 6000, 1000) == (501, 500)
+    assert datasets.split_cap(6000, 6000, 1000) == (5000, 1000)  # 60,000 images at max_per_class 6000
+    assert datasets.split_cap(7000, 6000, 1000) == (6000, 1000)
+    assert datasets.split_cap(9000, 6000, 1000) == (6000, 1000)  # everything there is
+    assert datasets.split_cap(10, 3, 100) == (3, 7)  # a short train part is filled from test

@@ -204,6 +204,18 @@ def download(url: str, dest: Path, *, timeout: float = 30.0) -> Path:
     return dest
 
 
+def split_cap(cap: int, train: int, test: int) -> tuple[int, int]:
+    """How many of a class's ``train`` and ``test`` images a ``max_per_class`` of ``cap`` takes.
+
+    Half from each part (the odd one from train); what one part lacks comes from the
+    other, so a cap of 6,000 takes Fashion-MNIST's 1,000 test images and 5,000 train
+    images of a class: 6,000, not 4,000.
+    """
+    t = min(cap // 2, test)
+    n = min(cap - t, train)
+    return n, min(cap - n, test)
+
+
 class FashionMnistDataset(Dataset):
     """Fashion-MNIST (train + test: 70,000 28x28 greyscale product photos, 10 classes).
 
@@ -240,12 +252,14 @@ class FashionMnistDataset(Dataset):
         cap = self.cfg.max_per_class
         out_dir = self.work_dir / "images"
         out = []
-        for part, (img_file, lbl_file) in FASHION_MNIST_FILES.items():
-            images, labels = read_idx(raw / img_file), read_idx(raw / lbl_file)
+        data = {part: (read_idx(raw / img_file), read_idx(raw / lbl_file))
+                for part, (img_file, lbl_file) in FASHION_MNIST_FILES.items()}
+        for part, (images, labels) in data.items():
             for c, cls in enumerate(FASHION_MNIST_CLASSES):
                 idx = np.flatnonzero(labels == c)
-                if cap is not None:  # an even share of the cap from train and test, deterministic
-                    idx = idx[: (cap + 1) // 2 if part == "train" else cap // 2]
+                if cap is not None:  # deterministic: the first images of each part
+                    take = split_cap(cap, *(int(np.sum(data[q][1] == c)) for q in ("train", "test")))
+                    idx = idx[: take[0] if part == "train" else take[1]]
                 for i in idx:
                     out.append((out_dir / cls / f"{part}-{i:05d}.png", cls, images, i))
         missing = [o for o in out if not o[0].exists()]
