@@ -19,7 +19,8 @@
   finished partition is written as a shard the same way;
 * the result, vectors plus the manifest rows they belong to (path, label,
   split, content_hash), is written to ``<features_dir>/features-<dataset>.npz`` and read
-  back whole by :func:`load_features`, or in batches of rows by :func:`iter_features`.
+  back whole by :func:`load_features`, one split at a time by :func:`read_split`, or in
+  batches of rows by :func:`iter_features`.
 
 Out of core: shards and feature files are uncompressed ``.npz`` files (``np.savez``
 writes every member as a stored ``.npy``), so a reader memory-maps a member in place
@@ -35,6 +36,7 @@ same time waits for it, then finds everything computed.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import time
@@ -574,7 +576,11 @@ def features_path(cfg) -> Path:
 def load_features(cfg) -> FeatureSet:
     """The feature set :func:`extract` wrote for ``cfg``'s dataset and backbone, whole and in memory.
 
-    For data larger than memory read it in batches with :func:`iter_features`.
+    Meant for small data (the explorer, the notebooks, :func:`vslib.evaluate.evaluate_seeds`):
+    it holds every vector of the file, and ``.split(name)`` copies a split's rows on top.
+    Where one split is enough, :func:`read_split` holds only that split's vectors; to
+    touch every row in bounded memory, read batches with :func:`iter_features`; for
+    table columns alone, :func:`feature_columns` reads no vector.
     """
     path = _check_features_file(cfg)
     try:
@@ -645,6 +651,46 @@ def iter_features(cfg, split: Optional[str] = None, batch_size: int = 10_000) ->
                 rows, vecs, pending = [], [], 0
     if pending:
         yield flush()
+
+
+#: rows per batch :func:`read_split` reads (a 1280-d batch is 10 MB)
+SPLIT_BATCH_ROWS = 2048
+
+
+def read_split(cfg, split: str, *, batch_size: int = SPLIT_BATCH_ROWS) -> FeatureSet:
+    """``load_features(cfg).split(split)``, reading only that split's rows.
+
+    The split's rows are counted from the file's ``split`` column (no vector read), then
+    filled batch by batch from :func:`iter_features` into one preallocated array, so the
+    peak is the split's vectors once plus a batch, never the whole file. Same checks and
+    errors as :func:`load_features`. Use it where one split must be in memory at once
+    (training a head on the index split, the evaluation's queries and baselines); use
+    :func:`iter_features` where a pass over batches will do (building the index).
+    """
+    from vslib.datasets import SPLITS
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, not {split!r}")
+    batches = iter_features(cfg, split, batch_size)
+    first = next(batches, None)  # opens and checks the file (missing, unreadable, wrong backbone)
+    path = features_path(cfg)
+    n = int(np.count_nonzero(np.asarray(npz_member(path, "split")) == split))
+    dim = first.dim if first is not None else npz_member(path, "vectors").shape[1]
+    vectors = np.empty((n, dim), dtype=np.float32)
+    tables, filled = [], 0
+    for fs in itertools.chain([first] if first is not None else [], batches):
+        if filled + len(fs) > n:
+            filled = -1  # more rows than counted
+            break
+        vectors[filled:filled + len(fs)] = fs.vectors
+        tables.append(fs.table)
+        filled += len(fs)
+    if filled != n:  # only if the file was replaced between counting and reading
+        raise VisualSearchError(f"{path} changed while it was read; wait for the `visualsearch extract` that "
+                                f"rewrites it to finish, then retry")
+    table = (pd.concat(tables, ignore_index=True) if tables
+             else pd.DataFrame({c: np.array([], dtype=object) for c in TABLE_COLUMNS}))
+    return FeatureSet(vectors, table, cfg.backbone.name)
 
 
 def _read_rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
