@@ -36,7 +36,6 @@ same time waits for it, then finds everything computed.
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import os
 import time
@@ -631,7 +630,7 @@ def iter_features(cfg, split: Optional[str] = None, batch_size: int = 10_000) ->
     def flush():
         idx = np.concatenate(rows)
         table = pd.DataFrame({c: columns[c][idx].astype(object) for c in TABLE_COLUMNS})
-        return FeatureSet(np.concatenate(vecs), table, backbone)
+        return FeatureSet(np.concatenate(vecs) if len(vecs) > 1 else vecs[0], table, backbone)
 
     # read a block of rows at a time (plain reads: mapped pages would count in the RSS), keep the split's
     for start in range(0, n, batch_size):
@@ -660,12 +659,14 @@ SPLIT_BATCH_ROWS = 2048
 def read_split(cfg, split: str, *, batch_size: int = SPLIT_BATCH_ROWS) -> FeatureSet:
     """``load_features(cfg).split(split)``, reading only that split's rows.
 
-    The split's rows are counted from the file's ``split`` column (no vector read), then
-    filled batch by batch from :func:`iter_features` into one preallocated array, so the
-    peak is the split's vectors once plus a batch, never the whole file. Same checks and
-    errors as :func:`load_features`. Use it where one split must be in memory at once
-    (training a head on the index split, the evaluation's queries and baselines); use
-    :func:`iter_features` where a pass over batches will do (building the index).
+    The split's table comes first (:func:`feature_columns`, no vector read), so its rows
+    are counted; the vectors are then filled batch by batch from :func:`iter_features`
+    into one preallocated array, so the peak is the split's vectors once plus a batch,
+    never the whole file. Same checks and errors as :func:`load_features`. Use it where
+    one split must be in memory at once (training a head on the index split, the
+    evaluation's queries and baselines); use :func:`iter_features` where a pass over
+    batches will do (building the index), and :func:`load_features` for small data
+    that is used whole.
     """
     from vslib.datasets import SPLITS
 
@@ -674,22 +675,27 @@ def read_split(cfg, split: str, *, batch_size: int = SPLIT_BATCH_ROWS) -> Featur
     batches = iter_features(cfg, split, batch_size)
     first = next(batches, None)  # opens and checks the file (missing, unreadable, wrong backbone)
     path = features_path(cfg)
-    n = int(np.count_nonzero(np.asarray(npz_member(path, "split")) == split))
+    table = feature_columns(cfg, TABLE_COLUMNS, split)
+    hashes = table["content_hash"].to_numpy()
     dim = first.dim if first is not None else npz_member(path, "vectors").shape[1]
-    vectors = np.empty((n, dim), dtype=np.float32)
-    tables, filled = [], 0
-    for fs in itertools.chain([first] if first is not None else [], batches):
-        if filled + len(fs) > n:
-            filled = -1  # more rows than counted
-            break
-        vectors[filled:filled + len(fs)] = fs.vectors
-        tables.append(fs.table)
-        filled += len(fs)
-    if filled != n:  # only if the file was replaced between counting and reading
+    vectors = np.empty((len(table), dim), dtype=np.float32)
+    filled = 0
+
+    def put(fs: FeatureSet) -> bool:
+        nonlocal filled
+        stop = filled + len(fs)
+        if stop > len(table) or not np.array_equal(fs.table["content_hash"].to_numpy(), hashes[filled:stop]):
+            return False
+        vectors[filled:stop] = fs.vectors
+        filled = stop
+        return True
+
+    ok = first is None or put(first)
+    first = None  # the batch is copied: do not hold it
+    ok = ok and all(put(fs) for fs in batches)
+    if not ok or filled != len(table):  # only if the file was replaced while it was read
         raise VisualSearchError(f"{path} changed while it was read; wait for the `visualsearch extract` that "
                                 f"rewrites it to finish, then retry")
-    table = (pd.concat(tables, ignore_index=True) if tables
-             else pd.DataFrame({c: np.array([], dtype=object) for c in TABLE_COLUMNS}))
     return FeatureSet(vectors, table, cfg.backbone.name)
 
 
