@@ -662,12 +662,12 @@ def read_split(cfg, split: str, *, batch_size: int = SPLIT_BATCH_ROWS) -> Featur
 
     The split's table comes first (:func:`feature_columns`, no vector read), so its rows
     are counted; the vectors are then filled batch by batch from :func:`iter_features`
-    into one preallocated array, so the peak is the split's vectors once plus a batch,
-    never the whole file. Same checks and errors as :func:`load_features`. Use it where
-    one split must be in memory at once (training a head on the index split, the
-    evaluation's queries and baselines); use :func:`iter_features` where a pass over
-    batches will do (building the index), and :func:`load_features` for small data
-    that is used whole.
+    into one preallocated array, so the peak is the split's vectors once, its table and a
+    few batches, never the whole file. Same checks and errors as :func:`load_features`.
+    Use it where one split must be in memory at once (training a head on the index split,
+    the evaluation's queries and baselines); use :func:`iter_features` where a pass over
+    batches will do (building the index), and :func:`load_features` for small data that
+    is used whole.
     """
     from vslib.datasets import SPLITS
 
