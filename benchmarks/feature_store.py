@@ -9,9 +9,11 @@ subprocess (so peak RSS is the reader's own):
   pyarrow (a ``fixed_size_list<float32>`` vector column plus path/label/split/content_hash,
   row groups of 8,192): seconds and peak RSS to read the set of content hashes, to stream
   every row of the index split in batches, and to slice 1,000 random rows; file size;
-* **readers** — peak RSS of :func:`vslib.features.load_features` (the whole set in
-  memory) against :func:`vslib.features.iter_features` (batches of ``--batch`` rows), each
-  touching every vector, above the RSS of the same process after its imports.
+* **readers** — peak RSS of the index split read three ways, each touching every vector,
+  above the RSS of the same process after its imports: ``load_features(cfg).split("index")``
+  (the whole set in memory, then a copy of the split: what training and evaluation did),
+  :func:`vslib.features.read_split` (the split alone, what they do now) and
+  :func:`vslib.features.iter_features` (batches of ``--batch`` rows, what the indexer does).
 
 Prints a table and writes ``reports/benchmarks/feature_store.json`` and ``.md``.
 
@@ -36,6 +38,7 @@ import numpy as np
 kind, path, batch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 import pandas as pd, pyarrow.parquet as pq
 from vslib import features as F
+import vslib.datasets  # imported by read_split (its split names): not the reader's memory
 def status(key):  # MB, from /proc/self/status
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
@@ -79,6 +82,11 @@ elif kind == "load_features":
     cfg = NS(features_dir=path.parent, dataset=NS(name=path.stem[len("features-"):]),
              backbone=NS(name=str(F.npz_member(path, "backbone")[()])), source="(benchmark)")
     fs = F.load_features(cfg).split("index")
+    out["n"] = len(fs); float(fs.vectors.sum())
+elif kind == "read_split":
+    cfg = NS(features_dir=path.parent, dataset=NS(name=path.stem[len("features-"):]),
+             backbone=NS(name=str(F.npz_member(path, "backbone")[()])), source="(benchmark)")
+    fs = F.read_split(cfg, "index")
     out["n"] = len(fs); float(fs.vectors.sum())
 out["seconds"] = round(time.perf_counter() - t0, 4)
 out["peak_rss_above_imports_mb"] = round(status("VmHWM") - base, 1)  # includes mapped file pages
@@ -147,7 +155,7 @@ def main(argv=None) -> int:
         for fmt, src in (("npz", path), ("parquet", pq_path)):
             for op in ("hashes", "stream", "slice"):
                 result["runs"][f"{fmt}-{op}"] = child(f"{fmt}-{op}", src, a.batch)
-        for kind in ("load_features", "iter_features"):
+        for kind in ("load_features", "read_split", "iter_features"):
             result["runs"][kind] = child(kind, path, a.batch)
     lines = [f"# Feature store ({path.name}, batches of {a.batch})", "",
              f"Files: npz {result['bytes']['npz'] / 1e6:.1f} MB, parquet {result['bytes']['parquet'] / 1e6:.1f} MB", "",

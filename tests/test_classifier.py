@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from vslib import calibration, classifier, datasets, features
 from vslib.classifier import (EmbeddingClassifier, FineTunedClassifier, check_labels, check_trainable,
                               load_classifier, stratified_split, train)
-from vslib.errors import ClassifierError
+from vslib.errors import ClassifierError, VisualSearchError
 
 from conftest import tux_config
 
@@ -126,6 +127,26 @@ def test_second_train_reuses_the_saved_model(pipeline, trained):
     assert json.loads((cfg.classifier_dir / "metadata.json").read_text())["date"] == date
     assert m2["accuracy"] == m["accuracy"]
     assert again.temperature_ == clf.temperature_
+
+
+@pytest.mark.parametrize("name", ["index", "query"])
+def test_read_split_is_the_split_of_load_features(pipeline, name, tmp_path):
+    """train reads the index split alone (read_split): row for row what load_features(cfg).split gives."""
+    cfg, index, query = pipeline
+    ref = {"index": index, "query": query}[name]
+    for batch in (7, features.SPLIT_BATCH_ROWS):
+        got = features.read_split(cfg, name, batch_size=batch)
+        assert got.backbone == ref.backbone == cfg.backbone.name and len(got) == len(ref) > 0
+        assert got.vectors.dtype == np.float32 and np.array_equal(got.vectors, ref.vectors)
+        pd.testing.assert_frame_equal(got.table, ref.table)
+        assert set(got.table["split"]) == {name}
+    assert classifier.fingerprint(got, cfg) == classifier.fingerprint(ref, cfg)  # the cached model stays valid
+    other = _config(tmp_path, backbone={"name": "efficientnet_lite2"})
+    other.features_dir.mkdir(parents=True)
+    shutil.copy(features.features_path(cfg), features.features_path(other))
+    for read in (lambda: features.load_features(other), lambda: features.read_split(other, name)):
+        with pytest.raises(VisualSearchError, match="holds efficientnet_lite0 vectors.*names efficientnet_lite2"):
+            read()
 
 
 def test_changed_settings_retrain(pipeline, trained, tmp_path):

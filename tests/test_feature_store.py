@@ -11,7 +11,7 @@ import pytest
 from vslib import features
 from vslib.config import parse_config
 from vslib.features import (FeatureCache, FeatureSet, feature_columns, features_path, iter_features, load_features,
-                            npz_memmap, save_npz_streamed)
+                            npz_memmap, read_split, save_npz_streamed)
 
 DIM = 64
 
@@ -134,6 +134,38 @@ def test_iter_features_names_the_wrong_backbone_and_a_missing_file(tmp_path):
         next(iter_features(other))
     with pytest.raises(features.VisualSearchError, match="no features for backbone efficientnet_lite0"):
         next(iter_features(cfg))
+
+
+@pytest.mark.parametrize("batch", [1, 7, 2048])
+@pytest.mark.parametrize("split", ["index", "query"])
+def test_read_split_is_the_split_of_load_features(tmp_path, split, batch):
+    cfg, _ = feature_file(tmp_path)
+    ref = load_features(cfg).split(split)
+    got = read_split(cfg, split, batch_size=batch)
+    assert np.array_equal(got.vectors, ref.vectors) and got.backbone == ref.backbone
+    pd.testing.assert_frame_equal(got.table, ref.table)
+
+
+def test_read_split_of_an_empty_split_and_a_wrong_name(tmp_path):
+    cfg = parse_config({"backbone": {"name": "efficientnet_lite0"}}, base_dir=tmp_path)
+    table = pd.DataFrame({"path": ["/a.png", "/b.png"], "label": ["x", "y"], "split": ["index"] * 2,
+                          "content_hash": ["h1", "h2"]})
+    FeatureSet(unit(2), table, cfg.backbone.name).save(features_path(cfg))
+    empty = read_split(cfg, "query")
+    ref = load_features(cfg).split("query")
+    assert empty.vectors.shape == ref.vectors.shape == (0, DIM) and list(empty.table) == list(ref.table)
+    with pytest.raises(ValueError, match="split must be one of .*'index', 'query'.*not 'train'"):
+        read_split(cfg, "train")
+
+
+def test_read_split_memory_is_the_split_once(tmp_path):
+    cfg, fs = feature_file(tmp_path, n=4000, dim=1024)  # 16 MB of vectors, 12 MB in the index split
+    split_bytes = load_features(cfg).split("index").vectors.nbytes
+    got, peak = peak_bytes(lambda: read_split(cfg, "index", batch_size=50))
+    assert got.vectors.nbytes == split_bytes
+    assert peak < 1.25 * split_bytes, (peak, split_bytes)  # the split once, its table and a few batches
+    _, peak_whole = peak_bytes(lambda: load_features(cfg).split("index"))
+    assert peak_whole >= fs.vectors.nbytes + split_bytes  # the whole file, then a copy of the split
 
 
 def test_index_build_adds_batch_by_batch(tmp_path):

@@ -404,8 +404,9 @@ def tuning_k(cfg) -> int:
 def train(cfg, *, force: bool = False):
     """Train, calibrate, evaluate and save the classifier of ``cfg``; return ``(classifier, metrics)``.
 
-    Fits ``classifier.head`` on the index split of the feature cache
-    (:func:`vslib.features.load_features`, see :func:`fit_head`), chooses the
+    Fits ``classifier.head`` on the index split of the feature cache (read
+    alone by :func:`vslib.features.read_split`, so the query split's vectors
+    are never in memory; see :func:`fit_head`), chooses the
     adaptive search settings on the same split from out-of-fold probabilities
     (:func:`vslib.ranking.tune_adaptive`; kept in ``metadata.json`` under
     ``search``), and writes the model to ``cfg.classifier_dir``, the metrics
@@ -415,7 +416,7 @@ def train(cfg, *, force: bool = False):
     """
     from vslib import features, ranking
 
-    index = features.load_features(cfg).split("index")
+    index = features.read_split(cfg, "index")
     labels = index.table["label"].astype(str).to_numpy()
     check_trainable(labels)
     key = fingerprint(index, cfg)

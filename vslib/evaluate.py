@@ -171,7 +171,11 @@ def evaluate_split(X_index: np.ndarray, y_index: np.ndarray, X_query: np.ndarray
 
 
 def evaluate_seeds(cfg: Config, seeds: Sequence[int], *, feats=None, echo=print) -> dict:
-    """:func:`evaluate_split` on the split of each seed (the dataset's stratified split rule, in memory)."""
+    """:func:`evaluate_split` on the split of each seed (the dataset's stratified split rule, in memory).
+
+    In memory by design: it re-splits the whole feature set, so it loads every vector
+    (:func:`vslib.features.load_features`, or ``feats`` when given). Meant for data that fits.
+    """
     from vslib import datasets, features
 
     feats = feats or features.load_features(cfg)
@@ -222,7 +226,13 @@ def evaluate(cfg: Config, *, modes: Optional[Sequence[str]] = None, engine=None,
     p@k / map@k per mode, classifier top-1/top-3, 1-NN and logistic-regression
     baselines, the hierarchy gain with bootstrap intervals and the adaptive
     settings used. ``seeds > 1`` adds :func:`evaluate_seeds` over the
-    configured split seed and the ``seeds - 1`` following ones.
+    configured split seed and the ``seeds - 1`` following ones (which loads
+    the whole feature set).
+
+    Reads only what it needs: the index split's labels without its vectors
+    (:func:`vslib.features.feature_columns`), the query split
+    (:func:`vslib.features.read_split`), and the index split's vectors just
+    for the 1-NN and logistic-regression baselines, freed once they are computed.
     """
     from vslib import features
     from vslib.search import VisualSearch
@@ -231,8 +241,8 @@ def evaluate(cfg: Config, *, modes: Optional[Sequence[str]] = None, engine=None,
     modes = list(modes or ecfg.modes)
     ks = sorted(set(ecfg.ks))
     kmax = max(ks)
-    feats = features.load_features(cfg)
-    index_split, queries = feats.split("index"), feats.split("query")
+    queries = features.read_split(cfg, "query")
+    index_labels = features.feature_columns(cfg, ["label"], split="index")["label"].astype(str)
     if len(queries) == 0:
         from vslib.errors import DatasetError
 
@@ -242,15 +252,16 @@ def evaluate(cfg: Config, *, modes: Optional[Sequence[str]] = None, engine=None,
     q_vec = queries.vectors[sel]
     q_table = queries.table.iloc[sel].reset_index(drop=True)
     q_labels = q_table["label"].astype(str).tolist()
-    n_relevant = index_split.table["label"].astype(str).value_counts().to_dict()
+    del queries  # q_vec and q_table are copies of the rows used
+    n_relevant = index_labels.value_counts().to_dict()
 
     own_engine = engine is None
     engine = engine or VisualSearch.from_config(cfg)
     try:
         n_index = engine.index.count()
-        if n_index != len(index_split):
+        if n_index != len(index_labels):
             log.warning("the index holds %d items but the index split has %d; rebuild it with "
-                        "`visualsearch index -c %s`", n_index, len(index_split), cfg.source)
+                        "`visualsearch index -c %s`", n_index, len(index_labels), cfg.source)
         t0 = time.perf_counter()
         probs = query_probabilities(engine.classifier, q_vec, q_table["path"].tolist())
         classify_ms = (time.perf_counter() - t0) * 1e3 / max(1, len(q_vec))
@@ -259,13 +270,14 @@ def evaluate(cfg: Config, *, modes: Optional[Sequence[str]] = None, engine=None,
         truth = np.asarray(q_labels)
         clf_acc = float(np.mean(classes[order[:, 0]] == truth))
         top3 = float(np.mean((classes[order[:, :3]] == truth[:, None]).any(1)))
+        # the index split's vectors only for the baselines, freed when they return
+        baseline_scores = baselines(features.read_split(cfg, "index").vectors, index_labels.to_numpy(), q_vec, truth)
 
         results = {"dataset": cfg.dataset.name, "backbone": cfg.backbone.name, "backend": cfg.index.backend,
                    "head": getattr(engine.classifier, "kind", ""),
                    "n_index": int(n_index), "n_query": len(q_vec), "k": kmax,
                    "classifier_accuracy": round(clf_acc, 4), "classifier_top3": round(top3, 4),
-                   **baselines(index_split.vectors, index_split.table["label"].astype(str).to_numpy(), q_vec,
-                               truth),
+                   **baseline_scores,
                    "classify_ms_per_query": round(classify_ms, 3),
                    "search_settings": engine.settings,
                    "modes": {}, "per_class": {}}
@@ -301,7 +313,7 @@ def evaluate(cfg: Config, *, modes: Optional[Sequence[str]] = None, engine=None,
     results["hierarchy_gain"] = gains(per_query, ks)
     if seeds > 1:
         base = cfg.dataset.split.seed
-        results["seeds"] = evaluate_seeds(cfg, [base + i for i in range(seeds)], feats=feats, echo=echo)
+        results["seeds"] = evaluate_seeds(cfg, [base + i for i in range(seeds)], echo=echo)
 
     echo(format_table(results))
     if write:

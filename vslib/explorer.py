@@ -31,6 +31,9 @@ method (:meth:`QueryExplorer.select`, :meth:`QueryExplorer.upload_bytes`,
 and checked without a browser. Displayed in a notebook, the explorer also
 carries a static HTML snapshot of its current result, which is what an
 exported HTML report shows (no widget manager needed).
+
+Made for data that fits in memory: the explorer and the embedding map load the whole
+feature set (:func:`vslib.features.load_features`, every vector of both splits).
 """
 from __future__ import annotations
 
@@ -325,7 +328,8 @@ def map_points(cfg: Config):
     """The embedding map's points: a DataFrame with ``path, label, split, x, y``, one row per image (index + query).
 
     The coordinates are a 2-D UMAP of the feature vectors (:func:`vslib.plots.umap_coords`), computed once per
-    feature set and cached next to the feature file (keyed by a hash of the vectors and paths).
+    feature set and cached next to the feature file (keyed by a hash of the vectors and paths). Loads the whole
+    feature set (:func:`vslib.features.load_features`): the map is of every image.
     """
     import hashlib
 
@@ -488,6 +492,7 @@ class QueryExplorer:
     ----------
     cfg : Config
         Needs the features (the query split), a trained classifier and a built index.
+        The whole feature set is loaded (:func:`vslib.features.load_features`): made for data that fits in memory.
     engine : VisualSearch, optional
         Used for ``cfg.index.backend``; other backends are opened on first use.
     check_elasticsearch : bool

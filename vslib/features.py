@@ -19,7 +19,8 @@
   finished partition is written as a shard the same way;
 * the result, vectors plus the manifest rows they belong to (path, label,
   split, content_hash), is written to ``<features_dir>/features-<dataset>.npz`` and read
-  back whole by :func:`load_features`, or in batches of rows by :func:`iter_features`.
+  back whole by :func:`load_features`, one split at a time by :func:`read_split`, or in
+  batches of rows by :func:`iter_features`.
 
 Out of core: shards and feature files are uncompressed ``.npz`` files (``np.savez``
 writes every member as a stored ``.npy``), so a reader memory-maps a member in place
@@ -574,7 +575,11 @@ def features_path(cfg) -> Path:
 def load_features(cfg) -> FeatureSet:
     """The feature set :func:`extract` wrote for ``cfg``'s dataset and backbone, whole and in memory.
 
-    For data larger than memory read it in batches with :func:`iter_features`.
+    Meant for small data (the explorer, the notebooks, :func:`vslib.evaluate.evaluate_seeds`):
+    it holds every vector of the file, and ``.split(name)`` copies a split's rows on top.
+    Where one split is enough, :func:`read_split` holds only that split's vectors; to
+    touch every row in bounded memory, read batches with :func:`iter_features`; for
+    table columns alone, :func:`feature_columns` reads no vector.
     """
     path = _check_features_file(cfg)
     try:
@@ -625,7 +630,7 @@ def iter_features(cfg, split: Optional[str] = None, batch_size: int = 10_000) ->
     def flush():
         idx = np.concatenate(rows)
         table = pd.DataFrame({c: columns[c][idx].astype(object) for c in TABLE_COLUMNS})
-        return FeatureSet(np.concatenate(vecs), table, backbone)
+        return FeatureSet(np.concatenate(vecs) if len(vecs) > 1 else vecs[0], table, backbone)
 
     # read a block of rows at a time (plain reads: mapped pages would count in the RSS), keep the split's
     for start in range(0, n, batch_size):
@@ -645,6 +650,54 @@ def iter_features(cfg, split: Optional[str] = None, batch_size: int = 10_000) ->
                 rows, vecs, pending = [], [], 0
     if pending:
         yield flush()
+
+
+#: rows per batch :func:`read_split` reads: a 1280-d batch is 2.6 MB and a few copies of one are alive at once
+#: (Fashion-MNIST, 8,000 index rows: peak RSS 69 MB above imports at 512 rows, 102 MB at 2,048)
+SPLIT_BATCH_ROWS = 512
+
+
+def read_split(cfg, split: str, *, batch_size: int = SPLIT_BATCH_ROWS) -> FeatureSet:
+    """``load_features(cfg).split(split)``, reading only that split's rows.
+
+    The split's table comes first (:func:`feature_columns`, no vector read), so its rows
+    are counted; the vectors are then filled batch by batch from :func:`iter_features`
+    into one preallocated array, so the peak is the split's vectors once, its table and a
+    few batches, never the whole file. Same checks and errors as :func:`load_features`.
+    Use it where one split must be in memory at once (training a head on the index split,
+    the evaluation's queries and baselines); use :func:`iter_features` where a pass over
+    batches will do (building the index), and :func:`load_features` for small data that
+    is used whole.
+    """
+    from vslib.datasets import SPLITS
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, not {split!r}")
+    batches = iter_features(cfg, split, batch_size)
+    first = next(batches, None)  # opens and checks the file (missing, unreadable, wrong backbone)
+    path = features_path(cfg)
+    table = feature_columns(cfg, TABLE_COLUMNS, split)
+    hashes = table["content_hash"].to_numpy()
+    dim = first.dim if first is not None else npz_member(path, "vectors").shape[1]
+    vectors = np.empty((len(table), dim), dtype=np.float32)
+    filled = 0
+
+    def put(fs: FeatureSet) -> bool:
+        nonlocal filled
+        stop = filled + len(fs)
+        if stop > len(table) or not np.array_equal(fs.table["content_hash"].to_numpy(), hashes[filled:stop]):
+            return False
+        vectors[filled:stop] = fs.vectors
+        filled = stop
+        return True
+
+    ok = first is None or put(first)
+    first = None  # the batch is copied: do not hold it
+    ok = ok and all(put(fs) for fs in batches)
+    if not ok or filled != len(table):  # only if the file was replaced while it was read
+        raise VisualSearchError(f"{path} changed while it was read; wait for the `visualsearch extract` that "
+                                f"rewrites it to finish, then retry")
+    return FeatureSet(vectors, table, cfg.backbone.name)
 
 
 def _read_rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
