@@ -17,7 +17,7 @@ Backends (``--backends``)
 ``embedded-exact``      :class:`~vslib.index.embedded.EmbeddedIndex` with FAISS ``Flat``
 ``embedded-hnsw``       EmbeddedIndex with FAISS ``HNSW32``, one row per ``efSearch`` (``--ef``)
 ``embedded-quant``      EmbeddedIndex with compressed factories (``--quant-factories``; default
-                        ``HNSW32,SQ8`` and ``IVF{nlist}_HNSW32,SQ8``) saved to disk, float vectors
+                        ``HNSW32,SQ8`` and ``IVF{nlist},SQ8``) saved to disk, float vectors
                         memory-mapped for exact re-ranking; one row per re-rank depth x efSearch/nprobe
 ``es-knn``              :class:`~vslib.index.elasticsearch.ElasticsearchIndex`, top-level ``knn``
                         (HNSW), one row per ``num_candidates`` (``--num-candidates``)
@@ -74,7 +74,7 @@ K = 10
 N_LABELS = 20
 BACKENDS = ("numpy", "embedded-exact", "embedded-hnsw", "embedded-quant", "es-knn", "es-exact")
 #: compressed embedded factories tried by default; {nlist} becomes ~2 sqrt(n) rounded to a power of two
-QUANT_FACTORIES = ("HNSW32,SQ8", "IVF{nlist}_HNSW32,SQ8")
+QUANT_FACTORIES = ("HNSW32,SQ8", "IVF{nlist},SQ8")
 EMULATOR_NOTE = ("Elasticsearch figures (es-knn, es-exact) come from noida-db, an Elasticsearch-API EMULATOR "
                  "used as the test server, not from Elasticsearch itself")
 #: the issue's targets, checked at 1M vectors
