@@ -108,6 +108,12 @@ def main(argv=None) -> dict:
               "workers": args.workers if args.scheduler == "dask" else 0,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_start": load},
               "target_mb": TARGET_MB, "runs": {}}
+    previous = args.out / "scale_memory.json"
+    if previous.exists() and len(steps) < 2:  # a rerun of one step keeps the other step's figures
+        old = json.loads(previous.read_text())
+        if old.get("scheduler") == args.scheduler:
+            report["runs"] = {n: {k: v for k, v in r.items() if k not in steps} for n, r in old.get("runs", {}).items()}
+            report["kept_from"] = old.get("command"), old.get("started")
     server = None
     es_url = args.es_url
     if "index" in steps and not es_url:
@@ -174,7 +180,9 @@ def write(report: dict, out: Path) -> None:
     lines = [f"# Client memory against collection size ({report['scheduler']}"
              + (f", {report['workers']} workers" if report["workers"] else "") + ")", "",
              f"`{report['command']}`, {report['started']}, {report['machine']['cpus']} CPUs, load average at start "
-             f"{report['machine']['load_average_start']:.1f}; Elasticsearch: {report['es']}.", "",
+             f"{report['machine']['load_average_start']:.1f}; Elasticsearch: {report['es']}."
+             + (f" Figures of the other step kept from `{report['kept_from'][0]}` ({report['kept_from'][1]})."
+                if report.get("kept_from") else ""), "",
              "| images | step | seconds | per second | client peak RSS MB | client RSS at end MB |",
              "|---:|---|---:|---:|---:|---:|"]
     for n, runs in report["runs"].items():

@@ -334,7 +334,8 @@ class FeatureCache:
                 log.debug("could not remove %s: %s", p, e)
 
     def get(self, hashes: Sequence[str]) -> np.ndarray:
-        """Vectors of ``hashes`` (row for row), read from the memory-mapped shards."""
+        """Vectors of ``hashes`` (row for row) from the shards: runs of rows with plain reads (mapped pages would
+        count in this process's memory, growing with the collection), scattered rows through the map."""
         codes = np.fromiter((self._where[h] for h in hashes), dtype=np.int64, count=len(hashes))
         if not len(codes):
             return np.zeros((0, self.dim or 0), np.float32)
@@ -342,7 +343,12 @@ class FeatureCache:
         out = np.empty((len(codes), self.dim), np.float32)
         for s in np.unique(shard):
             m = shard == s
-            out[m] = self._vectors_of(int(s))[row[m]]
+            rows = row[m]
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+            if hi - lo <= 2 * len(rows) + 256:  # a run of rows (merging, writing the feature file): one plain read
+                out[m] = _read_rows(self._vectors_of(int(s)), lo, hi)[rows - lo]
+            else:  # scattered rows: through the map
+                out[m] = self._vectors_of(int(s))[rows]
         return out
 
 
