@@ -6,7 +6,7 @@ CONFIG ?= application.yaml
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install data browser demo test report lab bench bench-full bench-retrieval clean-generated
+.PHONY: help install data browser demo test report lab bench bench-full bench-retrieval bench-scale clean-generated
 
 ## Print this help.
 help:
@@ -66,6 +66,10 @@ bench-retrieval: $(STAMP) data
 ## Full search benchmark (10k, 100k, 1M vectors; takes a long while).
 bench-full: $(STAMP)
 	$(PY) benchmarks/search.py
+
+## Client memory against collection size: extract and index 5k and 60k Fashion-MNIST images on Dask (~40 min).
+bench-scale: $(STAMP) data
+	$(PY) benchmarks/scale_memory.py
 
 ## Delete generated data, models and reports (keeps the folders).
 clean-generated:
