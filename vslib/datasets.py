@@ -541,11 +541,17 @@ def summary(df: pd.DataFrame, *, capped: int = 0, path: Optional[Path] = None) -
     return "\n".join(lines)
 
 
-def load_manifest(cfg: Config, *, include_skipped: bool = False) -> pd.DataFrame:
-    """The manifest written by :func:`prepare`; by default only the usable rows."""
+def load_manifest(cfg: Config, *, include_skipped: bool = False, columns=None) -> pd.DataFrame:
+    """The manifest written by :func:`prepare`; by default only the usable rows.
+
+    ``columns`` reads only those columns (plus ``status``, to filter), as large
+    collections' readers should.
+    """
     if not cfg.manifest_path.exists():
         raise DatasetError(f"no manifest at {cfg.manifest_path}; run `visualsearch data prepare -c {cfg.source}` first")
-    df = pd.read_parquet(cfg.manifest_path)
+    if columns is not None:
+        columns = list(dict.fromkeys([*columns, "status"]))
+    df = pd.read_parquet(cfg.manifest_path, columns=columns)
     if not include_skipped:
         df = df[df["status"] == "ok"].reset_index(drop=True)
     return df

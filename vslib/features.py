@@ -127,14 +127,14 @@ class FeatureSet:
             return cls(z["vectors"], table, str(z["backbone"]))
 
 
-def _table_arrays(table: pd.DataFrame) -> dict:
-    return {c: table[c].astype(str).to_numpy(dtype=str) for c in TABLE_COLUMNS}
+def _table_arrays(table: pd.DataFrame, columns=TABLE_COLUMNS) -> dict:
+    return {c: table[c].astype(str).to_numpy(dtype=str) for c in columns}
 
 
 _atomic_savez = atomic_savez  # the shared atomic writer (vslib.atomic)
 
 #: rows per chunk when vectors are streamed (merging shards, writing a feature file)
-STREAM_ROWS = 8192
+STREAM_ROWS = 2048  # 10 MB of 1280-d float32: a few such buffers at once whatever the collection's size
 
 
 class NotMappable(ValueError):
@@ -201,16 +201,16 @@ def save_npz_streamed(path: str | os.PathLike, arrays: dict, name: str, shape: t
     dtype = np.dtype(dtype).newbyteorder("<")
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for key, arr in arrays.items():
+            for key, arr in arrays.items():  # an array, or a function returning it (made when written)
                 with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+                    np.lib.format.write_array(f, np.asanyarray(arr() if callable(arr) else arr), allow_pickle=False)
             with zf.open(_aligned_member(zf, f"{name}.npy"), "w", force_zip64=True) as f:
                 header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
                 np.lib.format.write_array_header_1_0(f, header)
                 rows = 0
                 for chunk in chunks:
                     chunk = np.ascontiguousarray(chunk, dtype=dtype)
-                    f.write(chunk.tobytes())
+                    f.write(memoryview(chunk).cast("B"))  # no bytes copy of the chunk
                     rows += len(chunk)
                 if rows != shape[0]:
                     raise ValueError(f"{path}: {rows} rows streamed for a member of {shape[0]}")
@@ -340,6 +340,8 @@ class FeatureCache:
         if not len(codes):
             return np.zeros((0, self.dim or 0), np.float32)
         shard, row = codes >> 32, codes & 0xFFFFFFFF
+        if (shard == shard[0]).all() and (np.diff(row) == 1).all():  # one run of rows (the usual case): read it
+            return _read_rows(self._vectors_of(int(shard[0])), int(row[0]), int(row[-1]) + 1)
         out = np.empty((len(codes), self.dim), np.float32)
         for s in np.unique(shard):
             m = shard == s
@@ -463,7 +465,7 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     if manifest is None:
         from vslib.datasets import load_manifest
 
-        manifest = load_manifest(cfg)
+        manifest = load_manifest(cfg, columns=TABLE_COLUMNS)  # the rest (sizes, checks) is not needed here
     if "status" in manifest.columns:
         manifest = manifest[manifest["status"] == "ok"]
     manifest = manifest.reset_index(drop=True)
@@ -532,12 +534,13 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     if computed or cache.foreign:
         cache.compact()
 
-    ok = manifest["content_hash"].isin(cache.hashes()).to_numpy()
+    ok = np.fromiter((h in cache for h in manifest["content_hash"]), bool, count=len(manifest))
     table = manifest.loc[ok, list(TABLE_COLUMNS)].reset_index(drop=True)
     dim = cache.dim or BACKBONES[name]["dim"]
     table_hashes = table["content_hash"].tolist()
     chunks = (cache.get(table_hashes[i:i + STREAM_ROWS]) for i in range(0, len(table_hashes), STREAM_ROWS))
-    path = save_npz_streamed(features_path(cfg), dict(backbone=np.array(name), **_table_arrays(table)),
+    columns = {c: (lambda c=c: _table_arrays(table, [c])[c]) for c in TABLE_COLUMNS}  # built one at a time
+    path = save_npz_streamed(features_path(cfg), dict(backbone=np.array(name), **columns),
                              "vectors", (len(table), dim), chunks)
     skipped_rows = manifest.loc[~ok, ["path", "content_hash"]].copy()
     skipped_rows["reason"] = skipped_rows["content_hash"].map(failed_hashes).fillna("not computed")
