@@ -143,7 +143,11 @@ def test_local_scheduler_never_imports_dask(reference, manifest, tmp_path):
 # A LocalCluster of two worker processes
 
 
-def test_local_cluster_gives_the_in_process_vectors(reference, config_of, manifest, capfd):
+def test_local_cluster_gives_the_in_process_vectors(reference, config_of, manifest, capfd, monkeypatch):
+    """Also with fewer partitions in flight than there are: 2 at a time (one per worker thread) of 6."""
+    import vslib.compute
+
+    monkeypatch.setattr(vslib.compute, "IN_FLIGHT_PER_THREAD", 1)
     _, ref = reference
     cfg = config_of({"compute": {"scheduler": "dask", "dask": {"workers": 2, "threads_per_worker": 1,
                                                                "partition_size": PARTITION,

@@ -224,6 +224,10 @@ def check_workers_read(client, paths: Sequence[str], what: str = "the images") -
 # Client side
 
 
+#: partitions kept in flight per worker thread (the rest wait on the client, as start offsets only)
+IN_FLIGHT_PER_THREAD = 3
+
+
 def extract_on_dask(cfg, sources: Sequence[str], key: str,
                     on_partition: Callable[[list[int], np.ndarray, list[tuple[int, str]]], None],
                     *, announce: Optional[Callable[[str], None]] = None) -> None:
@@ -246,12 +250,27 @@ def extract_on_dask(cfg, sources: Sequence[str], key: str,
         if not client.scheduler_info().get("workers"):
             client.wait_for_workers(1, timeout=60)
         check_workers_read(client, sources)
-        futures = client.map(embed_partition, [spec] * len(starts), [sources[s:s + size] for s in starts],
-                             key=[f"embed-partition-{i}-{os.urandom(4).hex()}" for i in range(len(starts))])
-        start_of = {f.key: s for f, s in zip(futures, starts)}
+        # a window of partitions in flight, not all of them: the scheduler (and this client) hold the
+        # paths of a few partitions per worker thread instead of the whole collection's
+        threads = sum(w.get("nthreads", 1) for w in client.scheduler_info().get("workers", {}).values()) or 1
+        window = max(2, IN_FLIGHT_PER_THREAD * threads)
+        todo = iter(starts)
+        start_of: dict = {}
+        running = distributed.as_completed(loop=client.loop)
+
+        def submit_next() -> None:
+            s = next(todo, None)
+            if s is not None:
+                fut = client.submit(embed_partition, spec, sources[s:s + size], pure=False,
+                                    key=f"embed-partition-{s // size}-{os.urandom(4).hex()}")
+                start_of[fut.key] = s
+                running.add(fut)
+
+        for _ in range(window):
+            submit_next()
         try:
-            for fut in distributed.as_completed(futures):
-                s = start_of[fut.key]
+            for fut in running:
+                s = start_of.pop(fut.key)
                 try:
                     pos, vecs, failures = fut.result()
                 except distributed.KilledWorker as e:
@@ -262,8 +281,9 @@ def extract_on_dask(cfg, sources: Sequence[str], key: str,
                         "partitions are kept") from None
                 fut.release()  # its vectors are on disk once on_partition returns: the cluster may forget them
                 on_partition([s + i for i in pos], vecs, [(s + i, r) for i, r in failures])
+                submit_next()
         finally:
-            client.cancel(futures)
+            client.cancel(list(running.futures))
 
 
 # ---------------------------------------------------------------------------
