@@ -113,7 +113,8 @@ def main(argv=None) -> dict:
         old = json.loads(previous.read_text())
         if old.get("scheduler") == args.scheduler:
             report["runs"] = {n: {k: v for k, v in r.items() if k not in steps} for n, r in old.get("runs", {}).items()}
-            report["kept_from"] = old.get("command"), old.get("started")
+            report["kept_from"] = old.get("kept_from") or (old.get("command"), old.get("started"))
+            report["es"] = old.get("es")
     server = None
     es_url = args.es_url
     if "index" in steps and not es_url:
@@ -122,8 +123,8 @@ def main(argv=None) -> dict:
         server = EsServer().start()
         es_url = server.url
         report["es"] = "noida-db (Elasticsearch-API emulator), not Elasticsearch"
-    else:
-        report["es"] = es_url
+    elif es_url or "es" not in report:
+        report["es"] = es_url or "not used in this run"
     try:
         for n in sizes:
             folder = args.work / f"fashion-mnist-{n}"
