@@ -39,6 +39,7 @@ from typing import Optional
 import numpy as np
 
 from vslib.atomic import atomic_write_json, ensure_dir
+from vslib.memory import release_free_memory
 from vslib.errors import environment_fault
 from vslib.index.base import (Hit, IndexBackendError, IndexDimensionError, IndexNotFoundError, VectorIndex,
                               exact_search, normalize_filter)
@@ -569,23 +570,6 @@ class Metadata:
 def _shared(value):
     """Strings interned (one object per distinct value: labels repeat), other values as given."""
     return sys.intern(str(value)) if isinstance(value, str) else value
-
-
-def release_free_memory() -> None:
-    """Give the C heap's free pages back to the operating system (glibc ``malloc_trim``; elsewhere nothing).
-
-    Building an IVF index grows every inverted list by doubling; the outgrown buffers are freed
-    but stay in the process (0.16x the raw vector bytes at 1M vectors, more than the lists' codes
-    they once held), so the index looked half again as large as it is until this ran.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _hnsw_quantizer(index):
