@@ -228,6 +228,39 @@ def check_workers_read(client, paths: Sequence[str], what: str = "the images") -
 IN_FLIGHT_PER_THREAD = 3
 
 
+def in_window(client, items: Sequence, submit: Callable[[object], object]) -> Iterator[tuple[object, object]]:
+    """``(item, future)`` as each task finishes, with a few tasks per worker thread in flight.
+
+    ``submit(item)`` sends one task and returns its future; the next item is sent as
+    each one finishes, so neither the scheduler nor this client holds every task at
+    once (390,000 of them at 100M images). Tasks still running are cancelled on exit.
+    """
+    distributed = _distributed()
+    threads = sum(w.get("nthreads", 1) for w in client.scheduler_info().get("workers", {}).values()) or 1
+    todo = iter(items)
+    item_of: dict = {}
+    running = distributed.as_completed(loop=client.loop)
+
+    def submit_next() -> None:
+        item = next(todo, _DONE)
+        if item is not _DONE:
+            fut = submit(item)
+            item_of[fut.key] = item
+            running.add(fut)
+
+    for _ in range(max(2, IN_FLIGHT_PER_THREAD * threads)):
+        submit_next()
+    try:
+        for fut in running:
+            yield item_of.pop(fut.key), fut
+            submit_next()
+    finally:
+        client.cancel(list(running.futures))
+
+
+_DONE = object()
+
+
 def extract_on_dask(cfg, sources: Sequence[str], key: str,
                     on_partition: Callable[[list[int], np.ndarray, list[tuple[int, str]]], None],
                     *, announce: Optional[Callable[[str], None]] = None) -> None:
@@ -250,27 +283,12 @@ def extract_on_dask(cfg, sources: Sequence[str], key: str,
         if not client.scheduler_info().get("workers"):
             client.wait_for_workers(1, timeout=60)
         check_workers_read(client, sources)
-        # a window of partitions in flight, not all of them: the scheduler (and this client) hold the
-        # paths of a few partitions per worker thread instead of the whole collection's
-        threads = sum(w.get("nthreads", 1) for w in client.scheduler_info().get("workers", {}).values()) or 1
-        window = max(2, IN_FLIGHT_PER_THREAD * threads)
-        todo = iter(starts)
-        start_of: dict = {}
-        running = distributed.as_completed(loop=client.loop)
+        def submit(s):
+            return client.submit(embed_partition, spec, sources[s:s + size], pure=False,
+                                 key=f"embed-partition-{s // size}-{os.urandom(4).hex()}")
 
-        def submit_next() -> None:
-            s = next(todo, None)
-            if s is not None:
-                fut = client.submit(embed_partition, spec, sources[s:s + size], pure=False,
-                                    key=f"embed-partition-{s // size}-{os.urandom(4).hex()}")
-                start_of[fut.key] = s
-                running.add(fut)
-
-        for _ in range(window):
-            submit_next()
-        try:
-            for fut in running:
-                s = start_of.pop(fut.key)
+        with contextlib.closing(in_window(client, starts, submit)) as partitions:  # closed at once on an error
+            for s, fut in partitions:
                 try:
                     pos, vecs, failures = fut.result()
                 except distributed.KilledWorker as e:
@@ -281,9 +299,6 @@ def extract_on_dask(cfg, sources: Sequence[str], key: str,
                         "partitions are kept") from None
                 fut.release()  # its vectors are on disk once on_partition returns: the cluster may forget them
                 on_partition([s + i for i in pos], vecs, [(s + i, r) for i, r in failures])
-                submit_next()
-        finally:
-            client.cancel(list(running.futures))
 
 
 # ---------------------------------------------------------------------------
@@ -371,23 +386,20 @@ def index_on_dask(cfg, index, path, ids: Sequence[str], fields: Sequence[str], b
         if not client.scheduler_info().get("workers"):
             client.wait_for_workers(1, timeout=60)
         check_workers_read(client, [path], what="the feature file")
-        args = []
-        for s in starts:
+
+        def submit(s):
             e = min(s + rows_per_task, n)
-            args.append((s, e, list(ids[before[s]:before[e]])))
-        futures = [client.submit(bulk_partition, cfg.index.elasticsearch, index.index_name, index.dim, path, s, e,
-                                 part, list(fields), backbone, key=f"es-bulk-{s}-{os.urandom(4).hex()}",
-                                 pure=False) for s, e, part in args]
-        rows_of = {f.key: len(part) for f, (_, _, part) in zip(futures, args)}
-        try:
-            for fut in distributed.as_completed(futures):
+            return client.submit(bulk_partition, cfg.index.elasticsearch, index.index_name, index.dim, path, s, e,
+                                 list(ids[before[s]:before[e]]), list(fields), backbone, pure=False,
+                                 key=f"es-bulk-{s}-{os.urandom(4).hex()}")
+
+        with contextlib.closing(in_window(client, starts, submit)) as tasks:
+            for s, fut in tasks:
                 try:
                     added, failures = fut.result()
                 except distributed.KilledWorker as e:
                     raise VisualSearchError(f"a bulk task was running on each of the workers that died ({e}); "
                                             "look at the worker logs, then index again (ids are stable: "
                                             "documents already sent are replaced, not duplicated)") from None
-                on_task(rows_of[fut.key], added, failures)
                 fut.release()
-        finally:
-            client.cancel(futures)
+                on_task(int(before[min(s + rows_per_task, n)] - before[s]), added, failures)

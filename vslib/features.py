@@ -502,7 +502,6 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
         size = bb.input_size if bb is not None else BACKBONES[name]["input_size"]
         if on_dask and todo:
             from vslib.compute import extract_on_dask
-            from vslib.memory import release_free_memory
 
             def store(pos, vecs, failed):  # one finished partition: on disk at once
                 nonlocal computed, batches
@@ -511,8 +510,6 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
                 if pos:
                     cache.add([todo[i] for i in pos], vecs)
                     computed += len(pos)
-                del vecs
-                release_free_memory()  # the received arrays are freed; do not let the heap keep their pages
                 batches += 1
                 bar.update(len(pos) + len(failed))
                 if on_batch is not None:
