@@ -76,6 +76,40 @@ def test_compact_streams_and_keeps_every_vector_once(tmp_path, monkeypatch):
     assert np.array_equal(FeatureCache(tmp_path, "bb", "k").get(hashes), x)
 
 
+def test_cache_index_looks_up_many_hashes_at_once(tmp_path):
+    """The index is sorted bytes beside shard/row codes: membership and rows for a whole manifest in one call,
+    text hashes of any length (and non-ASCII ones) included."""
+    x = unit(6)
+    cache = FeatureCache(tmp_path, "bb", "k")
+    cache.add(["b", "é", "a"], x[:3])
+    cache.add(np.array(["ccc", "dd"]), x[3:5])
+    cache.add(["a"], x[5:6])  # the same hash again, later: the later shard is the one read, as on disk
+    ask = ["dd", "zz", "é", "a", "b", "ccc"]
+    assert cache.contains(ask).tolist() == [True, False, True, True, True, True]
+    assert ("é" in cache, "nope" in cache, len(cache)) == (True, False, 5)
+    codes = cache.codes(ask)
+    assert codes[1] == -1
+    got = cache.rows(codes[[0, 2, 3, 4, 5]])
+    assert np.array_equal(got, x[[4, 1, 5, 0, 3]])
+    with pytest.raises(KeyError, match="'zz' is not in the feature cache"):
+        cache.get(ask)
+    cache.compact()  # hashes written back as text: a reopened cache finds them all
+    again = FeatureCache(tmp_path, "bb", "k")
+    assert np.array_equal(again.get(["é", "a", "dd"]), x[[1, 5, 4]])
+    with np.load(again.shards[0]) as z:
+        assert z["hashes"].dtype.kind == "U" and sorted(z["hashes"].tolist()) == sorted(["a", "b", "ccc", "dd", "é"])
+
+
+def test_text_columns_are_streamed_into_the_same_npz_member(tmp_path, monkeypatch):
+    monkeypatch.setattr(features, "STREAM_ROWS", 3)
+    col = pd.Series(["/a/b.png", "/c/düne.png", "x", "", "/e/f/g/h.png", "/i.png", "/j.png"], dtype="str")
+    p = save_npz_streamed(tmp_path / "t.npz", {"path": features.text_member(col), "n": np.arange(3)}, "v", (7, 2),
+                          [np.ones((7, 2))])
+    with np.load(p) as z:
+        assert z["path"].dtype == np.dtype("<U12") and z["path"].tolist() == col.tolist()
+        assert z["n"].tolist() == [0, 1, 2]
+
+
 def test_streamed_npz_is_memory_mappable_and_atomic(tmp_path):
     x = unit(30, 8)
     p = save_npz_streamed(tmp_path / "a.npz", {"names": np.array(["a", "b"])}, "v", x.shape, [x[:7], x[7:]])

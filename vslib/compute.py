@@ -180,7 +180,7 @@ def check_readable(paths: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def _sample(paths: Sequence[str], n: int = 16) -> list[str]:
-    """Up to ``n`` paths spread over the list, one per folder first."""
+    """Up to ``n`` paths spread over the sequence, one per folder first (read in one pass, never copied whole)."""
     by_dir: dict[str, str] = {}
     for p in paths:
         by_dir.setdefault(os.path.dirname(p), p)
@@ -198,7 +198,7 @@ class WorkersCannotRead(VisualSearchError):
 
 def check_workers_read(client, paths: Sequence[str], what: str = "the images") -> None:
     """Raise :class:`WorkersCannotRead` naming each worker that cannot read a sample of ``paths`` this client can."""
-    sample = _sample(list(paths))
+    sample = [str(p) for p in _sample(paths)]
     if not sample:
         return
     try:
@@ -277,7 +277,6 @@ def extract_on_dask(cfg, sources: Sequence[str], key: str,
     spec = dict(name=cfg.backbone.name, weights=_config_weights(cfg), cache_dir=str(cfg.models_dir / "backbones"),
                 runtime=cfg.backbone.runtime, key=key, batch_size=cfg.backbone.batch_size,
                 max_pixels=cfg.dataset.max_image_pixels)
-    sources = [str(s) for s in sources]
     starts = list(range(0, len(sources), size))
     with dask_client(cfg, announce=announce) as client:
         if not client.scheduler_info().get("workers"):

@@ -194,27 +194,54 @@ def _aligned_member(zf: zipfile.ZipFile, filename: str, align: int = 64) -> zipf
     return info
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """An ``.npz`` member written chunk by chunk: its ``shape``, its row blocks ``chunks`` and its ``dtype``."""
+
+    shape: tuple
+    chunks: Iterable[np.ndarray]
+    dtype: object = np.float32
+
+
 def save_npz_streamed(path: str | os.PathLike, arrays: dict, name: str, shape: tuple, chunks: Iterable[np.ndarray],
                       dtype=np.float32) -> Path:
     """An ``.npz`` (readable by ``np.load``) with ``arrays`` plus member ``name`` of ``shape`` written
-    chunk by chunk from ``chunks`` (row blocks), atomically: never more than a chunk in memory."""
-    dtype = np.dtype(dtype).newbyteorder("<")
+    chunk by chunk from ``chunks`` (row blocks), atomically: never more than a chunk in memory.
+
+    A value of ``arrays`` is an array, a function returning one (made when written) or
+    a :class:`Streamed` member, written chunk by chunk too.
+    """
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for key, arr in arrays.items():  # an array, or a function returning it (made when written)
-                with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asanyarray(arr() if callable(arr) else arr), allow_pickle=False)
-            with zf.open(_aligned_member(zf, f"{name}.npy"), "w", force_zip64=True) as f:
-                header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
-                np.lib.format.write_array_header_1_0(f, header)
-                rows = 0
-                for chunk in chunks:
-                    chunk = np.ascontiguousarray(chunk, dtype=dtype)
-                    f.write(memoryview(chunk).cast("B"))  # no bytes copy of the chunk
-                    rows += len(chunk)
-                if rows != shape[0]:
-                    raise ValueError(f"{path}: {rows} rows streamed for a member of {shape[0]}")
+            for key, arr in [*arrays.items(), (name, Streamed(tuple(shape), chunks, dtype))]:
+                if not isinstance(arr, Streamed):
+                    with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+                        np.lib.format.write_array(f, np.asanyarray(arr() if callable(arr) else arr), allow_pickle=False)
+                    continue
+                dt = np.dtype(arr.dtype).newbyteorder("<")
+                with zf.open(_aligned_member(zf, f"{key}.npy"), "w", force_zip64=True) as f:
+                    header = {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False,
+                              "shape": tuple(arr.shape)}
+                    np.lib.format.write_array_header_1_0(f, header)
+                    rows = 0
+                    for chunk in arr.chunks:
+                        chunk = np.ascontiguousarray(chunk, dtype=dt)
+                        f.write(memoryview(chunk).cast("B"))  # no bytes copy of the chunk
+                        rows += len(chunk)
+                    if rows != arr.shape[0]:
+                        raise ValueError(f"{path}: {rows} rows streamed for a member of {arr.shape[0]}")
     return Path(path)
+
+
+def text_member(column: pd.Series) -> Streamed:
+    """A text column as a streamed fixed-width ``U`` member, :data:`STREAM_ROWS` rows made at a time
+    (the whole column as ``U`` takes 4 bytes a character of its longest value, a row)."""
+    if not pd.api.types.is_string_dtype(column):
+        column = column.astype(str)
+    width = max(1, int(column.str.len().max())) if len(column) else 1
+    n = len(column)
+    return Streamed((n,), (np.asarray(column.iloc[i:i + STREAM_ROWS].astype(str).tolist(), dtype=f"<U{width}")
+                           for i in range(0, n, STREAM_ROWS)), f"<U{width}")
 
 
 # ---------------------------------------------------------------------------
@@ -242,7 +269,12 @@ class FeatureCache:
         self.directory = Path(directory)
         self.backbone = backbone
         self.key = key
-        self._where: dict[str, int] = {}  # hash -> shard number << 32 | row
+        # the index: content hashes as bytes, sorted, and beside each its shard number << 32 | row. Numpy
+        # arrays, not a dict of str: ~72 bytes an image where a dict of str took ~190 (issue 17: the client's
+        # memory must not grow with the collection)
+        self._keys = np.zeros(0, "S1")
+        self._codes = np.zeros(0, np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # shards added since the last lookup
         self._maps: dict[int, np.ndarray] = {}
         self.shards: list[Path] = []
         self.foreign: list[Path] = []
@@ -255,7 +287,7 @@ class FeatureCache:
             try:
                 with np.load(p, allow_pickle=False) as z:  # members are read on access: the vectors are not
                     backbone, key = str(z["backbone"]), str(z["key"])
-                    hashes = z["hashes"]
+                    hashes = hash_keys(z["hashes"])
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # a torn file cannot happen (atomic rename)
                 log.warning("ignoring unreadable feature shard %s: %s", p, e)
                 continue
@@ -266,31 +298,54 @@ class FeatureCache:
                 continue
             self._remember(p, hashes)
 
-    def _remember(self, path: Path, hashes: Sequence[str]) -> None:
+    def _remember(self, path: Path, keys: np.ndarray) -> None:
         n = len(self.shards)
         self.shards.append(path)
-        base = n << 32
-        for i, h in enumerate(hashes):
-            self._where[str(h)] = base | i
+        self._pending.append((keys, (n << 32) | np.arange(len(keys), dtype=np.int64)))
+
+    def _index(self) -> tuple[np.ndarray, np.ndarray]:
+        """The sorted keys and their codes, with the shards added since the last call merged in (one sort)."""
+        if self._pending:
+            keys = np.concatenate([self._keys, *(k for k, _ in self._pending)])
+            codes = np.concatenate([self._codes, *(c for _, c in self._pending)])
+            self._pending = []
+            order = np.lexsort((codes, keys))  # by hash, then by shard and row
+            keys, codes = keys[order], codes[order]
+            last = np.append(keys[1:] != keys[:-1], True)  # a hash in two shards: the later one, as on disk
+            self._keys, self._codes = keys[last], codes[last]
+        return self._keys, self._codes
+
+    def codes(self, hashes) -> np.ndarray:
+        """Where each of ``hashes`` is (shard number << 32 | row), -1 for a hash not in the cache."""
+        keys, codes = self._index()
+        q = hash_keys(hashes)
+        if not len(keys) or not len(q):
+            return np.full(len(q), -1, np.int64)
+        i = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+        return np.where(keys[i] == q, codes[i], -1)
+
+    def contains(self, hashes) -> np.ndarray:
+        """One bool per hash: is its vector in the cache?"""
+        return self.codes(hashes) >= 0
 
     def __contains__(self, content_hash: str) -> bool:
-        return content_hash in self._where
+        return bool(self.contains([content_hash])[0])
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._index()[0])
 
-    def hashes(self):
-        """The known content hashes (a set-like view; no vector is read)."""
-        return self._where.keys()
+    def hashes(self) -> np.ndarray:
+        """The known content hashes as UTF-8 bytes, sorted (no vector is read)."""
+        return self._index()[0]
 
-    def add(self, hashes: Sequence[str], vectors: np.ndarray) -> Path:
+    def add(self, hashes, vectors: np.ndarray) -> Path:
         """Write one batch as a new shard (atomically) and remember it."""
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.npz"
         path = self.directory / name
-        hashes = np.asarray(list(hashes), dtype=str)
-        _atomic_savez(path, hashes=hashes, vectors=np.asarray(vectors, np.float32),
+        keys = hash_keys(hashes)
+        _atomic_savez(path, hashes=key_text(keys), vectors=np.asarray(vectors, np.float32),
                       backbone=np.array(self.backbone), key=np.array(self.key))
-        self._remember(path, hashes)
+        self._remember(path, keys)
         return path
 
     def _vectors_of(self, shard: int) -> np.ndarray:
@@ -306,21 +361,26 @@ class FeatureCache:
     def compact(self) -> None:
         """Merge all shards into one (then delete the old ones and any foreign shards).
 
-        The vectors are streamed from the memory-mapped shards into the new one,
-        :data:`STREAM_ROWS` at a time.
+        The vectors and hashes are streamed from the shards into the new one,
+        :data:`STREAM_ROWS` at a time, shard by shard in the order they were written.
         """
         if len(self.shards) <= 1 and not self.foreign:
             return
         old = self.shards + self.foreign
-        hashes = list(self._where)
+        keys, codes = self._index()
+        order = np.argsort(codes, kind="stable")  # shard by shard, row by row: runs of rows to read
+        keys, codes = keys[order], codes[order]
+        n = len(keys)
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.npz"
         merged = self.directory / name
-        dim = self.dim or 0
-        chunks = (self.get(hashes[i:i + STREAM_ROWS]) for i in range(0, len(hashes), STREAM_ROWS))
-        save_npz_streamed(merged, dict(hashes=np.asarray(hashes, dtype=str), backbone=np.array(self.backbone),
-                                       key=np.array(self.key)), "vectors", (len(hashes), dim), chunks)
-        self.shards, self._maps, self._where = [], {}, {}
-        self._remember(merged, hashes)
+        text = Streamed((n,), (key_text(keys[i:i + STREAM_ROWS]) for i in range(0, n, STREAM_ROWS)),
+                        f"<U{max(1, keys.dtype.itemsize)}")
+        chunks = (self.rows(codes[i:i + STREAM_ROWS]) for i in range(0, n, STREAM_ROWS))
+        save_npz_streamed(merged, dict(hashes=text, backbone=np.array(self.backbone), key=np.array(self.key)),
+                          "vectors", (n, self.dim or 0), chunks)
+        self.shards, self._maps, self._pending = [], {}, []
+        self._keys, self._codes = np.zeros(0, "S1"), np.zeros(0, np.int64)
+        self._remember(merged, keys)
         for p in old:
             if p != merged:
                 p.unlink(missing_ok=True)
@@ -333,29 +393,73 @@ class FeatureCache:
             except OSError as e:
                 log.debug("could not remove %s: %s", p, e)
 
-    def get(self, hashes: Sequence[str]) -> np.ndarray:
-        """Vectors of ``hashes`` (row for row) from the shards: runs of rows with plain reads (mapped pages would
-        count in this process's memory, growing with the collection), scattered rows through the map."""
-        codes = np.fromiter((self._where[h] for h in hashes), dtype=np.int64, count=len(hashes))
-        if not len(codes):
-            return np.zeros((0, self.dim or 0), np.float32)
-        shard, row = codes >> 32, codes & 0xFFFFFFFF
-        if (shard == shard[0]).all() and (np.diff(row) == 1).all():  # one run of rows (the usual case): read it
-            return _read_rows(self._vectors_of(int(shard[0])), int(row[0]), int(row[-1]) + 1)
-        out = np.empty((len(codes), self.dim), np.float32)
-        for s in np.unique(shard):
-            m = shard == s
-            rows = row[m]
-            lo, hi = int(rows.min()), int(rows.max()) + 1
-            if hi - lo <= 2 * len(rows) + 256:  # a run of rows (merging, writing the feature file): one plain read
-                out[m] = _read_rows(self._vectors_of(int(s)), lo, hi)[rows - lo]
-            else:  # scattered rows: through the map
-                out[m] = self._vectors_of(int(s))[rows]
+    def get(self, hashes) -> np.ndarray:
+        """Vectors of ``hashes`` (row for row); KeyError names a hash that is not in the cache."""
+        codes = self.codes(hashes)
+        if (codes < 0).any():
+            missing = str(key_text(hash_keys(hashes)[[int(np.argmax(codes < 0))]])[0])
+            raise KeyError(f"content hash {missing!r} is not in the feature cache {self.directory}")
+        return self.rows(codes)
+
+    def rows(self, codes: np.ndarray) -> np.ndarray:
+        """Vectors at ``codes`` (from :meth:`codes`), row for row, read run by run of consecutive rows with plain
+        file reads: never through the memory map, whose pages would stay in this process's memory (growing
+        with the collection)."""
+        codes = np.asarray(codes, np.int64)
+        if len(codes) and (np.diff(codes) == 1).all():  # one run of rows in one shard (the usual case)
+            return _read_rows(self._vectors_of(int(codes[0] >> 32)), int(codes[0] & 0xFFFFFFFF),
+                              int(codes[-1] & 0xFFFFFFFF) + 1)
+        out = np.empty((len(codes), self.dim or 0), np.float32)
+        order = np.argsort(codes, kind="stable")
+        ordered = codes[order]
+        cuts = np.flatnonzero(np.diff(ordered) != 1) + 1
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(ordered)]):
+            shard, row = int(ordered[a] >> 32), int(ordered[a] & 0xFFFFFFFF)
+            out[order[a:b]] = _read_rows(self._vectors_of(shard), row, row + int(b - a))
         return out
+
+
+def hash_keys(hashes) -> np.ndarray:
+    """Content hashes as a NumPy bytes array (UTF-8; a byte a character where ``U`` takes four, a str ~50 more)."""
+    a = hashes if isinstance(hashes, np.ndarray) else np.asarray(
+        hashes if isinstance(hashes, (list, tuple, pd.Series, pd.Index)) else list(hashes), dtype=object)
+    if a.dtype.kind == "S":
+        return a
+    if not len(a):
+        return np.zeros(0, "S1")
+    try:
+        return a.astype("S")
+    except UnicodeEncodeError:
+        return np.char.encode(a.astype(str), "utf-8")
+
+
+def key_text(keys: np.ndarray) -> np.ndarray:
+    """:func:`hash_keys` back to text (``U``), as shards and feature files store them."""
+    return np.char.decode(keys, "utf-8") if len(keys) else np.zeros(0, "U1")
 
 
 # ---------------------------------------------------------------------------
 # The pipeline
+
+
+class RowValues(Sequence):
+    """The values of ``column`` at ``rows``, made into Python objects only when asked, a slice at a time
+    (a list of every image's path would grow with the collection)."""
+
+    def __init__(self, column: pd.Series, rows: np.ndarray):
+        self.column, self.rows = column, np.asarray(rows, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.column.iloc[self.rows[i]].tolist()
+        return self.column.iloc[int(self.rows[i])]
+
+    def __iter__(self):
+        for s in range(0, len(self.rows), STREAM_ROWS):
+            yield from self[s:s + STREAM_ROWS]
 
 
 def _workers(n: int) -> int:
@@ -479,14 +583,17 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     key = backbone_key(backbone) if backbone is not None else config_weights_key(cfg)
     cache = FeatureCache(cfg.features_dir / SHARDS_DIR, name, key)
 
-    # one representative file per content hash still to compute
-    first_path = manifest.drop_duplicates("content_hash").set_index("content_hash")["path"]
-    todo = [h for h in first_path.index if h not in cache]
-    reused = len(first_path) - len(todo)
+    # one representative file (its first row) per content hash still to compute; per-image data stays in
+    # NumPy arrays and the manifest's own columns, not in Python lists of str (issue 17: the client's memory)
+    keys = hash_keys(manifest["content_hash"])
+    first = np.sort(np.unique(keys, return_index=True)[1])
+    todo_rows = first[~cache.contains(keys[first])]
+    todo = keys[todo_rows]
+    reused = len(first) - len(todo)
     on_dask = getattr(cfg, "compute", None) is not None and cfg.compute.scheduler == "dask" and backbone is None
     # build the model (seconds: TensorFlow) only when there is something to compute here
     bb = backbone
-    if bb is None and todo and not on_dask:
+    if bb is None and len(todo) and not on_dask:
         bb = backbone_from_config(cfg)
     if bb is not None and backbone_key(bb) != key:
         raise VisualSearchError(f"backbone weights {backbone_key(bb)} differ from the configured {key}")
@@ -498,17 +605,17 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
         bar.set_postfix(reused=reused)
     batches = 0
     try:
-        sources = [first_path[h] for h in todo]
+        sources = RowValues(manifest["path"], todo_rows)
         size = bb.input_size if bb is not None else BACKBONES[name]["input_size"]
-        if on_dask and todo:
+        if on_dask and len(todo):
             from vslib.compute import extract_on_dask
 
             def store(pos, vecs, failed):  # one finished partition: on disk at once
                 nonlocal computed, batches
                 for i, reason in failed:
-                    failed_hashes[todo[i]] = reason
+                    failed_hashes[todo[i].decode()] = reason
                 if pos:
-                    cache.add([todo[i] for i in pos], vecs)
+                    cache.add(todo[np.asarray(pos)], vecs)
                     computed += len(pos)
                 batches += 1
                 bar.update(len(pos) + len(failed))
@@ -520,10 +627,10 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
         for pos, batch, failed in iter_batches(sources, size, bs, workers=cfg.backbone.workers,
                                                max_pixels=cfg.dataset.max_image_pixels):
             for i, reason in failed:
-                failed_hashes[todo[i]] = reason
+                failed_hashes[todo[i].decode()] = reason
             if pos:
                 vecs = bb.embed(batch)
-                cache.add([todo[i] for i in pos], vecs)
+                cache.add(todo[np.asarray(pos)], vecs)
                 computed += len(pos)
             batches += 1
             bar.update(len(pos) + len(failed))
@@ -534,12 +641,15 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     if computed or cache.foreign:
         cache.compact()
 
-    ok = np.fromiter((h in cache for h in manifest["content_hash"]), bool, count=len(manifest))
-    table = manifest.loc[ok, list(TABLE_COLUMNS)].reset_index(drop=True)
+    codes = cache.codes(keys)
+    ok = codes >= 0
+    if ok.all():
+        table = manifest[list(TABLE_COLUMNS)]
+    else:
+        table, codes = manifest.loc[ok, list(TABLE_COLUMNS)].reset_index(drop=True), codes[ok]
     dim = cache.dim or BACKBONES[name]["dim"]
-    table_hashes = table["content_hash"].tolist()
-    chunks = (cache.get(table_hashes[i:i + STREAM_ROWS]) for i in range(0, len(table_hashes), STREAM_ROWS))
-    columns = {c: (lambda c=c: _table_arrays(table, [c])[c]) for c in TABLE_COLUMNS}  # built one at a time
+    chunks = (cache.rows(codes[i:i + STREAM_ROWS]) for i in range(0, len(codes), STREAM_ROWS))
+    columns = {c: text_member(table[c]) for c in TABLE_COLUMNS}  # made chunk by chunk as written
     path = save_npz_streamed(features_path(cfg), dict(backbone=np.array(name), **columns),
                              "vectors", (len(table), dim), chunks)
     skipped_rows = manifest.loc[~ok, ["path", "content_hash"]].copy()
