@@ -28,6 +28,7 @@ function runs in-process or as a task.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import sys
@@ -180,9 +181,10 @@ def check_readable(paths: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def _sample(paths: Sequence[str], n: int = 16) -> list[str]:
-    """Up to ``n`` paths spread over the sequence, one per folder first (read in one pass, never copied whole)."""
+    """Up to ``n`` paths spread over the sequence, one per folder first (among the first 10,000), never copied
+    whole."""
     by_dir: dict[str, str] = {}
-    for p in paths:
+    for p in itertools.islice(paths, 10_000):
         by_dir.setdefault(os.path.dirname(p), p)
         if len(by_dir) >= n:
             break
