@@ -127,8 +127,8 @@ class FeatureSet:
             return cls(z["vectors"], table, str(z["backbone"]))
 
 
-def _table_arrays(table: pd.DataFrame, columns=TABLE_COLUMNS) -> dict:
-    return {c: table[c].astype(str).to_numpy(dtype=str) for c in columns}
+def _table_arrays(table: pd.DataFrame) -> dict:
+    return {c: table[c].astype(str).to_numpy(dtype=str) for c in TABLE_COLUMNS}
 
 
 _atomic_savez = atomic_savez  # the shared atomic writer (vslib.atomic)
@@ -208,15 +208,14 @@ def save_npz_streamed(path: str | os.PathLike, arrays: dict, name: str, shape: t
     """An ``.npz`` (readable by ``np.load``) with ``arrays`` plus member ``name`` of ``shape`` written
     chunk by chunk from ``chunks`` (row blocks), atomically: never more than a chunk in memory.
 
-    A value of ``arrays`` is an array, a function returning one (made when written) or
-    a :class:`Streamed` member, written chunk by chunk too.
+    A value of ``arrays`` is an array, or a :class:`Streamed` member, written chunk by chunk too.
     """
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             for key, arr in [*arrays.items(), (name, Streamed(tuple(shape), chunks, dtype))]:
                 if not isinstance(arr, Streamed):
                     with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
-                        np.lib.format.write_array(f, np.asanyarray(arr() if callable(arr) else arr), allow_pickle=False)
+                        np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
                     continue
                 dt = np.dtype(arr.dtype).newbyteorder("<")
                 with zf.open(_aligned_member(zf, f"{key}.npy"), "w", force_zip64=True) as f:
@@ -604,38 +603,30 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     if reused:
         bar.set_postfix(reused=reused)
     batches = 0
+
+    def store(pos, vecs, failed):  # one finished batch (or Dask partition): on disk at once
+        nonlocal computed, batches
+        for i, reason in failed:
+            failed_hashes[todo[i].decode()] = reason
+        if pos:
+            cache.add(todo[np.asarray(pos)], vecs)
+            computed += len(pos)
+        batches += 1
+        bar.update(len(pos) + len(failed))
+        if on_batch is not None:
+            on_batch(batches, computed)
+
     try:
         sources = RowValues(manifest["path"], todo_rows)
         size = bb.input_size if bb is not None else BACKBONES[name]["input_size"]
         if on_dask and len(todo):
             from vslib.compute import extract_on_dask
 
-            def store(pos, vecs, failed):  # one finished partition: on disk at once
-                nonlocal computed, batches
-                for i, reason in failed:
-                    failed_hashes[todo[i].decode()] = reason
-                if pos:
-                    cache.add(todo[np.asarray(pos)], vecs)
-                    computed += len(pos)
-                batches += 1
-                bar.update(len(pos) + len(failed))
-                if on_batch is not None:
-                    on_batch(batches, computed)
-
             extract_on_dask(cfg, sources, key, store, announce=bar.write if progress else None)
             sources = []  # done: skip the in-process loop below
         for pos, batch, failed in iter_batches(sources, size, bs, workers=cfg.backbone.workers,
                                                max_pixels=cfg.dataset.max_image_pixels):
-            for i, reason in failed:
-                failed_hashes[todo[i].decode()] = reason
-            if pos:
-                vecs = bb.embed(batch)
-                cache.add(todo[np.asarray(pos)], vecs)
-                computed += len(pos)
-            batches += 1
-            bar.update(len(pos) + len(failed))
-            if on_batch is not None:
-                on_batch(batches, computed)
+            store(pos, bb.embed(batch) if pos else None, failed)
     finally:
         bar.close()
     if computed or cache.foreign:

@@ -18,7 +18,7 @@ def release_free_memory() -> None:
     """Give the C heap's free pages back to the operating system (glibc ``malloc_trim``; elsewhere nothing).
 
     Freed blocks in the middle of the heap otherwise stay in the process: the outgrown buffers of
-    a FAISS build, or the arrays of many received Dask results.
+    a FAISS build, a saved index's metadata table.
     """
     libc = _libc()
     trim = getattr(libc, "malloc_trim", None) if libc is not None else None
