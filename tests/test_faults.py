@@ -249,12 +249,14 @@ def test_two_extracts_at_once_compute_each_image_once(tmp_path, image_root, mode
              for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    # the guarantee: every image computed exactly once between the two runs, whichever started first and
+    # whether or not one had to wait (on a loaded machine the second may start after the first has finished)
     computed = [_computed(err) for _, err in outs]
     assert sum(computed) == N_IMAGES, computed
-    waited = [err for _, err in outs if "waiting for the run with PID" in err]
-    assert len(waited) == 1, [o[1][-2000:] for o in outs]
-    other_pid = [p.pid for p, (_, err) in zip(procs, outs) if "waiting for" not in err][0]
-    assert f"PID {other_pid} " in waited[0] and "feature cache" in waited[0]
+    for p, (_, err) in zip(procs, outs):
+        other = [q.pid for q in procs if q is not p][0]
+        if "waiting for the run with PID" in err:  # when one waited, it names the other run and what it holds
+            assert f"PID {other} " in err and "feature cache" in err, err[-2000:]
     _check_every_vector_once(cfg_path)
 
 

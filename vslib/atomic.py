@@ -34,12 +34,14 @@ def ensure_dir(directory: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, suffix: str = "", verified: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path``.
 
     ``suffix`` ends the temporary name, for writers that insist on an extension
     (``np.savez`` adds ``.npz``, Keras wants ``.keras``). The caller writes to the
     yielded path (and may fsync); nothing is left behind if the block raises.
+    ``verified`` also writes the checksum sidecar (:func:`vslib.integrity.record`) once
+    the file is in place, so a reader can tell it is the file that was written.
     """
     path = Path(path)
     ensure_dir(path.parent)
@@ -47,7 +49,16 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp
         _fsync_file(tmp)
+        fingerprint = None
+        if verified:
+            from vslib.integrity import digest
+
+            fingerprint = digest(tmp)
         os.replace(tmp, path)
+        if verified:
+            from vslib.integrity import record
+
+            record(path, fingerprint)
     except OSError as e:
         raise (environment_fault(e, path, temp=tmp) or e) from e
     finally:
@@ -64,30 +75,32 @@ def _fsync_file(p: Path) -> None:
             os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, verified: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (``verified``: with its checksum sidecar)."""
+    with atomic_path(path, verified=verified) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
     return Path(path)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode(encoding))
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8", *, verified: bool = False) -> Path:
+    """Write ``text`` to ``path`` atomically (``verified``: with its checksum sidecar)."""
+    return atomic_write_bytes(path, text.encode(encoding), verified=verified)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2,
-                      default: Optional[Callable[[Any], Any]] = None) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically (serialised first: a bad value writes nothing)."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, default=default))
+                      default: Optional[Callable[[Any], Any]] = None, verified: bool = False) -> Path:
+    """Write ``obj`` as strict JSON to ``path`` atomically (serialised first: a bad value writes nothing;
+    NaN and infinities are refused, as strict JSON parsers would refuse them)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=default, allow_nan=False),
+                             verified=verified)
 
 
-def atomic_savez(path: str | os.PathLike, /, **arrays) -> Path:
-    """``np.savez`` to ``path`` atomically."""
+def atomic_savez(path: str | os.PathLike, /, *, verified: bool = False, **arrays) -> Path:
+    """``np.savez`` to ``path`` atomically (``verified``: with its checksum sidecar)."""
     import numpy as np
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path, verified=verified) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
     return Path(path)

@@ -1,0 +1,170 @@
+"""Checksums of the files the project writes, verified when they are read back.
+
+Every artifact read back later (feature shards and the feature file, the manifest and the
+checks file, the classifier's files, the embedded index's generations, UMAP caches, run
+records) gets a *sidecar* when it is written: ``<name>.sum``, a small JSON object with the
+file's size and CRC-32 (``zlib``; 1.6 GB/s on this machine: it guards against damage — a
+torn copy, a failing disk, an edit in place — not against someone who also rewrites the
+sidecar). Writers opt in with ``atomic_path(path, verified=True)`` (:mod:`vslib.atomic`), or
+call :func:`record` after writing a file themselves.
+
+Readers call :func:`verify`: ``full=False`` checks that the file exists and has the size
+recorded (a ``stat``: free, used on every open of a large file); ``full=True`` also reads it
+and compares the CRC (used on every read of a small file and of a file read whole anyway,
+and by ``visualsearch check``). A mismatch raises :class:`DamagedFile`: one line naming the
+file, what is wrong and what the next ``run`` will redo. The stage that owns the artifact
+catches it, :func:`set_aside` the file (renamed ``<name>.damaged``, kept for a look, never
+read again) and recomputes it.
+
+A file without a sidecar was written by an older version (or by hand): :func:`verify`
+returns ``"unverified"`` and the reader goes on (its own content checks still apply).
+
+Vectors are checked before they are written and after they are read:
+:func:`check_unit_vectors` (finite, L2 norm 1 within :data:`NORM_TOLERANCE`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from vslib.errors import VisualSearchError
+
+#: suffix of a checksum sidecar: ``features.npz`` -> ``features.npz.sum``
+SIDECAR = ".sum"
+#: suffix given to a damaged file set aside by :func:`set_aside`
+DAMAGED = ".damaged"
+#: largest |norm - 1| a stored feature vector may have (float32 rounding is ~1e-7)
+NORM_TOLERANCE = 1e-3
+_CHUNK = 8 << 20
+
+
+class DamagedFile(VisualSearchError):
+    """A stored file does not match what was written, or holds values that cannot be right.
+
+    ``path``: the file; ``reason``: what is wrong; ``redo``: what the next ``run`` does about it.
+    """
+
+    def __init__(self, path, reason: str, redo: str = "the next `visualsearch run` recomputes it"):
+        self.path, self.reason, self.redo = Path(path), reason, redo
+        super().__init__(f"{path}: damaged ({reason}); {redo}")
+
+
+def sidecar(path: str | os.PathLike) -> Path:
+    """The checksum sidecar of ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR)
+
+
+def digest(path: str | os.PathLike) -> dict:
+    """``{"size": bytes, "crc32": "xxxxxxxx"}`` of a file, read in 8 MB chunks."""
+    crc = 0
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(_CHUNK)
+            if not block:
+                break
+            crc = zlib.crc32(block, crc)
+            size += len(block)
+    return {"size": size, "crc32": f"{crc:08x}"}
+
+
+def record(path: str | os.PathLike, fingerprint: Optional[dict] = None) -> dict:
+    """Write the sidecar of ``path`` (its :func:`digest`, or ``fingerprint`` when the writer has it)."""
+    from vslib.atomic import atomic_write_text
+
+    fp = dict(fingerprint) if fingerprint is not None else digest(path)
+    atomic_write_text(sidecar(path), json.dumps(fp))
+    return fp
+
+
+def read_record(path: str | os.PathLike) -> Optional[dict]:
+    """The sidecar's content, None when there is none; a sidecar that is not JSON is damage."""
+    side = sidecar(path)
+    try:
+        text = side.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DamagedFile(path, f"its checksum file {side.name} is unreadable: {e}") from None
+    try:
+        fp = json.loads(text)
+        int(fp["size"]), str(fp["crc32"])
+    except (ValueError, KeyError, TypeError):
+        raise DamagedFile(path, f"its checksum file {side.name} is not valid") from None
+    return fp
+
+
+def verify(path: str | os.PathLike, *, full: bool = True,
+           redo: str = "the next `visualsearch run` recomputes it") -> str:
+    """Check ``path`` against its sidecar: ``"ok"``, or ``"unverified"`` when it has none.
+
+    Raises :class:`DamagedFile` (with ``redo`` in its message) when the file is missing,
+    has another size, or (``full``) another CRC-32.
+    """
+    path = Path(path)
+    fp = read_record(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise DamagedFile(path, "missing", redo) from None
+    if not path.is_file():
+        raise DamagedFile(path, "not a regular file", redo)
+    if fp is None:
+        return "unverified"
+    if st.st_size != int(fp["size"]):
+        raise DamagedFile(path, f"{st.st_size} bytes where {fp['size']} were written", redo)
+    if full:
+        got = digest(path)
+        if got["crc32"] != fp["crc32"] or got["size"] != int(fp["size"]):
+            raise DamagedFile(path, "its content changed since it was written (checksum mismatch)", redo)
+    return "ok"
+
+
+def set_aside(path: str | os.PathLike) -> Optional[Path]:
+    """Rename a damaged file to ``<name>.damaged`` (replacing an older one) and drop its sidecar.
+
+    Returns the new path, or None when the file was not there. Nothing reads ``*.damaged``
+    files; they are kept so a person can look at what went wrong.
+    """
+    path = Path(path)
+    target = path.with_name(path.name + DAMAGED)
+    moved = None
+    try:
+        os.replace(path, target)
+        moved = target
+    except FileNotFoundError:
+        pass
+    try:
+        sidecar(path).unlink()
+    except FileNotFoundError:
+        pass
+    return moved
+
+
+def check_unit_vectors(vectors: np.ndarray, where: str, *, names=None, tolerance: float = NORM_TOLERANCE) -> None:
+    """Raise ``ValueError`` naming ``where`` (and the first bad row, or its name) unless every row is
+    finite with L2 norm 1 within ``tolerance``. Reads the array once, in blocks of 65,536 rows."""
+    v = vectors
+    n = len(v)
+    for start in range(0, n, 65_536):
+        block = np.asarray(v[start:start + 65_536], dtype=np.float32)
+        finite = np.isfinite(block).all(axis=1)
+        norms = np.sqrt(np.einsum("ij,ij->i", np.where(np.isfinite(block), block, 0), block * finite[:, None]))
+        bad = ~finite | (np.abs(norms - 1.0) > tolerance)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            row = start + i
+            label = f"row {row}" if names is None else f"{names[row]} (row {row})"
+            what = "not finite" if not finite[i] else f"norm {norms[i]:.4g}, not 1"
+            raise ValueError(f"{where}: {int(bad.sum())}+ vectors are not unit length or not finite; first: "
+                             f"{label}: {what}")
+
+
+__all__ = ["DAMAGED", "DamagedFile", "NORM_TOLERANCE", "SIDECAR", "check_unit_vectors", "digest", "read_record",
+           "record", "set_aside", "sidecar", "verify"]
