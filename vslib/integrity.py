@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -166,5 +167,47 @@ def check_unit_vectors(vectors: np.ndarray, where: str, *, names=None, tolerance
                              f"{label}: {what}")
 
 
-__all__ = ["DAMAGED", "DamagedFile", "NORM_TOLERANCE", "SIDECAR", "check_unit_vectors", "digest", "read_record",
+@dataclass
+class Finding:
+    """One artifact's state, as ``visualsearch check`` lists it.
+
+    ``status``: ``"ok"``, ``"unverified"`` (no checksum: written by an older version),
+    ``"damaged"`` (missing, truncated, changed, or holding impossible values) or ``"warning"``
+    (usable but wrong, e.g. an Elasticsearch index left with refresh off, an orphan index).
+    ``what`` names the kind of artifact ("feature shard", "classifier", ...); ``redo`` says what the
+    next ``run`` does about it.
+    """
+
+    path: str
+    what: str
+    status: str = "ok"
+    reason: str = ""
+    redo: str = ""
+
+    @property
+    def bad(self) -> bool:
+        return self.status == "damaged"
+
+    def line(self) -> str:
+        text = f"{self.status:<10} {self.what}: {self.path}"
+        if self.reason:
+            text += f" ({self.reason})"
+        if self.redo and self.status != "ok":
+            text += f"; {self.redo}"
+        return text
+
+
+def audit_file(path: str | os.PathLike, what: str, redo: str = "the next `visualsearch run` recomputes it") -> Finding:
+    """A full :func:`verify` of one file as a :class:`Finding` (never raises for damage)."""
+    try:
+        status = verify(path, full=True, redo=redo)
+    except DamagedFile as e:
+        return Finding(str(path), what, "damaged", e.reason, redo)
+    except OSError as e:
+        return Finding(str(path), what, "damaged", f"unreadable: {e.strerror or e}", redo)
+    return Finding(str(path), what, status, "no checksum recorded (written by an older version)"
+                   if status == "unverified" else "", redo)
+
+
+__all__ = ["Finding", "audit_file", "DAMAGED", "DamagedFile", "NORM_TOLERANCE", "SIDECAR", "check_unit_vectors", "digest", "read_record",
            "record", "set_aside", "sidecar", "verify"]
