@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import signal
 import sys
 
 # Arrow's default allocator (mimalloc) keeps the pages it frees: after reading the manifest of 60,000 images the
@@ -44,9 +46,37 @@ exit status:
   7    too many open files
   8    an input/output error (failing disk, lost mount)
   130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM); handled like Ctrl-C
 A fault of the machine (3-8) is one line naming the path, what happened and what to do;
 finished work is kept and a rerun resumes. -v shows the traceback too.
 """
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``-k 0`` used to mean "the default" silently)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; give a whole number >= 1")
+    return value
+
+
+def _strict(obj):
+    """``obj`` with every NaN or infinity replaced by None, so the JSON printed is strict (RFC 8259)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def dumps(obj) -> str:
+    """The CLI's JSON: indented, strict (never NaN or Infinity)."""
+    return json.dumps(_strict(obj), indent=2, allow_nan=False)
 
 
 def _config(args):
@@ -100,18 +130,24 @@ def cmd_evaluate(args) -> int:
     echo = (lambda m: print(m, file=sys.stderr)) if args.json else print
     result = evaluate.evaluate(_config(args), seeds=args.seeds, echo=echo)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(dumps(result))
     return 0
 
 
 def cmd_search(args) -> int:
+    from vslib.features import QueryImageError
+    from vslib.images import not_an_image_file
     from vslib.search import VisualSearch
 
     cfg = _config(args)
+    why = not_an_image_file(args.image)  # before the model loads: a bad path is one line at once, a FIFO never blocks
+    if why:
+        raise QueryImageError(args.image, why)
     with VisualSearch.from_config(cfg) as engine:
-        result = engine.search(args.image, k=args.k or cfg.search.k, mode=args.mode or cfg.search.mode)
+        result = engine.search(args.image, k=cfg.search.k if args.k is None else args.k,
+                               mode=args.mode or cfg.search.mode)
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(dumps(result.to_json()))
     else:
         print(result.to_text())
     return 0
@@ -129,6 +165,12 @@ def cmd_report(args) -> int:
 
     report.run_notebooks(_config(args))
     return 0
+
+
+def cmd_check(args) -> int:
+    from vslib import check
+
+    return check.run(_config(args), as_json=args.json, verbose=args.verbose)
 
 
 def cmd_experiment(args) -> int:
@@ -178,18 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("evaluate", cmd_evaluate, "precision@k / mAP of every search mode on the query split")
     sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
-    sp.add_argument("--seeds", type=int, default=1, metavar="N",
+    sp.add_argument("--seeds", type=_positive_int, default=1, metavar="N",
                     help="also repeat split, training, tuning and search in memory on N seeded splits "
                          "(the configured seed and the N-1 following) and report means and pooled gains")
     sp = add("search", cmd_search, "find the images that look like IMAGE")
     sp.add_argument("image", help="query image file")
-    sp.add_argument("-k", type=int, default=None, help="number of hits (default: search.k)")
+    sp.add_argument("-k", type=_positive_int, default=None, help="number of hits, >= 1 (default: search.k)")
     sp.add_argument("--mode", choices=["flat", "hierarchical", "adaptive"], default=None)
     sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
     sp.add_argument("--json", action="store_true", help="print the result as JSON")
     sp = add("run", cmd_run, "prepare, extract, train, index and evaluate, skipping work already done")
     sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
     sp.add_argument("--report", action="store_true", help="also run the notebooks into HTML reports")
+    sp = add("check", cmd_check, "verify every stored artifact of the config's dataset and backbone (checksums, "
+                                 "vectors, index state); list what is damaged and what the next run redoes; "
+                                 "exit 2 when anything is damaged")
+    sp.add_argument("--json", action="store_true", help="print the findings as JSON")
     add("report", cmd_report, "run the notebooks with papermill and export HTML reports")
     sp = add("experiment", cmd_experiment,
              "run every combination of parameters into reports/runs/<run-id>/ and compare them in "
@@ -207,8 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so the same clean-up runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (called from a notebook's worker): leave signals alone
+        pass
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -230,9 +288,10 @@ def main(argv=None) -> int:
         if fault is None:
             raise
         return _fault(fault, args.verbose, e)
-    except KeyboardInterrupt:
-        print("interrupted; finished work is kept in the caches, rerun to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"{what}; finished work is kept in the caches, rerun to resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 def _fault(fault, verbose: bool, cause: BaseException | None = None) -> int:

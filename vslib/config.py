@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -310,6 +311,8 @@ def _convert(value: Any, tp, where: str, source: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):  # YAML's .inf / .nan: no setting means infinity, and JSON cannot hold them
+            raise ConfigError(f"{source}: {where} is {value!r}; it must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -420,8 +423,20 @@ def load_config(path: str | os.PathLike = "application.yaml", overrides: Optiona
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file {str(p)!r} does not exist (copy application.yaml from the project root)")
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a folder; give the settings file inside it "
+                          f"(e.g. {str(p / 'application.yaml')!r})")
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} is not a regular file (a pipe or a device); give a YAML file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                          "save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read ({e.strerror or e}); check its permissions") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if overrides:

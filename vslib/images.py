@@ -48,6 +48,48 @@ def file_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def not_an_image_file(path: str | os.PathLike) -> str:
+    """Why ``path`` cannot be an image file, in plain words ('' when it is a non-empty regular file).
+
+    Checked with ``stat`` before anything opens it, so a FIFO never blocks a read and a
+    symbolic-link loop, a folder or a device get an accurate message.
+    """
+    import errno as _errno
+    import stat as _stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"dangling symbolic link (to {os.readlink(path)}, which does not exist)"
+        return "file not found"
+    except OSError as e:
+        if e.errno == _errno.ELOOP:
+            return "a loop of symbolic links (it never reaches a file)"
+        if e.errno in (_errno.EACCES, _errno.EPERM):
+            return "permission denied (this process cannot read it)"
+        if e.errno == _errno.ENOTDIR:
+            return "file not found (a part of the path is a file, not a folder)"
+        if e.errno == _errno.ENAMETOOLONG:
+            return "the path is too long"
+        return f"cannot be read ({e.strerror or e})"
+    if _stat.S_ISDIR(st.st_mode):
+        return "a folder, not an image file"
+    if _stat.S_ISFIFO(st.st_mode):
+        return "a named pipe (FIFO), not an image file"
+    if _stat.S_ISCHR(st.st_mode) or _stat.S_ISBLK(st.st_mode):
+        return "a device, not an image file"
+    if _stat.S_ISSOCK(st.st_mode):
+        return "a socket, not an image file"
+    if not _stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_size == 0:
+        return "empty file (0 bytes)"
+    if not os.access(path, os.R_OK):
+        return "permission denied (this process cannot read it)"
+    return ""
+
+
 def load_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Load ``src`` (path, PIL image or array) as an 8-bit RGB image.
@@ -66,11 +108,9 @@ def load_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     if isinstance(src, Image.Image):
         return _to_rgb(ImageOps.exif_transpose(src) or src, background)
     path = Path(src)
-    try:
-        if path.stat().st_size == 0:
-            raise ImageError(path, "empty file (0 bytes)")
-    except FileNotFoundError:
-        raise ImageError(path, "file not found") from None
+    why = not_an_image_file(path)
+    if why:
+        raise ImageError(path, why)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -196,7 +196,9 @@ class VisualSearch:
     def search(self, image, k: Optional[int] = None, mode: Optional[str] = None, *,
                true_label: Optional[str] = None, top_classes: int = 5) -> SearchResult:
         """Search with one image (path, PIL image or array)."""
-        k = k or self.cfg.k
+        k = self.cfg.k if k is None else k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise VisualSearchError(f"k is {k!r}; the number of hits must be a whole number >= 1")
         mode = mode or self.cfg.mode
         t0 = time.perf_counter()
         vec = self.embed([image])
