@@ -126,6 +126,12 @@ class ElasticsearchConfig:
     msearch_batch: int = _f(100, min=1, max=10000, help="searches sent in one _msearch request")
     store_vectors_in_source: bool = False
 
+    def __repr__(self) -> str:  # never shows a secret (a notebook cell that displays the config writes it into a report)
+        from vslib.redact import redact_es
+
+        shown = redact_es({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        return "ElasticsearchConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
 
 @dataclass
 class IndexConfig:
@@ -237,11 +243,9 @@ class Config:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("base_dir"), d.pop("source")
-        es = d["index"]["elasticsearch"]
-        for secret in ("api_key", "password"):
-            if es.get(secret):
-                es[secret] = "***"
-        return d
+        from vslib.redact import redact_config
+
+        return redact_config(d)  # secrets become markers naming the VS_ES_* variable that supplies them
 
 
 # ---------------------------------------------------------------------------
@@ -366,6 +370,9 @@ def parse_config(data: Optional[dict], *, source: str = "<dict>", base_dir: Opti
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, not {type(data).__name__}")
+    from vslib.redact import unredact_config
+
+    data = unredact_config(data)  # a redacted snapshot (a run's config.yaml): its secrets come from VS_ES_*
     cfg = _build(Config, data, "", source)
     cfg.source = source
     cfg.base_dir = Path(base_dir) if base_dir is not None else PROJ_ROOT

@@ -39,6 +39,7 @@ import html
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -52,7 +53,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
+from vslib.atomic import atomic_write_text
 from vslib.config import Config, ConfigError, apply_overrides, parse_value
+from vslib.integrity import DamagedFile, audit_file, verify
+from vslib.redact import SECRET_KEYS, is_marker, redact_config, redact_obj, redact_text, secrets_of, strip_userinfo
 from vslib.paths import PROJ_ROOT
 
 log = logging.getLogger(__name__)
@@ -168,6 +172,12 @@ def _settings(cfg: Config) -> dict:
     """``cfg.to_dict()`` without paths, with the files it names made absolute."""
     d = cfg.to_dict()
     d.pop("paths")
+    # secrets are not settings: a run is the same run whether its password came from the file or VS_ES_PASSWORD
+    es = d["index"]["elasticsearch"]
+    for key in SECRET_KEYS:
+        if key != "ca_certs" or is_marker(es.get(key)):
+            es.pop(key, None)
+    es["hosts"] = [strip_userinfo(h) for h in es.get("hosts") or []]
     # files named by the config count by where they are, however the path was written
     if cfg.dataset.root:
         d["dataset"]["root"] = str(cfg.path(cfg.dataset.root).resolve())
@@ -350,24 +360,72 @@ def materialise(run: Run, root: Path) -> Config:
         resolved.setdefault("backbone", {})["weights"] = str(base.path(base.backbone.weights).resolve())
     header = (f"# run {run.id}: {', '.join(f'{k}={_fmt(v)}' for k, v in run.parameters.items()) or 'the base config'}\n"
               f"# written by `visualsearch experiment` from {base.base_dir / base.source}\n")
-    (out / RUN_CONFIG).write_text(header + yaml.safe_dump(resolved, sort_keys=False))
+    secret_note = ("# secrets are not written here: set VS_ES_PASSWORD / VS_ES_API_KEY / VS_ES_URL to rerun it\n"
+                   if secrets_of(base) else "")
+    atomic_write_text(out / RUN_CONFIG, header + secret_note + yaml.safe_dump(redact_config(resolved), sort_keys=False),
+                      verified=True)
     cfg = load_config(out / RUN_CONFIG)
+    _carry_secrets(base, cfg)
     if run_hash(cfg, run.notebook_parameters) != run.hash:  # the written file must describe exactly the planned run
         raise RuntimeError(f"{out / RUN_CONFIG} does not reproduce run {run.id} (settings hash {settings_hash(cfg)})")
     return cfg
 
 
+def _carry_secrets(base: Config, cfg: Config) -> None:
+    """Give the run's config (read back from its redacted file) the base config's secrets, in memory only."""
+    src, dst = base.index.elasticsearch, cfg.index.elasticsearch
+    for key in ("password", "api_key", "ca_certs"):
+        if getattr(dst, key) is None and getattr(src, key) is not None:
+            setattr(dst, key, getattr(src, key))
+    if [strip_userinfo(h) for h in src.hosts] == list(dst.hosts):
+        dst.hosts = list(src.hosts)
+
+
 def read_record(folder: Path) -> Optional[dict]:
-    try:
-        return json.loads((Path(folder) / RECORD).read_text())
-    except (OSError, ValueError):
+    """The run record in ``folder``; None when there is none, or when it is damaged (then the run counts as not run,
+    and the next experiment reruns it: a warning says so)."""
+    path = Path(folder) / RECORD
+    if not path.exists():
         return None
+    try:
+        verify(path, full=True, redo="the next `visualsearch experiment` reruns this run")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except DamagedFile as e:
+        log.warning("%s", e)
+    except (OSError, ValueError) as e:
+        log.warning("%s: unreadable run record (%s); the next `visualsearch experiment` reruns this run", path, e)
+    return None
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+def _write_json(path: Path, obj: Any, secrets=()) -> None:
+    """Strict JSON with a checksum sidecar; every string scrubbed of ``secrets`` (and URL userinfo, tokens)."""
+    atomic_write_text(path, json.dumps(_finite(redact_obj(obj, secrets)), indent=2, default=str, allow_nan=False),
+                      verified=True)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def audit(cfg: Config) -> list:
+    """Full check of every run record under the config's runs folder (:class:`~vslib.integrity.Finding` each)."""
+    root = runs_dir(cfg)
+    out = []
+    for path in sorted(root.glob(f"*/{RECORD}")) if root.is_dir() else []:
+        finding = audit_file(path, "run record", "the next `visualsearch experiment` reruns this run")
+        if not finding.bad:
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                finding.status, finding.reason = "damaged", f"not JSON: {e}"
+        out.append(finding)
+    return out
 
 
 def versions() -> dict:
@@ -488,6 +546,7 @@ def run_experiment(runs: Sequence[Run], *, root: Optional[Path] = None, force: b
             raise RuntimeError(f"{folder} holds run {old.get('id')} of other settings (hash {old.get('hash')}); "
                                "refusing to overwrite it")
         label = f"[{n}/{len(runs)}] {run.id}"
+        secrets = secrets_of(run.config)
         if (old is not None and not force and old.get("status") == "ok"
                 and (not notebooks or "notebooks" in old.get("timings", {}))):
             echo(f"{label}: reused (finished {old.get('finished')}; --force reruns it)")
@@ -505,27 +564,27 @@ def run_experiment(runs: Sequence[Run], *, root: Optional[Path] = None, force: b
             record["config"] = cfg.to_dict()
             record["caches"] = {"classifier": str(cfg.classifier_dir), "index": str(cfg.index_dir),
                                 "features": str(cfg.features_dir)}
-            _write_json(folder / RECORD, record)
+            _write_json(folder / RECORD, record, secrets)
             for stale in (folder / "error.txt",):
                 stale.unlink(missing_ok=True)
             results = execute(cfg, notebooks=notebooks, echo=echo, timings=record["timings"],
                               notebook_parameters=run.notebook_parameters)
             record["metrics"] = summarise(results)
-            _write_json(folder / METRICS, record["metrics"])
+            _write_json(folder / METRICS, record["metrics"], secrets)
             record["status"] = "ok"
         except KeyboardInterrupt:
             record.update(status="failed", error="interrupted")
             record["finished"] = _now()
-            _write_json(folder / RECORD, record)
+            _write_json(folder / RECORD, record, secrets)
             raise
         except Exception as e:  # noqa: BLE001 - one failing run must not stop the others; recorded below
             record.update(status="failed", error=f"{type(e).__name__}: {e}")
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "error.txt").write_text(traceback.format_exc())
+            atomic_write_text(folder / "error.txt", redact_text(traceback.format_exc(), secrets))
             echo(f"{label}: FAILED: {record['error']}")
         record["finished"] = _now()
         record["seconds"] = round(time.perf_counter() - t0, 3)
-        _write_json(folder / RECORD, record)
+        _write_json(folder / RECORD, record, secrets)
         records.append(record)
         if record["status"] == "ok":
             shown = [c for c in metric_columns([record]) if "adaptive" in c or c == "classifier_accuracy"]

@@ -35,7 +35,6 @@ import logging
 import time
 import uuid
 from typing import Optional
-from urllib.parse import urlsplit, urlunsplit
 
 from vslib.index.base import (Hit, IndexBackendError, IndexDimensionError, IndexMismatchError, IndexNotFoundError,
                               IndexPermissionError, IndexTimeoutError, IndexUnreachableError, VectorIndex,
@@ -82,17 +81,10 @@ def _es():
 
 
 def redact(url: str) -> str:
-    """``https://user:secret@host:9200`` -> ``https://host:9200`` (for messages and logs)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-    return url
+    """``https://user:secret@host:9200`` -> ``https://host:9200`` (for messages and logs; never raises)."""
+    from vslib.redact import strip_userinfo
+
+    return strip_userinfo(url)
 
 
 def _major(version: str) -> int:
