@@ -505,7 +505,7 @@ def execute(cfg: Config, *, notebooks: bool = True, echo: Callable[[str], None] 
         try:
             with index_mod.open_index(cfg, create=False) as idx:
                 have = idx.count()
-        except index_mod.IndexNotFoundError:
+        except (index_mod.IndexNotFoundError, DamagedFile):  # a damaged index is rebuilt by index.build
             have = -1
         if have != want:  # the folder is keyed by dataset, backbone and index settings: a count check suffices
             index_mod.build(cfg, rebuild=have > 0, progress=False)

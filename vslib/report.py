@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from vslib.integrity import DamagedFile
 from vslib.config import Config, load_config
 from vslib.errors import VisualSearchError
 from vslib.paths import NOTEBOOKS_DIR
@@ -135,7 +136,7 @@ def ensure(cfg: Config, upto: str = "index", *, echo: Callable[[str], None] = pr
         try:
             with index_mod.open_index(cfg, create=False) as idx:
                 have = idx.count()
-        except index_mod.IndexNotFoundError:
+        except (index_mod.IndexNotFoundError, DamagedFile):  # a damaged index is rebuilt by index.build
             have = -1
         if have != want:
             index_mod.build(cfg, rebuild=have > want, progress=False)

@@ -17,6 +17,7 @@ import logging
 from typing import Optional
 
 from vslib.errors import IndexBackendError
+from vslib.integrity import DamagedFile
 from vslib.locks import locked
 from vslib.index.base import (BulkIndexError, Hit, IndexDimensionError, IndexMismatchError, IndexNotFoundError,
                               IndexPermissionError, IndexTimeoutError, IndexUnreachableError, VectorIndex, exact_search,
@@ -104,10 +105,19 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
     backbone = first.backbone
     fields = [c for c in ("label", "path", "split", "content_hash", "predicted_label") if c in first.table.columns]
     dim = int(first.dim)
+    if cfg.index.backend == "embedded":
+        from vslib.index import embedded
+
+        embedded.check_factory(cfg.index.embedded.factory, len(ids), dim)  # before any work is done or undone
+        embedded.remove_debris(cfg.index_dir)  # what a killed build left (this build holds the folder's lock)
+    if not rebuild:
+        try:
+            index = open_index(cfg, dim=dim, create=True)
+        except DamagedFile as e:
+            log.warning("%s; rebuilding it", e)
+            rebuild = True
     if rebuild:
         index = backend_class(cfg.index.backend).create_fresh(cfg, dim)
-    else:
-        index = open_index(cfg, dim=dim, create=True)
     failures = []
     added = 0
     done = False
