@@ -51,6 +51,8 @@ import pandas as pd
 
 from vslib.atomic import TEMP_GLOB, atomic_path, atomic_savez
 from vslib.errors import VisualSearchError
+from vslib.integrity import (SIDECAR, DamagedFile, Finding, audit_file, check_unit_vectors, set_aside, sidecar,
+                             verify)
 from vslib.images import DEFAULT_MAX_PIXELS, ImageError, load_for_model
 from vslib.locks import locked
 
@@ -60,6 +62,12 @@ log = logging.getLogger(__name__)
 TABLE_COLUMNS = ("path", "label", "split", "content_hash")
 FEATURES_FILE = "features-{dataset}.npz"
 SHARDS_DIR = "shards"
+
+
+#: feature files up to this size are CRC-checked on every open; larger ones by size (and their rows as read)
+FULL_CHECK_BYTES = 256 << 20
+#: what the next run does about a damaged feature file
+REWRITE = "the next `visualsearch extract` (or `run`) rewrites it from the feature cache"
 
 
 class QueryImageError(ImageError, VisualSearchError):
@@ -204,13 +212,14 @@ class Streamed:
 
 
 def save_npz_streamed(path: str | os.PathLike, arrays: dict, name: str, shape: tuple, chunks: Iterable[np.ndarray],
-                      dtype=np.float32) -> Path:
+                      dtype=np.float32, *, verified: bool = True) -> Path:
     """An ``.npz`` (readable by ``np.load``) with ``arrays`` plus member ``name`` of ``shape`` written
     chunk by chunk from ``chunks`` (row blocks), atomically: never more than a chunk in memory.
 
     A value of ``arrays`` is an array, or a :class:`Streamed` member, written chunk by chunk too.
+    ``verified``: with its checksum sidecar (:mod:`vslib.integrity`).
     """
-    with atomic_path(path) as tmp:
+    with atomic_path(path, verified=verified) as tmp:
         with open(tmp, "wb") as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             for key, arr in [*arrays.items(), (name, Streamed(tuple(shape), chunks, dtype))]:
                 if not isinstance(arr, Streamed):
@@ -262,10 +271,18 @@ class FeatureCache:
         Backbone name stored in, and checked against, every shard.
     key : str
         Identity of the backbone's weights; shards with another key are ignored.
+    full : bool
+        Check every shard's checksum on opening (default: only its size). A damaged shard
+        is set aside as ``<name>.damaged`` and its images count as not cached, so
+        :func:`extract` computes them again.
     """
 
-    def __init__(self, directory: str | os.PathLike, backbone: str, key: str):
+    def __init__(self, directory: str | os.PathLike, backbone: str, key: str, *, full: bool = False):
         self.directory = Path(directory)
+        #: check each shard's CRC on opening (extraction reads every shard whole anyway), not just its size
+        self.full = full
+        #: shards found damaged on opening, set aside (``*.damaged``): their images count as not cached
+        self.damaged: list[Path] = []
         self.backbone = backbone
         self.key = key
         # the index: content hashes as bytes, sorted, and beside each its shard number << 32 | row. Numpy
@@ -284,11 +301,21 @@ class FeatureCache:
             return
         for p in sorted(self.directory.glob("*.npz")):
             try:
+                self._verify(p)
+            except DamagedFile as e:
+                moved = set_aside(p)
+                log.warning("%s (set aside as %s)", e, moved.name if moved else "-")
+                self.damaged.append(p)
+                continue
+            try:
                 with np.load(p, allow_pickle=False) as z:  # members are read on access: the vectors are not
                     backbone, key = str(z["backbone"]), str(z["key"])
                     hashes = hash_keys(z["hashes"])
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # a torn file cannot happen (atomic rename)
-                log.warning("ignoring unreadable feature shard %s: %s", p, e)
+                moved = set_aside(p)
+                log.warning("%s: damaged feature shard (unreadable: %s; set aside as %s); its images are "
+                            "re-extracted", p, e, moved.name if moved else "-")
+                self.damaged.append(p)
                 continue
             if backbone != self.backbone or key != self.key:
                 log.warning("ignoring feature shard %s: computed by %s (%s), not %s (%s)",
@@ -296,6 +323,20 @@ class FeatureCache:
                 self.foreign.append(p)
                 continue
             self._remember(p, hashes)
+
+    def _verify(self, p: Path) -> None:
+        """Raise DamagedFile unless shard ``p`` is the file written (CRC, when ``full``) and, without a checksum
+        (an older version wrote it), unless its vectors are finite and unit length."""
+        redo = "its images are re-extracted by this run" if self.full else "the next `visualsearch extract` " \
+            "sets it aside and re-extracts its images"
+        status = verify(p, full=self.full, redo=redo)
+        if status == "unverified" and self.full:
+            try:
+                check_unit_vectors(npz_member(p, "vectors"), str(p))
+            except ValueError as e:
+                raise DamagedFile(p, str(e).split(": ", 1)[-1], redo) from None
+            except (OSError, KeyError, zipfile.BadZipFile) as e:
+                raise DamagedFile(p, f"unreadable: {e}", redo) from None
 
     def _remember(self, path: Path, keys: np.ndarray) -> None:
         n = len(self.shards)
@@ -342,8 +383,14 @@ class FeatureCache:
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.npz"
         path = self.directory / name
         keys = hash_keys(hashes)
-        _atomic_savez(path, hashes=key_text(keys), vectors=np.asarray(vectors, np.float32),
-                      backbone=np.array(self.backbone), key=np.array(self.key))
+        vectors = np.asarray(vectors, np.float32)
+        try:
+            check_unit_vectors(vectors, f"the {self.backbone} backbone's output", names=key_text(keys))
+        except ValueError as e:  # never written: a NaN in the cache would be reused by every later run
+            raise VisualSearchError(f"{e} (content hash); not cached. The model or its converted file may be "
+                                    f"broken: delete models/backbones/{self.backbone}-* and rerun") from None
+        _atomic_savez(path, hashes=key_text(keys), vectors=vectors,
+                      backbone=np.array(self.backbone), key=np.array(self.key), verified=True)
         self._remember(path, keys)
         return path
 
@@ -363,6 +410,9 @@ class FeatureCache:
         The vectors and hashes are streamed from the shards into the new one,
         :data:`STREAM_ROWS` at a time, shard by shard in the order they were written.
         """
+        for p in self.directory.glob(f"*.npz{SIDECAR}"):  # sidecars whose shard is gone (merged by an older version)
+            if not p.with_suffix("").exists():
+                p.unlink(missing_ok=True)
         if len(self.shards) <= 1 and not self.foreign:
             return
         old = self.shards + self.foreign
@@ -383,6 +433,8 @@ class FeatureCache:
         for p in old:
             if p != merged:
                 p.unlink(missing_ok=True)
+                sidecar(p).unlink(missing_ok=True)
+
         self.foreign = []
         # temporary files of runs killed while writing (an hour old: surely not being written now)
         for p in self.directory.glob(TEMP_GLOB):
@@ -580,7 +632,7 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     if name != cfg.backbone.name:
         raise VisualSearchError(f"backbone {name!r} given but the config names {cfg.backbone.name!r}")
     key = backbone_key(backbone) if backbone is not None else config_weights_key(cfg)
-    cache = FeatureCache(cfg.features_dir / SHARDS_DIR, name, key)
+    cache = FeatureCache(cfg.features_dir / SHARDS_DIR, name, key, full=True)
 
     # one representative file (its first row) per content hash still to compute; per-image data stays in
     # NumPy arrays and the manifest's own columns, not in Python lists of str (issue 17: the client's memory)
@@ -629,7 +681,7 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
             store(pos, bb.embed(batch) if pos else None, failed)
     finally:
         bar.close()
-    if computed or cache.foreign:
+    if computed or cache.foreign or cache.damaged:
         cache.compact()
 
     codes = cache.codes(keys)
@@ -639,7 +691,8 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     else:
         table, codes = manifest.loc[ok, list(TABLE_COLUMNS)].reset_index(drop=True), codes[ok]
     dim = cache.dim or BACKBONES[name]["dim"]
-    chunks = (cache.rows(codes[i:i + STREAM_ROWS]) for i in range(0, len(codes), STREAM_ROWS))
+    chunks = (_checked(cache.rows(codes[i:i + STREAM_ROWS]), f"the feature cache {cache.directory}")
+              for i in range(0, len(codes), STREAM_ROWS))
     columns = {c: text_member(table[c]) for c in TABLE_COLUMNS}  # made chunk by chunk as written
     path = save_npz_streamed(features_path(cfg), dict(backbone=np.array(name), **columns),
                              "vectors", (len(table), dim), chunks)
@@ -656,6 +709,50 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     fs = FeatureSet(vectors, table, name, stats, skipped)
     log.info(summary(fs))
     return fs
+
+
+def _checked(vectors: np.ndarray, where: str) -> np.ndarray:
+    """``vectors`` after :func:`~vslib.integrity.check_unit_vectors` (a DamagedFile naming ``where`` if they fail)."""
+    try:
+        check_unit_vectors(vectors, where)
+    except ValueError as e:
+        raise DamagedFile(where, str(e).split(": ", 1)[-1], REWRITE) from None
+    return vectors
+
+
+def audit(cfg) -> list[Finding]:
+    """Full check of the configured backbone's feature cache (every shard: CRC, vectors finite and unit length) and
+    of the dataset's feature file (CRC and every vector)."""
+    out = []
+    shards = cfg.features_dir / SHARDS_DIR
+    redo = "the next `visualsearch extract` (or `run`) sets it aside and re-extracts its images"
+    for p in sorted(shards.glob("*.npz")) if shards.is_dir() else []:
+        f = audit_file(p, "feature shard", redo)
+        if f.status != "damaged":
+            try:
+                check_unit_vectors(npz_member(p, "vectors"), str(p))
+            except ValueError as e:
+                f.status, f.reason = "damaged", str(e).split(": ", 1)[-1]
+            except (OSError, KeyError, zipfile.BadZipFile) as e:
+                f.status, f.reason = "damaged", f"unreadable: {e}"
+        out.append(f)
+    path = features_path(cfg)
+    if not path.exists():
+        out.append(Finding(str(path), "feature file", "missing", "not extracted yet", "`visualsearch extract` writes it"))
+        return out
+    f = audit_file(path, "feature file", REWRITE)
+    if f.status != "damaged":
+        try:
+            vectors = npz_member(path, "vectors")
+            check_unit_vectors(vectors, str(path))
+            if any(len(npz_member(path, c)) != len(vectors) for c in TABLE_COLUMNS):
+                f.status, f.reason = "damaged", "its vectors and table differ in length"
+        except ValueError as e:
+            f.status, f.reason = "damaged", str(e).split(": ", 1)[-1]
+        except (OSError, KeyError, zipfile.BadZipFile) as e:
+            f.status, f.reason = "damaged", f"unreadable: {e}"
+    out.append(f)
+    return out
 
 
 def summary(fs: FeatureSet, limit: int = 5) -> str:
@@ -699,14 +796,23 @@ def load_features(cfg) -> FeatureSet:
     if fs.backbone != cfg.backbone.name:
         raise VisualSearchError(f"{path} holds {fs.backbone} vectors, but the config names {cfg.backbone.name}; "
                                 f"run `visualsearch extract -c {cfg.source}`")
+    _checked(fs.vectors, str(path))
     return fs
 
 
 def _check_features_file(cfg) -> Path:
+    """The feature file, after the checks of every open: its size against its checksum file, and its CRC too
+    when it is at most :data:`FULL_CHECK_BYTES` (the rows read are checked finite and unit length as they are read;
+    ``visualsearch check`` checks the CRC of any size)."""
     path = features_path(cfg)
     if not path.exists():
         raise VisualSearchError(f"no features for backbone {cfg.backbone.name} at {path}; run "
                                 f"`visualsearch extract -c {cfg.source}` first")
+    try:
+        full = path.stat().st_size <= FULL_CHECK_BYTES
+    except OSError:
+        full = False
+    verify(path, full=full, redo=REWRITE)
     return path
 
 
@@ -745,7 +851,7 @@ def iter_features(cfg, split: Optional[str] = None, batch_size: int = 10_000) ->
     # read a block of rows at a time (plain reads: mapped pages would count in the RSS), keep the split's
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        block = _read_rows(vectors, start, stop)
+        block = _checked(_read_rows(vectors, start, stop), str(path))
         keep = np.arange(stop - start)
         if split is not None:
             keep = keep[np.asarray(columns["split"][start:stop]) == split]
