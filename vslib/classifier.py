@@ -30,16 +30,18 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from vslib import calibration
+from vslib import calibration, integrity
 from vslib.errors import ClassifierError
 from vslib.heads import HEADS
 from vslib.locks import locked
-from vslib.heads.base import ClassifierMixin, as_matrix as _as_matrix, classification_report
+from vslib.heads.base import RETRAIN, ClassifierMixin, as_matrix as _as_matrix, classification_report
 from vslib.heads.base import is_single_image as _is_single_image, write_json as _write_json
 
 log = logging.getLogger(__name__)
@@ -296,14 +298,18 @@ class EmbeddingClassifier(ClassifierMixin):
 def load_model(directory):
     """Load what a head's ``save`` wrote, whatever its kind. Raises :class:`ClassifierError` if missing or incomplete."""
     directory = Path(directory)
+    for name in (METADATA_FILE, LABELS_FILE, MODEL_FILE, "head.npz"):  # small files: a full check on every load
+        if (directory / name).exists() or integrity.sidecar(directory / name).exists():
+            integrity.verify(directory / name, full=True, redo=RETRAIN)
     try:
         meta = json.loads((directory / METADATA_FILE).read_text())
         labels = json.loads((directory / LABELS_FILE).read_text())
     except FileNotFoundError as e:
         raise ClassifierError(f"no complete classifier in {directory} (missing {Path(e.filename).name})") from None
     except (OSError, ValueError) as e:
-        raise ClassifierError(f"the classifier in {directory} is unreadable ({e}); retrain with "
-                              "`visualsearch train`") from None
+        raise integrity.DamagedFile(directory, f"unreadable: {e}", RETRAIN) from None
+    if not isinstance(meta, dict) or not isinstance(labels, list):
+        raise integrity.DamagedFile(directory / METADATA_FILE, "not the JSON a classifier writes", RETRAIN)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ClassifierError(f"{directory} holds a classifier of format {meta.get('format_version')}; "
                               f"this version reads format {FORMAT_VERSION}. Retrain with `visualsearch train`.")
@@ -315,7 +321,12 @@ def load_model(directory):
     state = directory / (MODEL_FILE if issubclass(klass, EmbeddingClassifier) else "head.npz")
     if not state.is_file():
         raise ClassifierError(f"no complete classifier in {directory} (missing {state.name})")
-    clf = klass._from_saved(directory, meta, labels)
+    try:
+        clf = klass._from_saved(directory, meta, labels)
+    except (ClassifierError, integrity.DamagedFile):
+        raise
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise integrity.DamagedFile(state, f"unreadable: {type(e).__name__}: {e}", RETRAIN) from None
     clf.backbone_ = meta.get("backbone")
     clf.backbone_weights_ = meta.get("backbone_weights")
     clf.dataset_ = meta.get("dataset")
@@ -351,9 +362,26 @@ def _cached(cfg, key: str):
         return None
     try:
         return load_model(directory)
-    except (ClassifierError, OSError, ValueError) as e:
+    except (ClassifierError, integrity.DamagedFile, OSError, ValueError) as e:
         log.warning("retraining: the saved classifier in %s cannot be loaded (%s)", directory, e)
         return None
+
+
+def audit(cfg) -> list:
+    """Full check of the configured classifier's files (:class:`~vslib.integrity.Finding` each), and that it loads."""
+    directory = cfg.classifier_dir
+    if not (directory / METADATA_FILE).exists():
+        return [integrity.Finding(str(directory), "classifier", "missing", "not trained yet",
+                                  "`visualsearch train` trains it")]
+    out = [integrity.audit_file(p, "classifier", RETRAIN) for p in sorted(directory.iterdir())
+           if p.is_file() and not p.name.endswith(integrity.SIDECAR) and not p.name.startswith(".")
+           and not p.name.endswith(integrity.DAMAGED)]
+    if not any(f.bad for f in out):
+        try:
+            load_model(directory)
+        except (ClassifierError, integrity.DamagedFile) as e:
+            out.append(integrity.Finding(str(directory), "classifier", "damaged", str(e), RETRAIN))
+    return out
 
 
 def make_head(ccfg):

@@ -26,6 +26,8 @@ hyperparameters), ``_fit_final(X, yi)``, ``_logits(X)`` and ``_state()`` /
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -36,6 +38,8 @@ from vslib.atomic import atomic_path, atomic_write_json
 from vslib.errors import ClassifierError
 
 STATE_FILE = "head.npz"
+#: what the next run does about a damaged classifier
+RETRAIN = "the next `visualsearch train` (or `run`) retrains the classifier"
 LABELS_FILE = "labels.json"
 METADATA_FILE = "metadata.json"
 
@@ -119,10 +123,10 @@ class ClassifierMixin:
         for attr in ("backbone_", "backbone_weights_", "dataset_"):
             if getattr(self, attr, None) is not None:
                 meta.setdefault(attr.rstrip("_"), getattr(self, attr))
-        with atomic_path(directory / state_file, suffix=Path(state_file).suffix) as tmp:
+        with atomic_path(directory / state_file, suffix=Path(state_file).suffix, verified=True) as tmp:
             write_state(tmp)
         write_json(directory / LABELS_FILE, [str(c) for c in self.classes_])
-        write_json(directory / METADATA_FILE, meta)
+        write_json(directory / METADATA_FILE, meta)  # each with its checksum sidecar (vslib.integrity)
         self.metadata_ = meta
         return directory
 
@@ -279,9 +283,10 @@ class Head(ClassifierMixin):
         try:
             with np.load(directory / STATE_FILE) as z:
                 head._load_state({k: z[k] for k in z.files})
-        except (OSError, ValueError, KeyError) as e:
-            raise ClassifierError(f"{directory / STATE_FILE} is unreadable ({e}); retrain with "
-                                  "`visualsearch train`") from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            from vslib.integrity import DamagedFile
+
+            raise DamagedFile(directory / STATE_FILE, f"unreadable: {e}", RETRAIN) from None
         head.n_train_ = int(meta.get("n_train", 0))
         head.selected_ = meta.get("selected", {})
         head.oof_accuracy_ = meta.get("oof_accuracy")
@@ -297,7 +302,7 @@ def is_single_image(x: Any) -> bool:
 
 
 def write_json(path: Path, obj) -> None:
-    atomic_write_json(path, obj, default=_json_default)
+    atomic_write_json(path, obj, default=_json_default, verified=True)
 
 
 def _json_default(o):
