@@ -405,6 +405,11 @@ def _validate(cfg: Config, source: str) -> None:
     if cfg.backbone.name == "resnet50" and not cfg.backbone.weights:
         raise ConfigError(f"{source}: backbone.weights is required for resnet50: 'imagenet' (downloads "
                           "the weights; needs internet) or the path of a local weights file")
+    for key in ("data", "models", "reports"):
+        where = cfg.path(getattr(cfg.paths, key))
+        if where.exists() and not where.is_dir():
+            raise ConfigError(f"{source}: paths.{key} is {str(where)!r}, which is a file, not a folder; point it at "
+                              "a folder (it is created when missing)")
     template = cfg.index.elasticsearch.index_name
     try:
         template.format(dataset="d", backbone="b")

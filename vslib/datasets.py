@@ -42,6 +42,7 @@ import pandas as pd
 from vslib.atomic import atomic_path
 from vslib.config import Config, DatasetConfig
 from vslib.errors import MACHINE_ERRNOS, DatasetError, environment_fault
+from vslib.integrity import DamagedFile, Finding, audit_file, set_aside, verify
 from vslib.locks import locked
 from vslib.images import ImageError, file_hash, load_image
 
@@ -73,6 +74,10 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+#: the label of a file found beside the class folders (at the dataset root): it is listed as skipped, never used
+OUTSIDE_CLASS = ""
+
+
 def folder_items(root: Path, *, drop: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     """``root/<class>/<file>`` pairs; files nested deeper count for their top class folder.
 
@@ -84,7 +89,8 @@ def folder_items(root: Path, *, drop: tuple[str, ...] = ()) -> list[tuple[str, s
     if not root.is_dir():
         raise DatasetError(f"dataset folder {str(root)!r} does not exist; set dataset.root to a folder "
                            "holding one sub-folder of images per class")
-    out = []
+    out = [(str(f.absolute()), OUTSIDE_CLASS) for f in sorted(root.iterdir())  # listed as skipped by prepare
+           if not f.is_dir() and not _is_hidden(f.name)]
     for cls in sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name)):
         if cls.name in drop:
             continue
@@ -92,7 +98,7 @@ def folder_items(root: Path, *, drop: tuple[str, ...] = ()) -> list[tuple[str, s
             if not f.is_dir() and not any(_is_hidden(part) for part in f.relative_to(root).parts):
                 # a dangling link is listed under its own name (check_file records why it is skipped)
                 out.append((str(f.resolve() if f.exists() else f.absolute()), cls.name))
-    if not out:
+    if all(label == OUTSIDE_CLASS for _, label in out):
         raise DatasetError(f"dataset folder {str(root)!r} holds no class sub-folders with files "
                            "(expected root/<class>/<image>)")
     return out
@@ -436,7 +442,14 @@ def prepare(cfg: Config, *, force: bool = False, progress: bool = True,
     checks_path = cfg.dataset_dir / "checks.parquet"
     previous = {}
     if checks_path.exists() and not force:
-        previous = {r.path: r for r in pd.read_parquet(checks_path).itertuples(index=False)}
+        try:
+            verify(checks_path, full=True, redo="its checks are redone by this run")
+            previous = {r.path: r for r in pd.read_parquet(checks_path).itertuples(index=False)}
+        except (DamagedFile, OSError, ValueError, AttributeError) as e:  # ArrowInvalid is a ValueError
+            moved = set_aside(checks_path)
+            echo(f"warning: {checks_path}: damaged ({getattr(e, 'reason', e)}); set aside as "
+                 f"{moved.name if moved else '-'}, every image is checked again")
+            previous = {}
     stamps = [_stat_key(p) for p in df["path"]]
 
     rows: list[Optional[dict]] = [None] * len(df)
@@ -456,6 +469,10 @@ def prepare(cfg: Config, *, force: bool = False, progress: bool = True,
                 rows[i] = row
     df = pd.concat([df, pd.DataFrame(rows, index=df.index, columns=CHECK_COLUMNS)], axis=1)
     write_parquet(df.assign(stamp=stamps), checks_path)
+    outside = df["label"] == OUTSIDE_CLASS  # a file beside the class folders: listed, never used
+    if outside.any():
+        df.loc[outside, "status"] = "skipped"
+        df.loc[outside, "reason"] = "outside any class folder (move it into <root>/<class>/ to use it)"
 
     # Exact duplicates would leak between splits (a query finding itself): keep the first.
     ok = df["status"] == "ok"
@@ -501,9 +518,30 @@ def prepare(cfg: Config, *, force: bool = False, progress: bool = True,
 
 
 def write_parquet(df: pd.DataFrame, path: Path) -> None:
-    """Write atomically: a crash never leaves a half-written file behind."""
-    with atomic_path(path) as tmp:
+    """Write atomically, with a checksum sidecar: a crash never leaves a half-written file behind, and a file
+    changed afterwards is found when it is read."""
+    with atomic_path(path, verified=True) as tmp:
         df.to_parquet(tmp, index=False)
+
+
+def audit(cfg: Config) -> list[Finding]:
+    """Full check of the dataset's manifest and checks file (:class:`~vslib.integrity.Finding` each)."""
+    out = []
+    for path, what, redo in ((cfg.manifest_path, "manifest", "the next `visualsearch run` (or `data prepare`) "
+                                                             "rewrites it"),
+                             (cfg.dataset_dir / "checks.parquet", "image checks", "the next `visualsearch run` "
+                                                                                  "(or `data prepare`) redoes them")):
+        if not path.exists():
+            out.append(Finding(str(path), what, "missing", "not prepared yet", redo))
+            continue
+        f = audit_file(path, what, redo)
+        if not f.bad:
+            try:
+                pd.read_parquet(path, columns=["path"])
+            except (OSError, ValueError, KeyError) as e:
+                f.status, f.reason = "damaged", f"unreadable: {e}"
+        out.append(f)
+    return out
 
 
 def _reason_kind(reason: str) -> str:
@@ -551,7 +589,12 @@ def load_manifest(cfg: Config, *, include_skipped: bool = False, columns=None) -
         raise DatasetError(f"no manifest at {cfg.manifest_path}; run `visualsearch data prepare -c {cfg.source}` first")
     if columns is not None:
         columns = list(dict.fromkeys([*columns, "status"]))
-    df = pd.read_parquet(cfg.manifest_path, columns=columns)
+    redo = f"the next `visualsearch run` (or `visualsearch data prepare -c {cfg.source}`) rewrites it"
+    verify(cfg.manifest_path, full=True, redo=redo)
+    try:
+        df = pd.read_parquet(cfg.manifest_path, columns=columns)
+    except (OSError, ValueError, KeyError) as e:
+        raise DamagedFile(cfg.manifest_path, f"unreadable: {e}", redo) from None
     if not include_skipped:
         df = df[df["status"] == "ok"].reset_index(drop=True)
     return df
