@@ -324,6 +324,16 @@ MAP_W, MAP_H, MAP_PAD = 760, 520, 16
 MAP_FONT = 11  # px: class names at the cluster centres (legible at the size shown: the SVG is never scaled)
 
 
+def audit_umap(cfg: Config) -> list:
+    """Full check of the explorer's UMAP caches beside the feature file (a damaged one is recomputed when next used)."""
+    from vslib import features
+    from vslib.integrity import audit_file
+
+    folder = features.features_path(cfg).parent
+    return [audit_file(p, "UMAP cache", "the explorer recomputes it when the map is next drawn")
+            for p in sorted(folder.glob(f"umap-{cfg.dataset.name}-*.npy"))] if folder.is_dir() else []
+
+
 def map_points(cfg: Config):
     """The embedding map's points: a DataFrame with ``path, label, split, x, y``, one row per image (index + query).
 
@@ -344,11 +354,15 @@ def map_points(cfg: Config):
     cache = features.features_path(cfg).with_name(f"umap-{cfg.dataset.name}-{digest.hexdigest()[:16]}.npy")
     xy = None
     if cache.exists():
+        from vslib.integrity import DamagedFile, verify
+
         try:
+            verify(cache, full=True, redo="recomputed now")
             xy = np.load(cache, allow_pickle=False)
-        except (OSError, ValueError):
+        except (DamagedFile, OSError, ValueError) as e:
+            log.warning("%s: damaged UMAP cache (%s); recomputing it", cache, getattr(e, "reason", e))
             xy = None
-        if xy is not None and xy.shape != (len(fs), 2):
+        if xy is not None and (xy.shape != (len(fs), 2) or not np.isfinite(xy).all()):
             xy = None
     if xy is None:
         log.info("computing the UMAP of %d embeddings for the explorer's map (cached in %s)", len(fs), cache)
@@ -357,7 +371,7 @@ def map_points(cfg: Config):
 
         buf = io.BytesIO()
         np.save(buf, xy)
-        atomic_write_bytes(cache, buf.getvalue())
+        atomic_write_bytes(cache, buf.getvalue(), verified=True)
     points = fs.table[["path", "label", "split"]].astype(str).copy()
     points["x"], points["y"] = xy[:, 0], xy[:, 1]
     return points
