@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 import uuid
 from typing import Optional
@@ -246,6 +247,10 @@ def alias_name(template: str, dataset: Optional[str] = None, backbone: Optional[
     return template.format(dataset=dataset or "default", backbone=backbone or "default").lower()
 
 
+#: key of the index ``_meta`` where :meth:`ElasticsearchIndex.bulk_session` records the refresh setting it replaced
+BULK_META = "visualsearch_bulk"
+
+
 def _concrete_name(alias: str) -> str:
     return f"{alias}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
@@ -340,6 +345,7 @@ class ElasticsearchIndex(VectorIndex):
                        alias=alias, backbone=cfg.backbone.name, dataset=cfg.dataset.name)
             self._create(_concrete_name(alias), with_alias=False)
             self._fresh = True
+            self.delete_orphans()  # what rebuilds killed before publishing left (one rebuild of an alias at a time)
             return self
         except BaseException:
             client.close()
@@ -567,9 +573,15 @@ class ElasticsearchIndex(VectorIndex):
         self._check_open()
         settings = self._call("read the settings", self.client.indices.get_settings, index=self.index_name,
                               name="index.refresh_interval").body
-        original = (next(iter(settings.values()), {}).get("settings", {}).get("index", {}).get("refresh_interval")
-                    if settings else None)
+        current = (next(iter(settings.values()), {}).get("settings", {}).get("index", {}).get("refresh_interval")
+                   if settings else None)
+        saved = self._bulk_record()
+        if saved.get("active"):  # a load killed mid-way recorded the setting it replaced: that is the original
+            original = saved.get("value")
+        else:  # -1 with no record was left by an older version's killed load: periodic refresh is the default
+            original = None if str(current) == "-1" else current
         try:
+            self._set_bulk_record({"active": True, "value": original})  # before refresh goes off: a crash keeps it
             self._put_refresh_interval("-1")
         except IndexPermissionError as e:
             log.warning("indexing without turning periodic refresh off: %s", e)
@@ -587,8 +599,48 @@ class ElasticsearchIndex(VectorIndex):
             self._in_bulk = False
             try:
                 self._put_refresh_interval(original)  # None resets it to the server's default
+                self._set_bulk_record({"active": False, "value": None})
             finally:
                 self._refresh()
+
+    def _bulk_record(self) -> dict:
+        """What :meth:`bulk_session` recorded in the index's ``_meta`` (``{"active", "value"}``; {} when nothing)."""
+        try:
+            mapping = self._call("read the mapping", self.client.indices.get_mapping, index=self.index_name).body
+        except IndexBackendError:
+            return {}
+        meta = next(iter(mapping.values()), {}).get("mappings", {}).get("_meta") or {}
+        record = meta.get(BULK_META)
+        return record if isinstance(record, dict) else {}
+
+    def _set_bulk_record(self, record: dict) -> None:
+        mapping = self._call("read the mapping", self.client.indices.get_mapping, index=self.index_name).body
+        meta = dict(next(iter(mapping.values()), {}).get("mappings", {}).get("_meta") or {})
+        meta[BULK_META] = record  # the whole _meta is sent: Elasticsearch replaces it
+        self._call("change the settings", self.client.indices.put_mapping, index=self.index_name, meta=meta)
+
+    def orphans(self) -> list[str]:
+        """Concrete indexes this alias's rebuilds made (``<alias>-YYYYmmdd-HHMMSS-xxxxxx``) that the alias does not
+        point to and that are not this index: left by a rebuild killed before it published."""
+        pattern = re.compile(re.escape(self.alias) + r"-\d{8}-\d{6}-[0-9a-f]{6}$")
+        found = self._call("read the alias", self.client.options(ignore_status=404).indices.get,
+                           index=f"{self.alias}-*", expand_wildcards="open,closed").body or {}
+        live = self._call("read the alias", self.client.options(ignore_status=404).indices.get_alias,
+                          name=self.alias).body or {}
+        live = {k for k, v in live.items() if isinstance(v, dict) and "aliases" in v}
+        return sorted(n for n in found if pattern.match(n) and n not in live and n != self.index_name)
+
+    def delete_orphans(self) -> list[str]:
+        """Delete :meth:`orphans` (one log line each); never the index the alias points to."""
+        gone = []
+        for name in self.orphans():
+            try:
+                self._call("delete the index", self.client.options(ignore_status=404).indices.delete, index=name)
+                log.info("deleted %r, left by a rebuild that did not finish", name)
+                gone.append(name)
+            except IndexBackendError as e:
+                log.warning("could not delete %r, left by a rebuild that did not finish: %s", name, e)
+        return gone
 
     def refresh_interval(self) -> Optional[str]:
         """The index's explicit ``refresh_interval`` setting (None: the server's default)."""
@@ -695,5 +747,42 @@ def _failure(item: dict) -> tuple[str, str]:
     return str(op.get("_id")), f"[{op.get('status')}] {reason}"
 
 
+def audit(cfg) -> list:
+    """The configured alias's state as :class:`~vslib.integrity.Finding` s: its concrete index and count, an index
+    left with periodic refresh off (``refresh_interval: -1``, by a load killed mid-way), orphan concrete indexes."""
+    from vslib.integrity import Finding
+
+    es_cfg = cfg.index.elasticsearch
+    alias = alias_name(es_cfg.index_name, cfg.dataset.name, cfg.backbone.name)
+    where = ", ".join(redact(h) for h in es_cfg.hosts)
+    try:
+        index = ElasticsearchIndex.from_config(cfg, create=False)
+    except IndexNotFoundError:
+        return [Finding(f"{where}/{alias}", "Elasticsearch index", "missing", "not built yet",
+                        "`visualsearch index` builds it")]
+    except IndexBackendError as e:
+        return [Finding(f"{where}/{alias}", "Elasticsearch index", "warning", f"not checked: {e}", "")]
+    out = []
+    try:
+        name = f"{where}/{index.index_name}"
+        refresh = index.refresh_interval()
+        record = index._bulk_record()
+        if str(refresh) == "-1" or record.get("active"):
+            out.append(Finding(name, "Elasticsearch index", "damaged",
+                               "periodic refresh is off (refresh_interval -1, left by a load that did not finish)",
+                               "the next `visualsearch index` restores the original setting"))
+        else:
+            out.append(Finding(name, "Elasticsearch index", "ok", f"{index.count()} documents behind alias {alias!r}"))
+        for orphan in index.orphans():
+            out.append(Finding(f"{where}/{orphan}", "orphan Elasticsearch index", "warning",
+                               "left by a rebuild that did not finish", "the next `visualsearch index --rebuild` "
+                                                                        "deletes it"))
+    except IndexBackendError as e:
+        out.append(Finding(f"{where}/{alias}", "Elasticsearch index", "warning", f"not checked: {e}", ""))
+    finally:
+        index.close()
+    return out
+
+
 __all__ = ["CLIENT_REQUIREMENT", "PRIVILEGES", "ElasticsearchIndex", "alias_name", "check_compatibility",
-           "client_version", "connect", "redact", "translate"]
+           "audit", "client_version", "connect", "redact", "translate"]
