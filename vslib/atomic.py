@@ -91,9 +91,30 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2,
                       default: Optional[Callable[[Any], Any]] = None, verified: bool = False) -> Path:
     """Write ``obj`` as strict JSON to ``path`` atomically (serialised first: a bad value writes nothing;
-    NaN and infinities are refused, as strict JSON parsers would refuse them)."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, default=default, allow_nan=False),
+    NaN and infinities become null, which every JSON parser reads: see :func:`strict_json`)."""
+    return atomic_write_text(path, json.dumps(strict_json(obj), indent=indent, default=default, allow_nan=False),
                              verified=verified)
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every float NaN or infinity (Python's or numpy's) replaced by None, so ``json.dumps`` writes
+    strict JSON (RFC 8259 has no NaN or Infinity; Python writes them unless told not to)."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.floating):
+            return float(obj) if np.isfinite(obj) else None
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    return obj
 
 
 def atomic_savez(path: str | os.PathLike, /, *, verified: bool = False, **arrays) -> Path:
@@ -106,5 +127,5 @@ def atomic_savez(path: str | os.PathLike, /, *, verified: bool = False, **arrays
     return Path(path)
 
 
-__all__ = ["TEMP_GLOB", "atomic_path", "atomic_savez", "atomic_write_bytes", "atomic_write_json",
+__all__ = ["TEMP_GLOB", "strict_json", "atomic_path", "atomic_savez", "atomic_write_bytes", "atomic_write_json",
            "atomic_write_text", "ensure_dir"]

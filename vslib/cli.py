@@ -63,20 +63,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _strict(obj):
-    """``obj`` with every NaN or infinity replaced by None, so the JSON printed is strict (RFC 8259)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    return obj
-
-
 def dumps(obj) -> str:
     """The CLI's JSON: indented, strict (never NaN or Infinity)."""
-    return json.dumps(_strict(obj), indent=2, allow_nan=False)
+    from vslib.atomic import strict_json
+
+    return json.dumps(strict_json(obj), indent=2, allow_nan=False)
 
 
 def _config(args):

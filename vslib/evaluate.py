@@ -376,6 +376,16 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def md_cell(value) -> str:
+    """``value`` as one Markdown table cell: HTML, pipes, backticks and newlines escaped (a class or file name is
+    data, never markup, and never splits a row)."""
+    import html
+
+    text = html.escape(str(value), quote=False)
+    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+    return " ".join(text.splitlines()) if ("\n" in text or "\r" in text) else text
+
+
 def write_results(cfg: Config, results: dict) -> Path:
     from vslib.atomic import atomic_write_json, atomic_write_text
 
@@ -388,7 +398,8 @@ def write_results(cfg: Config, results: dict) -> Path:
         labels = sorted(next(iter(results["per_class"].values())))
         md += [f"### Per-class precision@{k}", "", "| class | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
         for lbl in labels:
-            md.append(f"| {lbl} | " + " | ".join(f"{results['per_class'][m][lbl]:.2f}" for m in modes) + " |")
+            md.append(f"| {md_cell(lbl)} | " + " | ".join(f"{results['per_class'][m][lbl]:.2f}" for m in modes)
+                      + " |")
     atomic_write_text(out / RESULTS_MD, "\n".join(md) + "\n")
     return out / RESULTS_JSON
 

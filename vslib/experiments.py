@@ -39,7 +39,6 @@ import html
 import itertools
 import json
 import logging
-import math
 import os
 import platform
 import re
@@ -53,7 +52,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
-from vslib.atomic import atomic_write_text
+from vslib.atomic import atomic_write_json, atomic_write_text
 from vslib.config import Config, ConfigError, apply_overrides, parse_value
 from vslib.integrity import DamagedFile, audit_file, verify
 from vslib.redact import SECRET_KEYS, is_marker, redact_config, redact_obj, redact_text, secrets_of, strip_userinfo
@@ -399,18 +398,7 @@ def read_record(folder: Path) -> Optional[dict]:
 
 def _write_json(path: Path, obj: Any, secrets=()) -> None:
     """Strict JSON with a checksum sidecar; every string scrubbed of ``secrets`` (and URL userinfo, tokens)."""
-    atomic_write_text(path, json.dumps(_finite(redact_obj(obj, secrets)), indent=2, default=str, allow_nan=False),
-                      verified=True)
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+    atomic_write_json(path, redact_obj(obj, secrets), default=str, verified=True)
 
 
 def audit(cfg: Config) -> list:

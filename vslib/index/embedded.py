@@ -766,7 +766,14 @@ def audit(cfg) -> list[Finding]:
     try:
         meta = _read_meta(meta_file)
         folder = path / _generation(meta, meta_file)
-        _check_files(folder, meta, full=True)
+        bad = []
+        for name, fp in (meta.get("files") or {}).items():  # each file on its own: every damaged one is named
+            try:
+                _check_files(folder, {"files": {name: fp}}, full=True)
+            except DamagedFile as e:
+                bad.append(Finding(str(e.path), "embedded index", "damaged", e.reason, REBUILD))
+        if bad:
+            return bad
         vectors = np.load(folder / "vectors.npy", mmap_mode="r")
         if vectors.shape != (int(meta["count"]), int(meta["dim"])):
             raise DamagedFile(folder / "vectors.npy", f"shape {vectors.shape}, meta.json says "
