@@ -404,10 +404,8 @@ class EmbeddedIndex(VectorIndex):
             old = json.loads(meta_file.read_text()).get("generation") if meta_file.exists() else None
         except (OSError, ValueError):
             old = None  # a damaged meta.json is replaced by this save
-        numbers = [int(c.name[1:]) for c in self.path.iterdir() if GENERATION.match(c.name)]
-        if isinstance(old, str) and GENERATION.match(old):
-            numbers.append(int(old[1:]))
-        gen = f"g{max(numbers, default=0) + 1:06d}"  # never the name of a folder already there
+        number = int(old[1:]) + 1 if isinstance(old, str) and GENERATION.match(old) else 1
+        gen = f"g{number % 1_000_000:06d}"  # a leftover folder of that name (a killed save) is replaced below
         files = {}
         # a new generation is written whole in a hidden folder, then named; meta.json (written
         # atomically, last) points at it. On any fault the folder is removed and the index on
