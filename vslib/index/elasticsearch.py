@@ -32,7 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import socket
+import threading
 import time
 import uuid
 from typing import Optional
@@ -249,6 +252,58 @@ def alias_name(template: str, dataset: Optional[str] = None, backbone: Optional[
 
 #: key of the index ``_meta`` where :meth:`ElasticsearchIndex.bulk_session` records the refresh setting it replaced
 BULK_META = "visualsearch_bulk"
+#: key of an unpublished index's ``_meta`` where its rebuild leaves signs of life (host, PID, time)
+BUILD_META = "visualsearch_build"
+#: seconds between a rebuild's signs of life ...
+HEARTBEAT_S = 60.0
+#: ... and how long one unheard of is presumed running when its PID cannot be checked (another machine)
+ORPHAN_AFTER_S = 600.0
+
+
+def _machine() -> str:
+    """This machine: host name and boot id (a PID means something only on the machine and boot it came from)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _build_record() -> dict:
+    return {"host": socket.gethostname(), "machine": _machine(), "pid": os.getpid(), "alive_at": round(time.time(), 3)}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _rebuild_running(record, now: float, orphan_after: float) -> Optional[str]:
+    """Why the rebuild that made an unpublished index may still be running; None when it is not (an orphan).
+
+    On this machine a dead PID settles it at once; otherwise a sign of life within
+    ``orphan_after`` seconds means running. Indexes of older versions carry no record.
+    """
+    if not isinstance(record, dict):
+        return None
+    try:
+        age = now - float(record.get("alive_at"))
+    except (TypeError, ValueError):
+        return None
+    pid = record.get("pid")
+    if record.get("machine") == _machine() and isinstance(pid, int) and not _pid_alive(pid):
+        return None
+    if age < orphan_after:
+        return f"a rebuild (PID {pid} on {record.get('host')}) gave a sign of life {max(age, 0):.0f} s ago"
+    return None
 
 
 def _concrete_name(alias: str) -> str:
@@ -288,6 +343,10 @@ class ElasticsearchIndex(VectorIndex):
         self.initial_backoff = 1.0
         self._in_bulk = False
         self._fresh = False
+        #: an unpublished index whose rebuild gave no sign of life for this long is an orphan; tests lower it
+        self.orphan_after = ORPHAN_AFTER_S
+        self._meta_lock = threading.Lock()
+        self._heartbeat = None
 
     # -- opening ----------------------------------------------------------------
     @classmethod
@@ -345,7 +404,8 @@ class ElasticsearchIndex(VectorIndex):
                        alias=alias, backbone=cfg.backbone.name, dataset=cfg.dataset.name)
             self._create(_concrete_name(alias), with_alias=False)
             self._fresh = True
-            self.delete_orphans()  # what rebuilds killed before publishing left (one rebuild of an alias at a time)
+            self._start_heartbeat()  # so that another rebuild of the alias never takes this one for an orphan
+            self._sweep()  # what rebuilds killed before publishing left
             return self
         except BaseException:
             client.close()
@@ -390,7 +450,8 @@ class ElasticsearchIndex(VectorIndex):
         es = _es()
         mappings = {
             "_meta": {"created_by": "visualsearch",
-                      **{k: v for k, v in (("backbone", self.backbone), ("dataset", self.dataset)) if v}},
+                      **{k: v for k, v in (("backbone", self.backbone), ("dataset", self.dataset)) if v},
+                      **({} if with_alias else {BUILD_META: _build_record()})},
             "dynamic_templates": [
                 {"strings_as_keywords": {"match_mapping_type": "string", "mapping": {"type": "keyword"}}}],
             "properties": {
@@ -522,6 +583,7 @@ class ElasticsearchIndex(VectorIndex):
 
     def close(self) -> None:
         if not self.closed:
+            self._stop_heartbeat()
             self.closed = True
             self.client.close()
 
@@ -537,6 +599,14 @@ class ElasticsearchIndex(VectorIndex):
     def publish(self) -> None:
         """Point the alias at this (freshly built) index in one request, then delete the indexes it left."""
         self._check_open()
+        if self._fresh:  # still ours? a bulk into an index deleted meanwhile re-creates it without the mapping
+            mapping = self._call("read the mapping", self.client.indices.get_mapping, index=self.index_name).body
+            m = next(iter(mapping.values()), {}).get("mappings", {})
+            if (m.get("_meta") or {}).get("created_by") != "visualsearch" or \
+                    m.get("properties", {}).get(VECTOR_FIELD, {}).get("type") != "dense_vector":
+                raise IndexBackendError(f"Elasticsearch index {self.index_name!r} at {self.where} lost its mapping "
+                                        "while this rebuild ran (deleted and re-created by a bulk write); the alias "
+                                        f"{self.alias!r} was not moved; rerun `visualsearch index --rebuild`")
         found = self._call("read the alias", self.client.options(ignore_status=404).indices.get_alias,
                            name=self.alias).body
         old = sorted(k for k, v in found.items() if isinstance(v, dict) and "aliases" in v)
@@ -549,6 +619,7 @@ class ElasticsearchIndex(VectorIndex):
         actions.append({"add": {"index": self.index_name, "alias": self.alias}})
         self._call("move the alias", self.client.indices.update_aliases, actions=actions)
         self._fresh = False
+        self._stop_heartbeat()
         for o in old:
             if o != self.index_name:
                 try:
@@ -557,6 +628,7 @@ class ElasticsearchIndex(VectorIndex):
                     log.warning("could not delete the previous index %r: %s", o, e)
         log.info("alias %r now points to %r%s", self.alias, self.index_name,
                  f" (deleted {', '.join(o for o in old if o != self.index_name)})" if old else "")
+        self._sweep()
 
     def discard(self) -> None:
         """Delete an index from :meth:`create_fresh` that was never published."""
@@ -575,11 +647,23 @@ class ElasticsearchIndex(VectorIndex):
                               name="index.refresh_interval").body
         current = (next(iter(settings.values()), {}).get("settings", {}).get("index", {}).get("refresh_interval")
                    if settings else None)
-        saved = self._bulk_record()
-        if saved.get("active"):  # a load killed mid-way recorded the setting it replaced: that is the original
-            original = saved.get("value")
-        else:  # -1 with no record was left by an older version's killed load: periodic refresh is the default
-            original = None if str(current) == "-1" else current
+        if not self._fresh:  # a rebuild sweeps in create_fresh; any load of the live index does too
+            self._sweep()
+        original = current
+        if str(current) == "-1":
+            saved = self._bulk_record()
+            if saved.get("active"):  # a load killed mid-way recorded the setting it replaced: that is the original
+                original = saved.get("value")
+                log.warning("Elasticsearch index %r was left with periodic refresh off by a load that did not "
+                            "finish; this load restores refresh_interval %s", self.index_name,
+                            original or "to the server's default")
+            else:  # no record: an older version's killed load left it; periodic refresh is the default
+                original = None
+                log.warning("Elasticsearch index %r has refresh_interval -1 and no record of the setting it "
+                            "replaced (left by an older version?); this load resets it to the server's default",
+                            self.index_name)
+            if str(original) == "-1":  # never remembered
+                original = None
         try:
             self._set_bulk_record({"active": True, "value": original})  # before refresh goes off: a crash keeps it
             self._put_refresh_interval("-1")
@@ -614,21 +698,60 @@ class ElasticsearchIndex(VectorIndex):
         return record if isinstance(record, dict) else {}
 
     def _set_bulk_record(self, record: dict) -> None:
-        mapping = self._call("read the mapping", self.client.indices.get_mapping, index=self.index_name).body
-        meta = dict(next(iter(mapping.values()), {}).get("mappings", {}).get("_meta") or {})
-        meta[BULK_META] = record  # the whole _meta is sent: Elasticsearch replaces it
-        self._call("change the settings", self.client.indices.put_mapping, index=self.index_name, meta=meta)
+        self._set_meta(BULK_META, record)
 
-    def orphans(self) -> list[str]:
-        """Concrete indexes this alias's rebuilds made (``<alias>-YYYYmmdd-HHMMSS-xxxxxx``) that the alias does not
-        point to and that are not this index: left by a rebuild killed before it published."""
-        pattern = re.compile(re.escape(self.alias) + r"-\d{8}-\d{6}-[0-9a-f]{6}$")
+    def _set_meta(self, key: str, value) -> None:
+        """Set one key of the index's mapping ``_meta`` (the whole ``_meta`` is sent: Elasticsearch replaces it)."""
+        with self._meta_lock:  # the heartbeat thread writes it too
+            mapping = self._call("read the mapping", self.client.indices.get_mapping, index=self.index_name).body
+            meta = dict(next(iter(mapping.values()), {}).get("mappings", {}).get("_meta") or {})
+            meta[key] = value
+            self._call("change the settings", self.client.indices.put_mapping, index=self.index_name, meta=meta)
+
+    def _start_heartbeat(self) -> None:
+        """A daemon thread that renews :data:`BUILD_META` every :data:`HEARTBEAT_S` s until publish or close."""
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(HEARTBEAT_S):
+                try:
+                    self._set_meta(BUILD_META, _build_record())
+                except Exception as e:  # noqa: BLE001 - a missed beat only shortens the lease
+                    log.debug("no sign of life written for %r: %s", self.index_name, e)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{self.index_name}", daemon=True)
+        thread.start()
+        self._heartbeat = (stop, thread)
+
+    def _stop_heartbeat(self) -> None:
+        beat, self._heartbeat = self._heartbeat, None
+        if beat is not None:
+            beat[0].set()
+            beat[1].join(timeout=self.request_timeout + 5)
+
+    def unpublished(self) -> list[tuple[str, Optional[str]]]:
+        """``(name, running)`` for each concrete index this alias's rebuilds made (``<alias>-YYYYmmdd-HHMMSS-xxxxxx``,
+        created by VisualSearch) that no alias points to and that is not this index; ``running`` says why its
+        rebuild may still be going on (see :func:`_rebuild_running`), None for an orphan."""
+        pattern = re.compile(re.escape(self.alias) + r"-\d{8}-\d{6}-[0-9a-f]{6}")
         found = self._call("read the alias", self.client.options(ignore_status=404).indices.get,
                            index=f"{self.alias}-*", expand_wildcards="open,closed").body or {}
         live = self._call("read the alias", self.client.options(ignore_status=404).indices.get_alias,
                           name=self.alias).body or {}
         live = {k for k, v in live.items() if isinstance(v, dict) and "aliases" in v}
-        return sorted(n for n in found if pattern.match(n) and n not in live and n != self.index_name)
+        now, out = time.time(), []
+        for name, body in sorted(found.items()):
+            if not isinstance(body, dict) or not pattern.fullmatch(name) or name in live or name == self.index_name:
+                continue
+            meta = (body.get("mappings") or {}).get("_meta") or {}
+            if body.get("aliases") or meta.get("created_by") != "visualsearch":  # in use elsewhere, or not ours
+                continue
+            out.append((name, _rebuild_running(meta.get(BUILD_META), now, self.orphan_after)))
+        return out
+
+    def orphans(self) -> list[str]:
+        """The :meth:`unpublished` indexes whose rebuild is over: left by a rebuild killed before it published."""
+        return [name for name, running in self.unpublished() if running is None]
 
     def delete_orphans(self) -> list[str]:
         """Delete :meth:`orphans` (one log line each); never the index the alias points to."""
@@ -641,6 +764,12 @@ class ElasticsearchIndex(VectorIndex):
             except IndexBackendError as e:
                 log.warning("could not delete %r, left by a rebuild that did not finish: %s", name, e)
         return gone
+
+    def _sweep(self) -> None:
+        try:
+            self.delete_orphans()
+        except IndexBackendError as e:  # leftovers only cost disk: never fail a rebuild for them
+            log.warning("could not look for indexes left by rebuilds that did not finish: %s", e)
 
     def refresh_interval(self) -> Optional[str]:
         """The index's explicit ``refresh_interval`` setting (None: the server's default)."""
@@ -748,37 +877,69 @@ def _failure(item: dict) -> tuple[str, str]:
 
 
 def audit(cfg) -> list:
-    """The configured alias's state as :class:`~vslib.integrity.Finding` s: its concrete index and count, an index
-    left with periodic refresh off (``refresh_interval: -1``, by a load killed mid-way), orphan concrete indexes."""
+    """The configured alias's state as :class:`~vslib.integrity.Finding` s (never raises for the server's state).
+
+    Reports the concrete index behind the alias and its document count; an index left
+    with periodic refresh off (``refresh_interval: -1`` by a load killed mid-way:
+    "damaged", as documents sent since the last refresh are missing from every answer
+    until the next ``visualsearch index`` restores the setting); each orphan concrete
+    index ("warning": the next ``visualsearch index`` deletes it) and each rebuild in
+    progress ("ok"). An unreachable server is one "warning" saying so.
+    """
     from vslib.integrity import Finding
 
+    what = "Elasticsearch index"
     es_cfg = cfg.index.elasticsearch
     alias = alias_name(es_cfg.index_name, cfg.dataset.name, cfg.backbone.name)
     where = ", ".join(redact(h) for h in es_cfg.hosts)
+    rebuild = "`visualsearch index --rebuild` rebuilds it"
     try:
-        index = ElasticsearchIndex.from_config(cfg, create=False)
-    except IndexNotFoundError:
-        return [Finding(f"{where}/{alias}", "Elasticsearch index", "missing", "not built yet",
-                        "`visualsearch index` builds it")]
+        client = connect(es_cfg)
     except IndexBackendError as e:
-        return [Finding(f"{where}/{alias}", "Elasticsearch index", "warning", f"not checked: {e}", "")]
+        return [Finding(f"{where}/{alias}", what, "warning", f"not checked: {e}", "")]
+    index = ElasticsearchIndex(client, alias, 1, es_cfg=es_cfg, where=where, alias=alias,
+                               backbone=cfg.backbone.name, dataset=cfg.dataset.name)
     out = []
     try:
-        name = f"{where}/{index.index_name}"
-        refresh = index.refresh_interval()
-        record = index._bulk_record()
-        if str(refresh) == "-1" or record.get("active"):
-            out.append(Finding(name, "Elasticsearch index", "damaged",
-                               "periodic refresh is off (refresh_interval -1, left by a load that did not finish)",
-                               "the next `visualsearch index` restores the original setting"))
+        try:
+            mapping = index._call("read the mapping", client.indices.get_mapping, index=alias).body
+        except IndexNotFoundError:
+            mapping = {}
+        if not mapping:
+            out.append(Finding(f"{where}/{alias}", what, "missing", "not built yet", "`visualsearch index` builds it"))
+        elif len(mapping) > 1:
+            out.append(Finding(f"{where}/{alias}", what, "damaged", f"the alias points to {len(mapping)} indexes "
+                               f"({', '.join(sorted(mapping))}); searches would mix them", rebuild))
         else:
-            out.append(Finding(name, "Elasticsearch index", "ok", f"{index.count()} documents behind alias {alias!r}"))
-        for orphan in index.orphans():
-            out.append(Finding(f"{where}/{orphan}", "orphan Elasticsearch index", "warning",
-                               "left by a rebuild that did not finish", "the next `visualsearch index --rebuild` "
-                                                                        "deletes it"))
+            (index.index_name, body), = mapping.items()
+            name = f"{where}/{index.index_name}"
+            try:
+                index._adopt(body.get("mappings", {}), None)
+            except IndexMismatchError as e:
+                out.append(Finding(name, what, "warning", str(e), rebuild))
+            refresh = index.refresh_interval()
+            if str(refresh) == "-1":
+                record = index._bulk_record()
+                restores = (f"restores refresh_interval {record.get('value')}"
+                            if record.get("active") and record.get("value") not in (None, "-1")
+                            else "restores the server's default refresh")
+                cause = ("by a load that did not finish" if record.get("active")
+                         else "with no record of the setting it replaced: an older version's load that did not "
+                              "finish, or set by hand")
+                out.append(Finding(name, what, "damaged", f"periodic refresh is off (refresh_interval -1, left "
+                                   f"{cause}); documents sent since the last refresh are missing from every answer",
+                                   f"the next `visualsearch index` {restores}"))
+            else:
+                out.append(Finding(name, what, "ok", f"{index.count()} documents behind alias {alias!r}"))
+        for orphan, running in index.unpublished():
+            if running:
+                out.append(Finding(f"{where}/{orphan}", "Elasticsearch rebuild in progress", "ok", running))
+            else:
+                out.append(Finding(f"{where}/{orphan}", "orphan Elasticsearch index", "warning",
+                                   "not behind the alias: left by a rebuild that did not finish",
+                                   "the next `visualsearch index` deletes it"))
     except IndexBackendError as e:
-        out.append(Finding(f"{where}/{alias}", "Elasticsearch index", "warning", f"not checked: {e}", ""))
+        out.append(Finding(f"{where}/{alias}", what, "warning", f"not checked: {e}", ""))
     finally:
         index.close()
     return out
