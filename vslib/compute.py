@@ -341,7 +341,7 @@ def bulk_partition(es_cfg, index_name: str, dim: int, path: str, start: int, sto
     [(id, reason), ...])``; failures are returned, not raised, so that one bad
     document does not fail the task.
     """
-    from vslib.features import _read_rows, npz_member
+    from vslib.features import _checked, _read_rows, npz_member
     from vslib.index.base import BulkIndexError
 
     keep = np.flatnonzero(np.asarray(npz_member(path, "split")[start:stop]) == "index")
@@ -350,7 +350,7 @@ def bulk_partition(es_cfg, index_name: str, dim: int, path: str, start: int, sto
                                 f"{len(ids)} ids: the feature file changed during indexing; run it again")
     if not len(keep):
         return 0, []
-    vectors = _read_rows(npz_member(path, "vectors"), start, stop)[keep]
+    vectors = _checked(_read_rows(npz_member(path, "vectors"), start, stop)[keep], path)  # finite, unit length
     columns = {c: np.asarray(npz_member(path, c)[start:stop])[keep] for c in fields}
     metadata = [{**{c: str(columns[c][i]) for c in fields}, "backbone": backbone} for i in range(len(keep))]
     index = worker_es_index(es_cfg, index_name, dim)

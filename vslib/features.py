@@ -29,6 +29,32 @@ from the small ``hashes`` member of each shard without reading any vector; mergi
 and writing the feature file stream the vectors chunk by chunk (:func:`save_npz_streamed`),
 so neither holds a dataset's vectors in memory.
 
+What is checked, and when (:mod:`vslib.integrity`; designed for 100M images, where a shard or
+the feature file is ~0.5 TB and a CRC pass costs what reading it costs):
+
+* **written**: every vector is checked finite and unit length before a shard is written
+  (:meth:`FeatureCache.add`: a backbone output that fails is an error naming the image's
+  content hash, and nothing is cached); shards and the feature file get a checksum sidecar
+  (``<name>.sum``: size and CRC-32);
+* **extract**: reads every shard whole anyway (it merges them and streams every vector
+  into the feature file), so it checks every shard's CRC on opening the cache
+  (``FeatureCache(full=True)``), and the vectors of a shard without a checksum (an older
+  version's); a damaged shard is set aside (``*.damaged``, one warning line naming it and
+  its image count) and its images count as not cached, so this run computes exactly those
+  again. Rows read from a shard are checked finite and unit length as they are read. An
+  existing feature file that fails its check is set aside before it is rewritten;
+* **the feature file, on every open** (:func:`iter_features`, :func:`read_split`,
+  :func:`feature_columns`): its size against its checksum file (a ``stat``), and its CRC
+  too when it is at most :data:`FULL_CHECK_BYTES` (256 MB, ~50,000 images: a fraction of
+  a second); :func:`load_features`, which reads it whole, always checks the CRC. Every
+  row read is checked finite and unit length (a garbled block of vectors shows there
+  even where the CRC was not read). A damaged file is one line
+  (:class:`~vslib.integrity.DamagedFile`, exit 2) naming it and saying that the next
+  ``extract`` (or ``run``) rewrites it from the cache; a file checked once is not checked
+  again by the same process while it is the same file;
+* **on demand**: :func:`audit` (``visualsearch check``) checks every shard and the
+  feature file fully (CRC and every vector), whatever their size.
+
 Images that fail to load are counted as skipped and listed with their reasons.
 A run holds the lock of ``features_dir`` (:mod:`vslib.locks`): a second run at the
 same time waits for it, then finds everything computed.
@@ -302,20 +328,14 @@ class FeatureCache:
         for p in sorted(self.directory.glob("*.npz")):
             try:
                 self._verify(p)
-            except DamagedFile as e:
-                moved = set_aside(p)
-                log.warning("%s (set aside as %s)", e, moved.name if moved else "-")
-                self.damaged.append(p)
-                continue
-            try:
                 with np.load(p, allow_pickle=False) as z:  # members are read on access: the vectors are not
                     backbone, key = str(z["backbone"]), str(z["key"])
                     hashes = hash_keys(z["hashes"])
+            except DamagedFile as e:
+                self._set_aside(p, e.reason)
+                continue
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # a torn file cannot happen (atomic rename)
-                moved = set_aside(p)
-                log.warning("%s: damaged feature shard (unreadable: %s; set aside as %s); its images are "
-                            "re-extracted", p, e, moved.name if moved else "-")
-                self.damaged.append(p)
+                self._set_aside(p, f"unreadable: {e}")
                 continue
             if backbone != self.backbone or key != self.key:
                 log.warning("ignoring feature shard %s: computed by %s (%s), not %s (%s)",
@@ -323,6 +343,18 @@ class FeatureCache:
                 self.foreign.append(p)
                 continue
             self._remember(p, hashes)
+
+    def _set_aside(self, p: Path, reason: str) -> None:
+        """Rename damaged shard ``p`` to ``*.damaged`` (its images then count as not cached) with one warning line."""
+        try:
+            count = f"{len(npz_member(p, 'hashes'))} "  # the index member may well be intact
+        except Exception:  # noqa: BLE001 - any failure to read a damaged file: the count is only informative
+            count = ""
+        moved = set_aside(p)
+        redo = "this run re-extracts them" if self.full else "the next `visualsearch extract` re-extracts them"
+        log.warning("%s: damaged feature shard (%s); set aside as %s, its %simages count as not cached: %s",
+                    p, reason, moved.name if moved else "-", count, redo)
+        self.damaged.append(p)
 
     def _verify(self, p: Path) -> None:
         """Raise DamagedFile unless shard ``p`` is the file written (CRC, when ``full``) and, without a checksum
@@ -378,17 +410,22 @@ class FeatureCache:
         """The known content hashes as UTF-8 bytes, sorted (no vector is read)."""
         return self._index()[0]
 
-    def add(self, hashes, vectors: np.ndarray) -> Path:
-        """Write one batch as a new shard (atomically) and remember it."""
+    def add(self, hashes, vectors: np.ndarray, names: Optional[Sequence] = None) -> Path:
+        """Write one batch as a new shard (atomically, with its checksum) and remember it.
+
+        Every vector is checked finite and unit length first; one that is not is a
+        :class:`~vslib.errors.VisualSearchError` naming its image (``names``, row for row:
+        the images' paths; default their content hashes) and nothing is written."""
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.npz"
         path = self.directory / name
         keys = hash_keys(hashes)
         vectors = np.asarray(vectors, np.float32)
         try:
-            check_unit_vectors(vectors, f"the {self.backbone} backbone's output", names=key_text(keys))
+            check_unit_vectors(vectors, f"the {self.backbone} backbone's output",
+                               names=key_text(keys) if names is None else names)
         except ValueError as e:  # never written: a NaN in the cache would be reused by every later run
-            raise VisualSearchError(f"{e} (content hash); not cached. The model or its converted file may be "
-                                    f"broken: delete models/backbones/{self.backbone}-* and rerun") from None
+            raise VisualSearchError(f"{e}; not cached. The model or its converted file may be broken: delete "
+                                    f"models/backbones/{self.backbone}-* and rerun") from None
         _atomic_savez(path, hashes=key_text(keys), vectors=vectors,
                       backbone=np.array(self.backbone), key=np.array(self.key), verified=True)
         self._remember(path, keys)
@@ -432,8 +469,8 @@ class FeatureCache:
         self._remember(merged, keys)
         for p in old:
             if p != merged:
+                sidecar(p).unlink(missing_ok=True)  # first: a crash between leaves no sidecar of a missing shard
                 p.unlink(missing_ok=True)
-                sidecar(p).unlink(missing_ok=True)
 
         self.foreign = []
         # temporary files of runs killed while writing (an hour old: surely not being written now)
@@ -458,16 +495,21 @@ class FeatureCache:
         with the collection)."""
         codes = np.asarray(codes, np.int64)
         if len(codes) and (np.diff(codes) == 1).all():  # one run of rows in one shard (the usual case)
-            return _read_rows(self._vectors_of(int(codes[0] >> 32)), int(codes[0] & 0xFFFFFFFF),
-                              int(codes[-1] & 0xFFFFFFFF) + 1)
+            return self._shard_rows(int(codes[0] >> 32), int(codes[0] & 0xFFFFFFFF), int(codes[-1] & 0xFFFFFFFF) + 1)
         out = np.empty((len(codes), self.dim or 0), np.float32)
         order = np.argsort(codes, kind="stable")
         ordered = codes[order]
         cuts = np.flatnonzero(np.diff(ordered) != 1) + 1
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(ordered)]):
             shard, row = int(ordered[a] >> 32), int(ordered[a] & 0xFFFFFFFF)
-            out[order[a:b]] = _read_rows(self._vectors_of(shard), row, row + int(b - a))
+            out[order[a:b]] = self._shard_rows(shard, row, row + int(b - a))
         return out
+
+    def _shard_rows(self, shard: int, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of one shard, checked finite and unit length (:class:`DamagedFile` naming the shard)."""
+        vectors = _read_rows(self._vectors_of(shard), start, stop)
+        return _checked(vectors, self.shards[shard], "rerun `visualsearch extract`: it sets the shard aside and "
+                                                     "re-extracts its images")
 
 
 def hash_keys(hashes) -> np.ndarray:
@@ -661,7 +703,7 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
         for i, reason in failed:
             failed_hashes[todo[i].decode()] = reason
         if pos:
-            cache.add(todo[np.asarray(pos)], vecs)
+            cache.add(todo[np.asarray(pos)], vecs, RowValues(manifest["path"], todo_rows[np.asarray(pos)]))
             computed += len(pos)
         batches += 1
         bar.update(len(pos) + len(failed))
@@ -691,9 +733,9 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     else:
         table, codes = manifest.loc[ok, list(TABLE_COLUMNS)].reset_index(drop=True), codes[ok]
     dim = cache.dim or BACKBONES[name]["dim"]
-    chunks = (_checked(cache.rows(codes[i:i + STREAM_ROWS]), f"the feature cache {cache.directory}")
-              for i in range(0, len(codes), STREAM_ROWS))
+    chunks = (cache.rows(codes[i:i + STREAM_ROWS]) for i in range(0, len(codes), STREAM_ROWS))  # rows checked
     columns = {c: text_member(table[c]) for c in TABLE_COLUMNS}  # made chunk by chunk as written
+    _set_aside_damaged_file(features_path(cfg))  # rewritten below in any case; a damaged one is kept for a look
     path = save_npz_streamed(features_path(cfg), dict(backbone=np.array(name), **columns),
                              "vectors", (len(table), dim), chunks)
     skipped_rows = manifest.loc[~ok, ["path", "content_hash"]].copy()
@@ -711,13 +753,28 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     return fs
 
 
-def _checked(vectors: np.ndarray, where: str) -> np.ndarray:
-    """``vectors`` after :func:`~vslib.integrity.check_unit_vectors` (a DamagedFile naming ``where`` if they fail)."""
+def _checked(vectors: np.ndarray, where, redo: str = REWRITE) -> np.ndarray:
+    """``vectors`` after :func:`~vslib.integrity.check_unit_vectors` (a DamagedFile naming file ``where`` if they fail)."""
     try:
-        check_unit_vectors(vectors, where)
+        check_unit_vectors(vectors, str(where))
     except ValueError as e:
-        raise DamagedFile(where, str(e).split(": ", 1)[-1], REWRITE) from None
+        raise DamagedFile(where, str(e).split(": ", 1)[-1], redo) from None
     return vectors
+
+
+def _set_aside_damaged_file(path: Path) -> None:
+    """Before :func:`extract` rewrites the feature file: one warning line and ``*.damaged`` if it is damaged (a
+    cheap check; a file without a checksum, or one whose checksum file is left alone, is simply replaced)."""
+    if not path.exists():
+        return
+    try:
+        verify(path, full=path.stat().st_size <= FULL_CHECK_BYTES, redo="")
+    except DamagedFile as e:
+        moved = set_aside(path)
+        log.warning("%s: damaged feature file (%s); set aside as %s, rewritten from the feature cache by this run",
+                    path, e.reason, moved.name if moved else "-")
+    except OSError:
+        pass
 
 
 def audit(cfg) -> list[Finding]:
@@ -736,9 +793,13 @@ def audit(cfg) -> list[Finding]:
             except (OSError, KeyError, zipfile.BadZipFile) as e:
                 f.status, f.reason = "damaged", f"unreadable: {e}"
         out.append(f)
+    for side in sorted(shards.glob(f"*.npz{SIDECAR}")) if shards.is_dir() else []:  # a shard deleted
+        shard = side.with_name(side.name[:-len(SIDECAR)])
+        if not shard.exists():
+            out.append(Finding(str(shard), "feature shard", "damaged", "missing (its checksum file is there)",
+                               "the next `visualsearch extract` (or `run`) re-extracts its images"))
     path = features_path(cfg)
-    if not path.exists():
-        out.append(Finding(str(path), "feature file", "missing", "not extracted yet", "`visualsearch extract` writes it"))
+    if not path.exists() and not sidecar(path).exists():  # not extracted yet: nothing to check
         return out
     f = audit_file(path, "feature file", REWRITE)
     if f.status != "damaged":
@@ -788,7 +849,7 @@ def load_features(cfg) -> FeatureSet:
     touch every row in bounded memory, read batches with :func:`iter_features`; for
     table columns alone, :func:`feature_columns` reads no vector.
     """
-    path = _check_features_file(cfg)
+    path = _check_features_file(cfg, full=True)  # read whole anyway: its CRC costs one more read
     try:
         fs = FeatureSet.load(path)
     except (OSError, ValueError, KeyError) as e:
@@ -800,19 +861,34 @@ def load_features(cfg) -> FeatureSet:
     return fs
 
 
-def _check_features_file(cfg) -> Path:
+#: feature files this process has verified, by path: (inode, size, mtime) and whether the CRC was checked
+_VERIFIED: dict[str, tuple[tuple, bool]] = {}
+
+
+def _check_features_file(cfg, *, full: Optional[bool] = None) -> Path:
     """The feature file, after the checks of every open: its size against its checksum file, and its CRC too
-    when it is at most :data:`FULL_CHECK_BYTES` (the rows read are checked finite and unit length as they are read;
-    ``visualsearch check`` checks the CRC of any size)."""
+    when ``full`` (default: when it is at most :data:`FULL_CHECK_BYTES`). The rows read are checked finite and
+    unit length as they are read; ``visualsearch check`` (:func:`audit`) checks the CRC of any size. A file
+    checked once is not checked again by this process while it is the same file (inode, size, mtime)."""
     path = features_path(cfg)
     if not path.exists():
+        if sidecar(path).exists():  # written, then lost
+            raise DamagedFile(path, "missing", REWRITE)
         raise VisualSearchError(f"no features for backbone {cfg.backbone.name} at {path}; run "
                                 f"`visualsearch extract -c {cfg.source}` first")
     try:
-        full = path.stat().st_size <= FULL_CHECK_BYTES
-    except OSError:
-        full = False
+        st = path.stat()
+    except OSError as e:
+        raise DamagedFile(path, f"unreadable: {e.strerror or e}", REWRITE) from None
+    if full is None:
+        full = st.st_size <= FULL_CHECK_BYTES
+    ident = (st.st_ino, st.st_size, st.st_mtime_ns)
+    seen = _VERIFIED.get(str(path))
+    if seen is not None and seen[0] == ident and (seen[1] or not full):
+        return path
+    _VERIFIED.pop(str(path), None)
     verify(path, full=full, redo=REWRITE)
+    _VERIFIED[str(path)] = (ident, full)
     return path
 
 
