@@ -328,3 +328,46 @@ def test_audit_of_a_missing_alias_and_of_an_unreachable_server(project, tmp_path
     (finding,) = audit(parse_config(down, base_dir=tmp_path, env={}))
     assert finding.status == "warning" and "cannot reach Elasticsearch" in finding.reason
     assert "Traceback" not in finding.line()
+
+
+def test_an_unpublished_index_is_an_orphan_only_once_its_rebuild_is_over():
+    from vslib.index.elasticsearch import _machine, _rebuild_running
+
+    now = time.time()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a PID that is dead now
+    here, elsewhere = _machine(), "another-host/another-boot"
+    assert _rebuild_running(None, now, 600) is None  # older versions' indexes carry no record
+    assert _rebuild_running({"machine": here, "pid": gone.pid, "alive_at": now}, now, 600) is None
+    assert "PID" in _rebuild_running({"machine": here, "pid": os.getpid(), "alive_at": now - 5}, now, 600)
+    assert _rebuild_running({"machine": here, "pid": os.getpid(), "alive_at": now - 700}, now, 600) is None
+    # on another machine the PID cannot be checked: a sign of life within the lease means running
+    assert "5 s ago" in _rebuild_running({"machine": elsewhere, "pid": gone.pid, "alive_at": now - 5}, now, 600)
+    assert _rebuild_running({"machine": elsewhere, "pid": gone.pid, "alive_at": now - 700}, now, 600) is None
+
+
+def test_a_rebuild_renews_its_sign_of_life_until_it_publishes(project, monkeypatch):
+    from vslib.index import elasticsearch as es_module
+
+    monkeypatch.setattr(es_module, "HEARTBEAT_S", 0.2)
+    project.live()
+    fresh = ElasticsearchIndex.create_fresh(project.cfg, DIM)
+
+    def alive_at():
+        mapping = fresh.client.indices.get_mapping(index=fresh.index_name).body[fresh.index_name]["mappings"]
+        return mapping["_meta"][es_module.BUILD_META]["alive_at"]
+
+    first, deadline = alive_at(), time.monotonic() + 30
+    while alive_at() == first:
+        assert time.monotonic() < deadline, "no new sign of life"
+        time.sleep(0.1)
+    with fresh.bulk_session():
+        fresh.add(["new-0"], _unit(1, seed=1), [{"label": "new"}])
+    meta = fresh.client.indices.get_mapping(index=fresh.index_name).body[fresh.index_name]["mappings"]["_meta"]
+    assert meta[BULK_META] == {"active": False, "value": None} and meta[es_module.BUILD_META]["alive_at"] > first
+    assert meta["created_by"] == "visualsearch"  # the beats and the load's record never dropped each other's keys
+    fresh.publish()
+    assert fresh._heartbeat is None  # stopped with the swap
+    fresh.close()
+    with open_index(project.cfg, create=False) as index:
+        assert index.count() == 1 and index.search(_unit(1, seed=1), k=1)[0][0].id == "new-0"

@@ -14,6 +14,17 @@ the alias in one ``_aliases`` request and deletes the old index. The mapping's
 ``_meta`` records the backbone and dataset; opening an index checks them, the
 ``dims``, the ``similarity`` and the ``index_options`` against the config.
 
+Crash safety: a load (:meth:`~ElasticsearchIndex.bulk_session`) records the
+``refresh_interval`` it replaces in ``_meta`` (:data:`BULK_META`) before turning
+periodic refresh off, so a load or server killed mid-way never makes -1 the
+remembered value; a -1 found with no record becomes the server's default. An
+unpublished index carries its rebuild's signs of life (:data:`BUILD_META`: host,
+PID, time, renewed every :data:`HEARTBEAT_S` s); one whose rebuild is over (its
+PID dead on this machine, or silent for :data:`ORPHAN_AFTER_S` s) is an orphan,
+deleted by the next rebuild or load. Only ``<alias>-<yyyymmdd-hhmmss>-<hex6>``
+indexes created by VisualSearch and behind no alias qualify. :func:`audit`
+reports both states to ``visualsearch check``.
+
 Scores are converted back to inner products so they match the embedded
 backend: Elasticsearch's knn score for ``dot_product`` and ``cosine`` is
 ``(1 + s) / 2``; the exact ``script_score`` adds 1 (scores must not be
