@@ -77,8 +77,8 @@ import pandas as pd
 
 from vslib.atomic import TEMP_GLOB, atomic_path, atomic_savez
 from vslib.errors import VisualSearchError
-from vslib.integrity import (SIDECAR, DamagedFile, Finding, audit_file, check_unit_vectors, set_aside, sidecar,
-                             verify)
+from vslib.integrity import (SIDECAR, DamagedFile, Finding, audit_file, check_unit_vectors, read_record, record,
+                             set_aside, sidecar, verify)
 from vslib.images import DEFAULT_MAX_PIXELS, ImageError, load_for_model
 from vslib.locks import locked
 
@@ -349,7 +349,10 @@ class FeatureCache:
         try:
             count = f"{len(npz_member(p, 'hashes'))} "  # the index member may well be intact
         except Exception:  # noqa: BLE001 - any failure to read a damaged file: the count is only informative
-            count = ""
+            try:
+                count = f"{int((read_record(p) or {})['images'])} "  # noted in its checksum file when written
+            except (KeyError, ValueError, TypeError, DamagedFile):
+                count = ""
         moved = set_aside(p)
         redo = "this run re-extracts them" if self.full else "the next `visualsearch extract` re-extracts them"
         log.warning("%s: damaged feature shard (%s); set aside as %s, its %simages count as not cached: %s",
@@ -428,6 +431,7 @@ class FeatureCache:
                                     f"models/backbones/{self.backbone}-* and rerun") from None
         _atomic_savez(path, hashes=key_text(keys), vectors=vectors,
                       backbone=np.array(self.backbone), key=np.array(self.key), verified=True)
+        _note_images(path, len(keys))
         self._remember(path, keys)
         return path
 
@@ -464,6 +468,7 @@ class FeatureCache:
         chunks = (self.rows(codes[i:i + STREAM_ROWS]) for i in range(0, n, STREAM_ROWS))
         save_npz_streamed(merged, dict(hashes=text, backbone=np.array(self.backbone), key=np.array(self.key)),
                           "vectors", (n, self.dim or 0), chunks)
+        _note_images(merged, n)
         self.shards, self._maps, self._pending = [], {}, []
         self._keys, self._codes = np.zeros(0, "S1"), np.zeros(0, np.int64)
         self._remember(merged, keys)
@@ -510,6 +515,13 @@ class FeatureCache:
         vectors = _read_rows(self._vectors_of(shard), start, stop)
         return _checked(vectors, self.shards[shard], "rerun `visualsearch extract`: it sets the shard aside and "
                                                      "re-extracts its images")
+
+
+def _note_images(path: Path, n: int) -> None:
+    """Add the shard's image count to its checksum file (a damaged shard's warning says how many images it held)."""
+    fp = read_record(path)
+    if fp is not None:
+        record(path, {**fp, "images": int(n)})
 
 
 def hash_keys(hashes) -> np.ndarray:
