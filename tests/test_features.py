@@ -129,10 +129,10 @@ def test_foreign_shards_are_never_mixed_in(setup):
     cfg, manifest = setup
     shards = cfg.features_dir / "shards"
     h = manifest.content_hash.iloc[0]
-    FeatureCache(shards, "efficientnet_lite2", "efficientnet_lite2:x").add([h], np.ones((1, 1280), np.float32))
+    FeatureCache(shards, "efficientnet_lite2", "efficientnet_lite2:x").add([h], np.full((1, 1280), 1280 ** -0.5, np.float32))
     fs = extract(cfg, progress=False, manifest=manifest)
     assert fs.stats["reused"] == 0
-    assert not np.allclose(fs.vectors[0], 1.0)
+    assert not np.allclose(fs.vectors[0], 1280 ** -0.5)  # a unit vector: shards hold only unit vectors
 
 
 def test_bad_images_are_reported_as_skipped(setup, tmp_path):
