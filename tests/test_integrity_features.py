@@ -145,9 +145,14 @@ def test_a_damaged_feature_file_is_one_line_and_extract_rewrites_it(clean, tmp_p
 
     for read in (lambda: features.read_split(cfg, "index"), lambda: features.load_features(cfg),
                  lambda: list(features.iter_features(cfg, batch_size=64))):
-        with pytest.raises(DamagedFile) as e:
+        with pytest.raises(VisualSearchError) as e:
             read()
-        assert str(path) in str(e.value) and "rewrites it" in str(e.value) and "\n" not in str(e.value)
+        message = str(e.value)
+        assert str(path) in message and "\n" not in message
+        if how == "deleted":
+            assert "no features" in message and "visualsearch extract" in message
+        else:
+            assert isinstance(e.value, DamagedFile) and "rewrites it from the feature cache" in message
     findings = [f for f in features.audit(cfg) if f.bad]
     assert [(f.path, f.what) for f in findings] == [(str(path), "feature file")]
 

@@ -150,9 +150,12 @@ class FeatureSet:
         return FeatureSet(self.vectors[mask], self.table[mask], self.backbone, dict(self.stats), self.skipped)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write vectors and table to one ``.npz`` file, atomically."""
+        """Write vectors and table to one ``.npz`` file, atomically, with its checksum sidecar (the vectors are
+        checked finite and unit length first: ``ValueError`` naming the first bad image, nothing written)."""
         path = Path(path)
-        _atomic_savez(path, vectors=self.vectors, backbone=np.array(self.backbone), **_table_arrays(self.table))
+        check_unit_vectors(self.vectors, f"{path}: vectors to write", names=self.table["path"].to_numpy())
+        _atomic_savez(path, vectors=self.vectors, backbone=np.array(self.backbone), verified=True,
+                      **_table_arrays(self.table))
         return path
 
     @classmethod
@@ -274,6 +277,16 @@ def save_npz_streamed(path: str | os.PathLike, arrays: dict, name: str, shape: t
     return Path(path)
 
 
+def _verify(path: Path, *, full: bool, redo: str) -> str:
+    """:func:`vslib.integrity.verify`, the CRC read through :func:`_digest`'s small buffer (readers of the feature
+    file keep their memory at a batch of rows)."""
+    status = verify(path, full=False, redo=redo)
+    if full and status == "ok":
+        if _digest(path)["crc32"] != (read_record(path) or {}).get("crc32"):
+            raise DamagedFile(path, "its content changed since it was written (checksum mismatch)", redo)
+    return status
+
+
 def _digest(path: Path, block: int = 256 << 10) -> dict:
     """:func:`vslib.integrity.digest` read through one ``block``-byte buffer (it reads 8 MB ``bytes`` at a time)."""
     buf = bytearray(block)
@@ -386,7 +399,7 @@ class FeatureCache:
         (an older version wrote it), unless its vectors are finite and unit length."""
         redo = "its images are re-extracted by this run" if self.full else "the next `visualsearch extract` " \
             "sets it aside and re-extracts its images"
-        status = verify(p, full=self.full, redo=redo)
+        status = _verify(p, full=self.full, redo=redo)
         if status == "unverified" and self.full:
             try:
                 check_unit_vectors(npz_member(p, "vectors"), str(p))
@@ -802,7 +815,7 @@ def _set_aside_damaged_file(path: Path) -> None:
     if not path.exists():
         return
     try:
-        verify(path, full=path.stat().st_size <= FULL_CHECK_BYTES, redo="")
+        _verify(path, full=path.stat().st_size <= FULL_CHECK_BYTES, redo="")
     except DamagedFile as e:
         moved = set_aside(path)
         log.warning("%s: damaged feature file (%s); set aside as %s, rewritten from the feature cache by this run",
@@ -905,9 +918,7 @@ def _check_features_file(cfg, *, full: Optional[bool] = None) -> Path:
     unit length as they are read; ``visualsearch check`` (:func:`audit`) checks the CRC of any size. A file
     checked once is not checked again by this process while it is the same file (inode, size, mtime)."""
     path = features_path(cfg)
-    if not path.exists():
-        if sidecar(path).exists():  # written, then lost
-            raise DamagedFile(path, "missing", REWRITE)
+    if not path.exists():  # (audit() names one whose checksum file is left as damaged: written, then lost)
         raise VisualSearchError(f"no features for backbone {cfg.backbone.name} at {path}; run "
                                 f"`visualsearch extract -c {cfg.source}` first")
     try:
@@ -921,7 +932,7 @@ def _check_features_file(cfg, *, full: Optional[bool] = None) -> Path:
     if seen is not None and seen[0] == ident and (seen[1] or not full):
         return path
     _VERIFIED.pop(str(path), None)
-    verify(path, full=full, redo=REWRITE)
+    _verify(path, full=full, redo=REWRITE)
     _VERIFIED[str(path)] = (ident, full)
     return path
 
