@@ -78,7 +78,12 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
     duplicating them. ``rebuild`` builds a fresh index (needed when the backbone, and
     so the vector dimension, changed): Elasticsearch fills a new concrete index while
     searches keep using the old one and swaps the alias at the end; the embedded
-    index is deleted first. The load runs in the backend's :meth:`~VectorIndex.bulk_session`
+    index is filled beside the live one and written as a new generation at the end (searches
+    meanwhile answer from the old one; a build killed at any moment leaves it, and the next
+    build removes what the killed one left). A damaged embedded index (a
+    :class:`~vslib.integrity.DamagedFile`) is rebuilt. A factory the index split cannot train is
+    refused before anything is done or undone (:func:`vslib.index.embedded.check_factory`). The
+    load runs in the backend's :meth:`~VectorIndex.bulk_session`
     (Elasticsearch: no periodic refresh, one refresh at the end). The vectors are read
     from the feature file in batches of ``batch_size`` rows (:func:`vslib.features.iter_features`)
     and each batch is added at once (FAISS ``add``, one Elasticsearch bulk request), so the

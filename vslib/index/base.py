@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from vslib.errors import IndexBackendError
+from vslib.integrity import NORM_TOLERANCE
 
 #: a filter maps a metadata field to one value or to a collection of allowed values,
 #: e.g. ``{"label": ["cat", "dog"]}``; several fields must all match
@@ -131,13 +132,20 @@ class VectorIndex(abc.ABC):
         ValueError
             The arrays have the wrong shape or lengths.
         BulkIndexError
-            Some items were rejected (a NaN vector, a server-side mapping
-            conflict, …); the others were indexed.
+            Some items were rejected (a vector with NaN or infinity, or not of
+            unit L2 norm within :data:`vslib.integrity.NORM_TOLERANCE`; a
+            server-side mapping conflict, …); the others were indexed.
         """
         self._check_open()
         ids, vectors, metadata = self._check_batch(ids, vectors, metadata)
-        good = np.isfinite(vectors).all(axis=1)
-        failures = [(ids[i], "vector contains NaN or infinity") for i in np.flatnonzero(~good)]
+        finite = np.isfinite(vectors).all(axis=1)
+        # scores are cosine similarities only for unit vectors (NaN rows give NaN sums: caught as not finite)
+        squares = np.einsum("ij,ij->i", vectors, vectors)
+        unit = np.abs(squares - 1.0) <= 2 * NORM_TOLERANCE
+        good = finite & unit
+        failures = [(ids[i], "vector contains NaN or infinity" if not finite[i] else
+                     f"vector has norm {np.sqrt(squares[i]):.4g}, not 1 (L2-normalise it)")
+                    for i in np.flatnonzero(~good)]
         keep = np.flatnonzero(good)
         # within one batch the last occurrence of an id wins, as it would for sequential adds
         last = {ident: i for i, ident in enumerate(ids) if good[i]}
@@ -250,8 +258,11 @@ class VectorIndex(abc.ABC):
         """An empty index that replaces the configured one once :meth:`publish` is called.
 
         The default deletes the current index first and creates a new one in its
-        place (searches fail until it is rebuilt); Elasticsearch builds a new
-        concrete index beside the old one and swaps its alias in :meth:`publish`.
+        place (searches fail until it is rebuilt): a backend that can should override
+        it. Elasticsearch builds a new concrete index beside the old one and swaps its
+        alias in :meth:`publish`; the embedded index fills a new index in memory and
+        writes it as a new generation beside the live one at :meth:`publish` (one
+        rename of ``meta.json`` switches searches to it).
         """
         try:
             cls.from_config(cfg, create=False).drop()

@@ -390,10 +390,21 @@ class EmbeddedIndex(VectorIndex):
 
     # -- persistence -----------------------------------------------------------------
     def save(self) -> None:
-        """Write pending changes to ``path`` (atomically); nothing to do when unchanged or in memory."""
+        """Write pending changes to ``path`` (atomically); nothing to do when unchanged or in memory.
+
+        Holds the index folder's lock (:func:`vslib.locks.run_lock`, re-entrant: a build already holds it),
+        so a save outside a build (a library user's ``close``) never removes a running build's files.
+        """
         self._check_open()
         if self.path is None or not self._dirty or getattr(self, "_staged", False):
             return
+        from vslib.locks import run_lock
+
+        ensure_dir(self.path)
+        with run_lock(self.path, f"the embedded index {self.path}"):
+            self._save()
+
+    def _save(self) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -402,10 +413,14 @@ class EmbeddedIndex(VectorIndex):
         meta_file = self.path / "meta.json"
         try:
             old = json.loads(meta_file.read_text()).get("generation") if meta_file.exists() else None
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             old = None  # a damaged meta.json is replaced by this save
+        # the one after the live generation, skipping any folder a killed save left: an existing folder is never
+        # replaced (a searcher elsewhere may still be reading it)
         number = int(old[1:]) + 1 if isinstance(old, str) and GENERATION.match(old) else 1
-        gen = f"g{number % 1_000_000:06d}"  # a leftover folder of that name (a killed save) is replaced below
+        while (self.path / f"g{number % 1_000_000:06d}").exists():
+            number += 1
+        gen = f"g{number % 1_000_000:06d}"
         files = {}
         # a new generation is written whole in a hidden folder, then named; meta.json (written
         # atomically, last) points at it. On any fault the folder is removed and the index on
@@ -528,6 +543,7 @@ class EmbeddedIndex(VectorIndex):
         if index.ntotal < self._n:
             new = self._vectors[index.ntotal:self._n]
             if not index.is_trained:
+                check_factory(self.factory, self._n, self.dim)  # one line naming what it needs, not FAISS's abort
                 index.train(self._training_sample())
             q = _hnsw_quantizer(index)
             if q is not None:  # assign each vector to its nearest list, not to an approximate one
@@ -665,6 +681,13 @@ def _read_meta(meta_file: Path) -> dict:
         raise DamagedFile(meta_file, f"unreadable: {e}", REBUILD) from None
     if meta.get("format") != FORMAT:
         raise DamagedFile(meta_file, f"unknown format {meta.get('format')!r} (expected {FORMAT!r})", REBUILD)
+    files = meta.get("files")
+    try:
+        if files is not None:
+            for name, fp in files.items():
+                int(fp["size"]), str(fp["crc32"]), str(name)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise DamagedFile(meta_file, "its record of the generation's files is not valid", REBUILD) from None
     return meta
 
 
@@ -723,12 +746,16 @@ def remove_debris(path: Path, keep: Optional[str] = None) -> list[Path]:
             return []  # nothing is known to be live: keep everything for the rebuild to replace
     removed = []
     for child in path.iterdir() if path.is_dir() else []:
-        debris = (GENERATION.match(child.name) and child.name != keep) or child.name.startswith((".tmp-", ".meta-")) \
-            or child.match(TEMP_GLOB)
-        if debris:
+        if _is_debris(child, keep):
             shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
             removed.append(child)
     return removed
+
+
+def _is_debris(child: Path, live: str) -> bool:
+    """A generation other than the live one, or a temporary file or folder of a killed save."""
+    return bool((GENERATION.match(child.name) and child.name != live) or child.name.startswith((".tmp-", ".meta-"))
+                or child.match(TEMP_GLOB))
 
 
 def check_factory(factory: str, n: int, dim: int) -> None:
@@ -758,8 +785,11 @@ def audit(cfg) -> list[Finding]:
     path = Path(cfg.index_dir)
     meta_file = path / "meta.json"
     if not meta_file.exists():
-        return [Finding(str(path), "embedded index", "missing", "not built yet", "`visualsearch index` builds it")] \
-            if not path.exists() else [Finding(str(meta_file), "embedded index", "damaged", "meta.json missing", REBUILD)]
+        if not any(GENERATION.match(c.name) for c in (path.iterdir() if path.is_dir() else [])):
+            # never built (the folder may hold only the lock of a build refused before it wrote anything)
+            return [Finding(str(path), "embedded index", "missing", "not built yet", "`visualsearch index` builds it")]
+        return [Finding(str(meta_file), "embedded index", "damaged", "missing (generation folders are there)",
+                        REBUILD)]
     out = []
     try:
         meta = _read_meta(meta_file)
@@ -788,7 +818,7 @@ def audit(cfg) -> list[Finding]:
         return out
     live = meta["generation"]
     for child in sorted(path.iterdir()):
-        if (GENERATION.match(child.name) and child.name != live) or child.name.startswith(".tmp-"):
+        if _is_debris(child, live):
             out.append(Finding(str(child), "index debris", "warning", "left by a killed build",
                                "the next `visualsearch index` removes it"))
     return out
