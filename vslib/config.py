@@ -372,7 +372,7 @@ def parse_config(data: Optional[dict], *, source: str = "<dict>", base_dir: Opti
         raise ConfigError(f"{source}: the top level must be a mapping of sections, not {type(data).__name__}")
     from vslib.redact import unredact_config
 
-    data = unredact_config(data)  # a redacted snapshot (a run's config.yaml): its secrets come from VS_ES_*
+    data = unredact_config(data, env=env, source=source)  # a redacted snapshot: its secrets come from VS_ES_*
     cfg = _build(Config, data, "", source)
     cfg.source = source
     cfg.base_dir = Path(base_dir) if base_dir is not None else PROJ_ROOT

@@ -14,9 +14,16 @@ so the ``VS_ES_*`` environment variables supply the real values on a rerun
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
+import os
 import re
-from typing import Any, Iterable, Optional
+import threading
+from typing import Any, Iterable, Mapping, Optional
+
+log = logging.getLogger(__name__)
+_state = threading.local()
 
 #: the start of every marker: a value starting with it is never sent anywhere
 MARKER = "REDACTED"
@@ -92,9 +99,13 @@ def redact_config(data: Any) -> Any:
     return out
 
 
-def unredact_config(data: Any) -> Any:
+def unredact_config(data: Any, *, env: Optional[Mapping[str, str]] = None, source: str = "<dict>") -> Any:
     """Markers in a config mapping become unset (None), URL markers are dropped from hosts, so the
-    environment variables supply the real values; a mapping without markers comes back unchanged."""
+    environment variables supply the real values; a mapping without markers comes back unchanged.
+
+    A marker is never sent to a server as the secret. When the config uses the Elasticsearch backend and
+    ``env`` (default: the process environment) does not supply a redacted secret, a warning names the
+    variable to set (the connection would otherwise be refused with a 401)."""
     if not isinstance(data, dict):
         return data
     index = data.get("index")
@@ -103,15 +114,53 @@ def unredact_config(data: Any) -> Any:
         return data
     data = copy.deepcopy(data)
     es = data["index"]["elasticsearch"]
+    unset = []
     for key in SECRET_KEYS:
         if is_marker(es.get(key)):
             es[key] = None
+            unset.append((f"index.elasticsearch.{key}", SECRET_KEYS[key]))
     hosts = es.get("hosts")
     if isinstance(hosts, (list, tuple)):
         es["hosts"] = [h.replace(f"://{MARKER}@", "://") if isinstance(h, str) else h for h in hosts]
     elif isinstance(hosts, str):
         es["hosts"] = hosts.replace(f"://{MARKER}@", "://")
+    if es.get("hosts") != hosts:
+        unset.append(("the credentials in index.elasticsearch.hosts", "VS_ES_URL"))
+    env = os.environ if env is None else env
+    if unset and data["index"].get("backend") == "elasticsearch" and not getattr(_state, "quiet", False):
+        for what, var in unset:
+            if not env.get(var):
+                log.warning("%s: %s was redacted when the file was written; set %s to connect with it",
+                            source, what, var)
     return data
+
+
+@contextlib.contextmanager
+def secrets_supplied():
+    """Within it, :func:`unredact_config` does not warn about redacted secrets (the caller supplies them,
+    as an experiment does from its base config, in memory)."""
+    before = getattr(_state, "quiet", False)
+    _state.quiet = True
+    try:
+        yield
+    finally:
+        _state.quiet = before
+
+
+def secret_env(cfg) -> dict:
+    """``{VS_ES_*: value}`` for the secrets ``cfg`` holds, so a child process (a notebook kernel) that reads a
+    redacted copy of the config gets them from its environment, never from a file."""
+    es = cfg.index.elasticsearch
+    out = {}
+    if es.password and not is_marker(es.password):
+        out["VS_ES_PASSWORD"] = es.password
+    if es.api_key and not is_marker(es.api_key):
+        out["VS_ES_API_KEY"] = es.api_key
+    if es.ca_certs and not is_marker(es.ca_certs):
+        out["VS_ES_CA_CERTS"] = es.ca_certs
+    if any(url_secrets(h) for h in es.hosts or []):
+        out["VS_ES_URL"] = ",".join(es.hosts)
+    return out
 
 
 def secrets_of(cfg) -> list[str]:
@@ -147,4 +196,5 @@ def redact_obj(obj: Any, secrets: Iterable[str] = ()) -> Any:
 
 
 __all__ = ["MARKER", "SECRET_KEYS", "is_marker", "marker", "redact_config", "redact_es", "redact_obj",
-           "redact_text", "redact_url", "secrets_of", "strip_userinfo", "unredact_config", "url_secrets"]
+           "redact_text", "redact_url", "secret_env", "secrets_of", "secrets_supplied", "strip_userinfo",
+           "unredact_config", "url_secrets"]
