@@ -55,7 +55,8 @@ import yaml
 from vslib.atomic import atomic_write_json, atomic_write_text
 from vslib.config import Config, ConfigError, apply_overrides, parse_value
 from vslib.integrity import DamagedFile, audit_file, verify
-from vslib.redact import SECRET_KEYS, is_marker, redact_config, redact_obj, redact_text, secrets_of, strip_userinfo
+from vslib.redact import (SECRET_KEYS, is_marker, redact_config, redact_obj, redact_text, secrets_of,
+                          secrets_supplied, strip_userinfo)
 from vslib.paths import PROJ_ROOT
 
 log = logging.getLogger(__name__)
@@ -363,7 +364,8 @@ def materialise(run: Run, root: Path) -> Config:
                    if secrets_of(base) else "")
     atomic_write_text(out / RUN_CONFIG, header + secret_note + yaml.safe_dump(redact_config(resolved), sort_keys=False),
                       verified=True)
-    cfg = load_config(out / RUN_CONFIG)
+    with secrets_supplied():  # they come from the base config, in memory
+        cfg = load_config(out / RUN_CONFIG)
     _carry_secrets(base, cfg)
     if run_hash(cfg, run.notebook_parameters) != run.hash:  # the written file must describe exactly the planned run
         raise RuntimeError(f"{out / RUN_CONFIG} does not reproduce run {run.id} (settings hash {settings_hash(cfg)})")
@@ -396,23 +398,45 @@ def read_record(folder: Path) -> Optional[dict]:
     return None
 
 
+def _snapshot_intact(folder: Path) -> bool:
+    """Whether the run's ``config.yaml`` matches its checksum (a damaged one: a warning, and the run counts as not
+    run, so it is run again and the snapshot rewritten)."""
+    path = Path(folder) / RUN_CONFIG
+    try:
+        verify(path, full=True, redo="the next `visualsearch experiment` reruns this run")
+    except DamagedFile as e:
+        log.warning("%s", e)
+        return False
+    except OSError as e:
+        log.warning("%s: unreadable config snapshot (%s); the next `visualsearch experiment` reruns this run", path, e)
+        return False
+    return True
+
+
 def _write_json(path: Path, obj: Any, secrets=()) -> None:
     """Strict JSON with a checksum sidecar; every string scrubbed of ``secrets`` (and URL userinfo, tokens)."""
     atomic_write_json(path, redact_obj(obj, secrets), default=str, verified=True)
 
 
 def audit(cfg: Config) -> list:
-    """Full check of every run record under the config's runs folder (:class:`~vslib.integrity.Finding` each)."""
+    """Full check of every run under the config's runs folder: its record, config snapshot and metrics
+    (a :class:`~vslib.integrity.Finding` each; damage is reported, never raised)."""
     root = runs_dir(cfg)
     out = []
-    for path in sorted(root.glob(f"*/{RECORD}")) if root.is_dir() else []:
-        finding = audit_file(path, "run record", "the next `visualsearch experiment` reruns this run")
-        if not finding.bad:
-            try:
-                json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                finding.status, finding.reason = "damaged", f"not JSON: {e}"
-        out.append(finding)
+    redo = "the next `visualsearch experiment` reruns this run"
+    for folder in sorted(p.parent for p in root.glob(f"*/{RECORD}")) if root.is_dir() else []:
+        for name, what, parse in ((RECORD, "run record", json.loads), (METRICS, "run metrics", json.loads),
+                                  (RUN_CONFIG, "run config snapshot", yaml.safe_load)):
+            path = folder / name
+            if name == METRICS and not path.exists():
+                continue  # a run that failed or is under way has none yet
+            finding = audit_file(path, what, redo)
+            if not finding.bad:  # also a file written before checksums were recorded must parse
+                try:
+                    parse(path.read_text(encoding="utf-8"))
+                except (OSError, ValueError, yaml.YAMLError) as e:
+                    finding.status, finding.reason = "damaged", f"unreadable: {str(e).splitlines()[0]}"
+            out.append(finding)
     return out
 
 
@@ -536,7 +560,7 @@ def run_experiment(runs: Sequence[Run], *, root: Optional[Path] = None, force: b
         label = f"[{n}/{len(runs)}] {run.id}"
         secrets = secrets_of(run.config)
         if (old is not None and not force and old.get("status") == "ok"
-                and (not notebooks or "notebooks" in old.get("timings", {}))):
+                and (not notebooks or "notebooks" in old.get("timings", {})) and _snapshot_intact(folder)):
             echo(f"{label}: reused (finished {old.get('finished')}; --force reruns it)")
             records.append(old)
             continue
@@ -569,7 +593,7 @@ def run_experiment(runs: Sequence[Run], *, root: Optional[Path] = None, force: b
             record.update(status="failed", error=f"{type(e).__name__}: {e}")
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(folder / "error.txt", redact_text(traceback.format_exc(), secrets))
-            echo(f"{label}: FAILED: {record['error']}")
+            echo(f"{label}: FAILED: {redact_text(record['error'], secrets)}")
         record["finished"] = _now()
         record["seconds"] = round(time.perf_counter() - t0, 3)
         _write_json(folder / RECORD, record, secrets)
@@ -736,7 +760,9 @@ def _cell(value: Any) -> str:
 def write_comparison(root: str | os.PathLike) -> Path:
     """Write ``root/index.html``: one sortable table of every run, p@k per mode, links to each run's reports."""
     root = Path(root)
-    records = load_runs(root)
+    # records written before secrets were redacted must not publish theirs here
+    records = [dict(r, config=redact_config(r.get("config")), error=redact_text(r["error"]) if r.get("error") else None)
+               for r in load_runs(root)]
     table = runs_table(records)
     params = differing_parameters(records)
     metrics = metric_columns(records)
