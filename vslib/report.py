@@ -17,6 +17,7 @@ ran until then is still exported.
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import logging
@@ -29,6 +30,7 @@ from vslib.integrity import DamagedFile
 from vslib.config import Config, load_config
 from vslib.errors import VisualSearchError
 from vslib.paths import NOTEBOOKS_DIR
+from vslib.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -279,15 +281,38 @@ def run_notebooks(cfg: Config, notebooks: Optional[Sequence] = None, parameters:
         When a notebook fails: names the notebook, the cell and the error, and where
         the executed copy and its HTML are. Later notebooks are not run.
     """
+    paths = _resolve(notebooks, Path(folder))
+    params = {**notebook_parameters(cfg), **(parameters or {})}
+    exec_dir = cfg.reports_dir / EXECUTED_DIR
+    exec_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the kernels inherit it: less TensorFlow chatter
+    with _kernel_secrets(cfg):
+        return _run_all(cfg, paths, params, exec_dir=exec_dir, kernel_name=kernel_name, timeout=timeout,
+                        progress_bar=progress_bar, echo=echo)
+
+
+@contextlib.contextmanager
+def _kernel_secrets(cfg: Config):
+    """The config's Elasticsearch secrets in the environment the kernels inherit, for the run only: a notebook
+    reading a redacted config (an experiment run's ``config.yaml``) takes them from ``VS_ES_*``, as the CLI
+    would, and they are never written into a notebook's parameters or a file."""
+    from vslib.redact import secret_env
+
+    added = {k: v for k, v in secret_env(cfg).items() if not os.environ.get(k)}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _run_all(cfg: Config, paths: list, params: dict, *, exec_dir: Path, kernel_name: str, timeout: Optional[int],
+             progress_bar: bool, echo: Callable[[str], None]) -> list[dict]:
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
-    paths = _resolve(notebooks, Path(folder))
-    params = {**notebook_parameters(cfg), **(parameters or {})}
     out_dir = cfg.reports_dir
-    exec_dir = out_dir / EXECUTED_DIR
-    exec_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the kernels inherit it: less TensorFlow chatter
     logging.getLogger("papermill").setLevel(logging.WARNING)  # our own line per notebook is enough
     runs: list[dict] = []
     t_all = time.perf_counter()
@@ -373,7 +398,7 @@ def write_index(cfg: Config, runs: Sequence[dict], *, total: Optional[float] = N
         rows.append(
             f"<tr><td>{link}</td><td>{html.escape(r.get('title', ''))}</td>"
             f'<td style="color:{colour}"><b>{status}</b>'
-            + (f"<br><small>{html.escape(r['error'])}</small>" if r.get("error") else "")
+            + (f"<br><small>{html.escape(redact_text(r['error'], cfg=cfg))}</small>" if r.get("error") else "")
             + f"</td><td>{r.get('seconds', 0):.1f} s</td>"
             f'<td><a href="{html.escape(nb_rel)}">{html.escape(r["name"])}</a></td></tr>')
     parts = [
