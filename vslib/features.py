@@ -389,7 +389,8 @@ class FeatureCache:
             except (KeyError, ValueError, TypeError, DamagedFile):
                 count = ""
         moved = set_aside(p)
-        redo = "this run re-extracts them" if self.full else "the next `visualsearch extract` re-extracts them"
+        redo = "this run re-extracts those its manifest uses" if self.full else \
+            "the next `visualsearch extract` re-extracts those its manifest uses"
         log.warning("%s: damaged feature shard (%s); set aside as %s, its %simages count as not cached: %s",
                     p, reason, moved.name if moved else "-", count, redo)
         self.damaged.append(p)
@@ -825,8 +826,11 @@ def _set_aside_damaged_file(path: Path) -> None:
 
 
 def audit(cfg) -> list[Finding]:
-    """Full check of the configured backbone's feature cache (every shard: CRC, vectors finite and unit length) and
-    of the dataset's feature file (CRC and every vector)."""
+    """Full check of the configured backbone's feature cache (every shard: CRC, vectors finite and unit length; a
+    shard whose checksum file is left without it: deleted) and of the dataset's feature file (CRC, every vector,
+    table and vectors of one length), as :class:`~vslib.integrity.Finding` s for ``visualsearch check``. Never raises
+    for damage; each finding's ``redo`` says what the next ``extract`` (or ``run``) does about it. Reads every byte:
+    on demand only, never on the way of a run."""
     out = []
     shards = cfg.features_dir / SHARDS_DIR
     redo = "the next `visualsearch extract` (or `run`) sets it aside and re-extracts its images"
