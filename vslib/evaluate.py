@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -332,6 +333,15 @@ def evaluate(cfg: Config, *, modes: Optional[Sequence[str]] = None, engine=None,
     return results
 
 
+def fmt_number(value, spec: str = ".3f") -> str:
+    """``value`` formatted with ``spec``; "–" for a value that is missing, None (NaN read back from strict JSON) or
+    not finite, so a table never shows ``nan`` and never fails on a result read back from disk."""
+    try:
+        return format(value, spec) if value is not None and math.isfinite(value) else "–"
+    except (TypeError, ValueError):
+        return "–"
+
+
 def format_table(results: dict) -> str:
     """Markdown: the modes table, the classifier and baselines, the hierarchy gain (also what the CLI prints)."""
     modes = results["modes"]
@@ -342,17 +352,18 @@ def format_table(results: dict) -> str:
              f"{results.get('head') or 'classifier'} head): {results['n_query']} held-out queries against "
              f"{results['n_index']} indexed images",
              "",
-             f"First level: classifier top-1 {results['classifier_accuracy']:.3f}"
-             + (f", top-3 {results['classifier_top3']:.3f}" if "classifier_top3" in results else "")
-             + (f"; baselines on the same split: 1-NN {results['nn1_accuracy']:.3f}, logistic regression "
-                f"{results['logreg_accuracy']:.3f}" if "nn1_accuracy" in results else ""),
+             f"First level: classifier top-1 {fmt_number(results['classifier_accuracy'])}"
+             + (f", top-3 {fmt_number(results['classifier_top3'])}" if "classifier_top3" in results else "")
+             + (f"; baselines on the same split: 1-NN {fmt_number(results['nn1_accuracy'])}, logistic regression "
+                f"{fmt_number(results['logreg_accuracy'])}" if "nn1_accuracy" in results else ""),
              "",
              "| mode | " + " | ".join(cols) + " | classes searched |",
              "|---" * (len(cols) + 2) + "|"]
     for mode, m in modes.items():
         name = f"{mode} (diagnostic)" if mode == "oracle" else mode
-        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.3f}" if "latency" not in c else f"{m[c]:.2f}" for c in cols)
-                     + f" | {m['mean_classes_searched']:.1f} |")
+        lines.append(f"| {md_cell(name)} | " + " | ".join(fmt_number(m.get(c), ".2f" if "latency" in c else ".3f")
+                                                      for c in cols)
+                     + f" | {fmt_number(m.get('mean_classes_searched'), '.1f')} |")
     settings = results.get("search_settings")
     if settings:
         lines += ["", "Adaptive settings: " + ", ".join(f"{k} {v}" for k, v in settings.items() if k != "source")
@@ -398,8 +409,8 @@ def write_results(cfg: Config, results: dict) -> Path:
         labels = sorted(next(iter(results["per_class"].values())))
         md += [f"### Per-class precision@{k}", "", "| class | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
         for lbl in labels:
-            md.append(f"| {md_cell(lbl)} | " + " | ".join(f"{results['per_class'][m][lbl]:.2f}" for m in modes)
-                      + " |")
+            md.append(f"| {md_cell(lbl)} | " + " | ".join(fmt_number(results['per_class'][m].get(lbl), ".2f")
+                                                          for m in modes) + " |")
     atomic_write_text(out / RESULTS_MD, "\n".join(md) + "\n")
     return out / RESULTS_JSON
 

@@ -423,7 +423,7 @@ def write_index(cfg: Config, runs: Sequence[dict], *, total: Optional[float] = N
 
 
 def _evaluation_section(cfg: Config) -> list[str]:
-    from vslib.evaluate import RESULTS_JSON, load_results
+    from vslib.evaluate import RESULTS_JSON, fmt_number, load_results
 
     try:
         res = load_results(cfg)
@@ -435,12 +435,12 @@ def _evaluation_section(cfg: Config) -> list[str]:
     cols = [c for c in next(iter(modes.values())) if c.startswith(("p@", "map@"))] + ["latency_ms_p50"]
     out = ["<h2>Retrieval summary</h2>",
            f"<p>{res.get('n_query')} held-out queries against {res.get('n_index')} indexed images; classifier "
-           f"top-1 accuracy on the queries {res.get('classifier_accuracy', float('nan')):.3f} "
+           f"top-1 accuracy on the queries {fmt_number(res.get('classifier_accuracy'))} "
            f"(from <code>{html.escape(RESULTS_JSON)}</code>).</p>",
            "<table><tr><th>mode</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"]
     for mode, m in modes.items():
         out.append(f"<tr><td>{html.escape(mode)}</td>"
-                   + "".join(f"<td>{m.get(c, float('nan')):.3f}</td>" for c in cols) + "</tr>")
+                   + "".join(f"<td>{fmt_number(m.get(c))}</td>" for c in cols) + "</tr>")
     out.append("</table>")
     fig = cfg.figures_dir / "precision_at_k.png"
     if fig.exists():
