@@ -179,6 +179,20 @@ def test_a_damaged_run_record_is_one_line_and_the_next_experiment_reruns_it(used
         snap.write_bytes(saved)
 
 
+@pytest.mark.parametrize("param", ["index.elasticsearch.password={s},other", "index.elasticsearch.api_key={s}",
+                                   "index.elasticsearch.hosts=http://u:{s}@h:9200"])
+def test_a_secret_as_an_experiment_parameter_is_refused_in_one_line_without_echoing_it(tmp_path, capsys, param):
+    from vslib import cli
+
+    cfg = write_config(tmp_path, {"dataset": {"name": "tuxpaint", "install": False}})
+    secret = _token("param")
+    assert cli.main(["experiment", "-c", str(cfg), "-p", param.format(s=secret), "--no-notebooks"]) == 2
+    out = capsys.readouterr()
+    assert secret not in out.out + out.err and len(out.err.strip().splitlines()) == 1, out.err
+    assert "experiment parameter" in out.err or "credentials" in out.err
+    assert not (tmp_path / "reports").exists()
+
+
 # ---------------------------------------------------------------------------
 # Redaction units
 

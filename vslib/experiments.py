@@ -276,6 +276,7 @@ def plan(config_path: str | os.PathLike, params: Sequence[str] = (), grid_file=N
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     grid = grid_from(params, grid_file)
     check_notebook_parameters([k for k in grid if k.startswith(NOTEBOOK_PREFIX)])
+    _refuse_secret_parameters(grid)
     runs, seen = [], set()
     for combo in combinations(grid):
         settings = {k: v for k, v in combo.items() if not k.startswith(NOTEBOOK_PREFIX)}
@@ -286,6 +287,20 @@ def plan(config_path: str | os.PathLike, params: Sequence[str] = (), grid_file=N
         seen.add(rid.rsplit("_", 1)[-1])
         runs.append(Run(combo, cfg, rid, base_data=data))
     return runs
+
+
+def _refuse_secret_parameters(grid: dict) -> None:
+    """A parameter's values are written into run names, records and pages: a secret may not be one."""
+    for key, values in grid.items():
+        name = key.rsplit(".", 1)[-1]
+        if key.startswith("index.elasticsearch.") and name in SECRET_KEYS:
+            raise ConfigError(f"-p {key}: a secret cannot be an experiment parameter (its values would be written "
+                              f"into run names and records); set it in the config or {SECRET_KEYS[name]}")
+        text = json.dumps(values, default=str)
+        if redact_text(text) != text:
+            raise ConfigError(f"-p {key}: a value holds credentials (a URL's user:password or a token), which would "
+                              "be written into run names and records; give them in the config or VS_ES_URL / "
+                              "VS_ES_PASSWORD / VS_ES_API_KEY")
 
 
 def runs_dir(cfg: Config) -> Path:
