@@ -308,6 +308,17 @@ def test_each_index_file_damaged_is_named_never_searched(tmp_path, member, kind)
     assert [(f.path, f.status) for f in findings] == [(str(path), "damaged")], [f.line() for f in findings]
 
 
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_a_damaged_faiss_index_is_named_never_searched(tmp_path, kind):
+    cfg = _cfg(tmp_path, "IVF4,SQ8")
+    _build(cfg, 300, 0, "a")
+    path = cfg.index_dir / _live(cfg) / "faiss.index"
+    DAMAGE[kind](path)
+    with pytest.raises(DamagedFile, match=r"faiss.index: damaged \(.*\); the next `visualsearch index`"):
+        EmbeddedIndex.from_config(cfg, create=False)
+    assert [(f.path, f.status) for f in audit(cfg)] == [(str(path), "damaged")]
+
+
 @pytest.mark.parametrize("large", [False, True], ids=["crc", "sampled"])
 def test_nan_rows_written_in_place_are_found_below_and_above_the_full_check_threshold(tmp_path, monkeypatch, large):
     cfg = _cfg(tmp_path)

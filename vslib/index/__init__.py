@@ -119,7 +119,7 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
         try:
             index = open_index(cfg, dim=dim, create=True)
         except DamagedFile as e:
-            log.warning("%s; rebuilding it", e)
+            log.warning("%s: damaged (%s); rebuilding the index", e.path, e.reason)
             rebuild = True
     if rebuild:
         index = backend_class(cfg.index.backend).create_fresh(cfg, dim)
