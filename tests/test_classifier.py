@@ -16,6 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from vslib import integrity
+from vslib.integrity import DamagedFile
+
 from vslib import calibration, classifier, datasets, features
 from vslib.classifier import (EmbeddingClassifier, FineTunedClassifier, check_labels, check_trainable,
                               load_classifier, stratified_split, train)
@@ -179,7 +182,10 @@ def test_corrupt_saved_model_says_how_to_retrain(pipeline, trained, tmp_path, br
     directory = tmp_path / "clf"
     shutil.copytree(cfg.classifier_dir, directory)
     (directory / broken).write_bytes(b"not what save() wrote")
-    with pytest.raises(ClassifierError, match="unreadable.*visualsearch train"):
+    with pytest.raises(DamagedFile, match=rf"{broken}: damaged \(.*\); the next `visualsearch train` .*retrains"):
+        EmbeddingClassifier.load(directory)
+    integrity.sidecar(directory / broken).unlink()  # written by hand, no checksum: the reader's own checks still hold
+    with pytest.raises((ClassifierError, DamagedFile), match="visualsearch train"):
         EmbeddingClassifier.load(directory)
 
 

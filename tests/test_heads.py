@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from vslib import calibration, classifier, datasets, evaluate, features, index, ranking
+from vslib import calibration, classifier, datasets, evaluate, features, index, integrity, ranking
 from vslib.heads import EnsembleHead, KnnHead, LinearHead
 from vslib.heads.linear import calibrated_nll
 from vslib.search import VisualSearch
@@ -144,6 +144,7 @@ def test_settings_do_not_move_when_only_query_images_change(pipeline, trained, t
     before = json.loads((cfg.classifier_dir / "metadata.json").read_text())
     path = features.features_path(cfg)
     original = path.read_bytes()
+    checksum = integrity.sidecar(path).read_bytes()  # fs.save rewrites it: put both back together
     try:
         fs = features.load_features(cfg)
         is_q = (fs.table["split"] == "query").to_numpy()
@@ -156,6 +157,7 @@ def test_settings_do_not_move_when_only_query_images_change(pipeline, trained, t
         after = json.loads((cfg.classifier_dir / "metadata.json").read_text())
     finally:
         path.write_bytes(original)
+        integrity.sidecar(path).write_bytes(checksum)
         classifier.train(cfg, force=True)
     assert after["search"] == before["search"]
     assert after["selected"] == before["selected"]

@@ -41,7 +41,7 @@ SIDECAR = ".sum"
 DAMAGED = ".damaged"
 #: largest |norm - 1| a stored feature vector may have (float32 rounding is ~1e-7)
 NORM_TOLERANCE = 1e-3
-_CHUNK = 8 << 20
+_CHUNK = 1 << 20
 
 
 class DamagedFile(VisualSearchError):
@@ -62,16 +62,18 @@ def sidecar(path: str | os.PathLike) -> Path:
 
 
 def digest(path: str | os.PathLike) -> dict:
-    """``{"size": bytes, "crc32": "xxxxxxxx"}`` of a file, read in 8 MB chunks."""
+    """``{"size": bytes, "crc32": "xxxxxxxx"}`` of a file, read into one 1 MB buffer (no allocation per chunk)."""
     crc = 0
     size = 0
-    with open(path, "rb") as f:
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
         while True:
-            block = f.read(_CHUNK)
-            if not block:
+            n = f.readinto(buf)
+            if not n:
                 break
-            crc = zlib.crc32(block, crc)
-            size += len(block)
+            crc = zlib.crc32(view[:n], crc)
+            size += n
     return {"size": size, "crc32": f"{crc:08x}"}
 
 
@@ -150,10 +152,12 @@ def set_aside(path: str | os.PathLike) -> Optional[Path]:
 
 def check_unit_vectors(vectors: np.ndarray, where: str, *, names=None, tolerance: float = NORM_TOLERANCE) -> None:
     """Raise ``ValueError`` naming ``where`` (and the first bad row, or its name) unless every row is
-    finite with L2 norm 1 within ``tolerance``. Reads the array once, in blocks of 65,536 rows."""
+    finite with L2 norm 1 within ``tolerance``. Reads the array once, in blocks of 8 MB."""
     n = len(vectors)
-    for start in range(0, n, 65_536):
-        block = np.asarray(vectors[start:start + 65_536], dtype=np.float32)
+    dim = int(np.prod(vectors.shape[1:])) if getattr(vectors, "ndim", 1) > 1 else 1
+    step = max(1, (8 << 20) // (4 * max(1, dim)))  # 8 MB blocks: a memory map is read, never copied whole
+    for start in range(0, n, step):
+        block = np.asarray(vectors[start:start + step], dtype=np.float32)
         squares = np.einsum("ij,ij->i", block, block)  # NaN or inf anywhere in a row makes its sum NaN or inf
         bad = ~(np.abs(squares - 1.0) <= 2 * tolerance)  # |n^2 - 1| ~ 2 |n - 1|; NaN compares False: bad
         if bad.any():
