@@ -219,6 +219,8 @@ def test_a_rebuild_killed_at_each_step_leaves_a_searchable_index_and_the_next_sa
     rebuild = _spawn(REBUILDER, json.dumps(_cfg_data(tmp_path)), tmp_path, point, 30)
     try:
         _wait_for(rebuild, f"paused {point}")
+        # the running rebuild's files are its work in progress, not debris of a killed build
+        assert [f.status for f in audit(cfg)] == ["ok"], [f.line() for f in audit(cfg)]
         # a save elsewhere (a library user's close) waits for the rebuild's lock: it never removes the rebuild's files
         with EmbeddedIndex.from_config(cfg, create=False) as other:
             other.add(["extra"], _unit(1, seed=9), [{"label": "extra"}])
