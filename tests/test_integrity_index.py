@@ -289,6 +289,20 @@ def test_a_generation_that_is_not_gNNNNNN_is_one_line_naming_meta_json(tmp_path,
     assert [(Path(f.path).name, f.status) for f in audit(cfg)] == [("meta.json", "damaged")]
 
 
+@pytest.mark.parametrize("field, value", [("dim", 0), ("count", -1), ("dim", "x"), ("files", {"vectors.npy": 3}),
+                                          ("files", []), ("format", "other")])
+def test_impossible_values_in_meta_json_are_one_line_naming_it(tmp_path, field, value):
+    cfg = _cfg(tmp_path)
+    _build(cfg, 10, 0, "a")
+    meta_file = cfg.index_dir / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta[field] = value
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(DamagedFile, match=r"meta.json: damaged \("):
+        EmbeddedIndex.from_config(cfg, create=False)
+    assert [(Path(f.path).name, f.status) for f in audit(cfg)] == [("meta.json", "damaged")]
+
+
 # -- damaged files -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("member", MEMBERS)

@@ -687,6 +687,8 @@ def _read_meta(meta_file: Path) -> dict:
         raise DamagedFile(meta_file, f"unreadable: {e}", REBUILD) from None
     if meta.get("format") != FORMAT:
         raise DamagedFile(meta_file, f"unknown format {meta.get('format')!r} (expected {FORMAT!r})", REBUILD)
+    if int(meta["dim"]) < 1 or int(meta["count"]) < 0:
+        raise DamagedFile(meta_file, f"dim {meta['dim']!r} and count {meta['count']!r} cannot be right", REBUILD)
     files = meta.get("files")
     try:
         if files is not None:
