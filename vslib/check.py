@@ -70,8 +70,8 @@ def run(cfg, *, as_json: bool = False, verbose: bool = False, out=None) -> int:
     print(f"checked {len(found)} artifacts of dataset {cfg.dataset.name!r}, backbone {cfg.backbone.name!r}: "
           f"{summary}", file=out)
     if damaged:
-        print("the next `visualsearch run` redoes what is damaged (damaged files are set aside as *.damaged)",
-              file=out)
+        print("the next `visualsearch run` redoes what is damaged (feature shards, feature and checks files are set "
+              "aside as *.damaged first; the classifier and the index are rebuilt)", file=out)
     return 2 if damaged else 0
 
 
