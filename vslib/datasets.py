@@ -476,7 +476,9 @@ def prepare(cfg: Config, *, force: bool = False, progress: bool = True,
 
     # Exact duplicates would leak between splits (a query finding itself): keep the first.
     ok = df["status"] == "ok"
-    dup = ok & df.duplicated("content_hash", keep="first") & (df["content_hash"] != "")
+    # (among usable rows only: a skipped file, e.g. one outside any class folder, never makes a usable one a duplicate)
+    dup = ok & df[ok].duplicated("content_hash", keep="first").reindex(df.index, fill_value=False) \
+        & (df["content_hash"] != "")
     if dup.any():
         first = df[ok & ~dup].drop_duplicates("content_hash").set_index("content_hash")["path"]
         df.loc[dup, "reason"] = "duplicate of " + df.loc[dup, "content_hash"].map(first)
