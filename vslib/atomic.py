@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from vslib.checksum import digest, sidecar
 from vslib.errors import environment_fault
 
 #: glob of the temporary files :func:`atomic_path` makes (left only by a killed process)
@@ -40,7 +41,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = "", verified: bool = F
     ``suffix`` ends the temporary name, for writers that insist on an extension
     (``np.savez`` adds ``.npz``, Keras wants ``.keras``). The caller writes to the
     yielded path (and may fsync); nothing is left behind if the block raises.
-    ``verified`` also writes the checksum sidecar (:func:`vslib.integrity.record`) once
+    ``verified`` also writes the checksum sidecar (:func:`record`) once
     the file is in place, so a reader can tell it is the file that was written.
     """
     path = Path(path)
@@ -49,15 +50,9 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = "", verified: bool = F
     try:
         yield tmp
         _fsync_file(tmp)
-        fingerprint = None
-        if verified:
-            from vslib.integrity import digest
-
-            fingerprint = digest(tmp)
+        fingerprint = digest(tmp) if verified else None
         os.replace(tmp, path)
         if verified:
-            from vslib.integrity import record
-
             record(path, fingerprint)
     except OSError as e:
         raise (environment_fault(e, path, temp=tmp) or e) from e
@@ -117,6 +112,14 @@ def strict_json(obj: Any) -> Any:
     return obj
 
 
+def record(path: str | os.PathLike, fingerprint: Optional[dict] = None) -> dict:
+    """Write the checksum sidecar of ``path`` (its :func:`~vslib.checksum.digest`, or ``fingerprint`` when the
+    writer has it); :mod:`vslib.integrity` reads it back."""
+    fp = dict(fingerprint) if fingerprint is not None else digest(path)
+    atomic_write_text(sidecar(path), json.dumps(fp))
+    return fp
+
+
 def atomic_savez(path: str | os.PathLike, /, *, verified: bool = False, **arrays) -> Path:
     """``np.savez`` to ``path`` atomically (``verified``: with its checksum sidecar)."""
     import numpy as np
@@ -128,4 +131,4 @@ def atomic_savez(path: str | os.PathLike, /, *, verified: bool = False, **arrays
 
 
 __all__ = ["TEMP_GLOB", "strict_json", "atomic_path", "atomic_savez", "atomic_write_bytes", "atomic_write_json",
-           "atomic_write_text", "ensure_dir"]
+           "atomic_write_text", "ensure_dir", "record"]

@@ -26,22 +26,20 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from vslib.atomic import record
+from vslib.checksum import SIDECAR, digest, sidecar
 from vslib.errors import VisualSearchError
 
-#: suffix of a checksum sidecar: ``features.npz`` -> ``features.npz.sum``
-SIDECAR = ".sum"
 #: suffix given to a damaged file set aside by :func:`set_aside`
 DAMAGED = ".damaged"
 #: largest |norm - 1| a stored feature vector may have (float32 rounding is ~1e-7)
 NORM_TOLERANCE = 1e-3
-_CHUNK = 1 << 20
 
 
 class DamagedFile(VisualSearchError):
@@ -53,37 +51,6 @@ class DamagedFile(VisualSearchError):
     def __init__(self, path, reason: str, redo: str = "the next `visualsearch run` recomputes it"):
         self.path, self.reason, self.redo = Path(path), reason, redo
         super().__init__(f"{path}: damaged ({reason}); {redo}")
-
-
-def sidecar(path: str | os.PathLike) -> Path:
-    """The checksum sidecar of ``path``."""
-    path = Path(path)
-    return path.with_name(path.name + SIDECAR)
-
-
-def digest(path: str | os.PathLike) -> dict:
-    """``{"size": bytes, "crc32": "xxxxxxxx"}`` of a file, read into one 1 MB buffer (no allocation per chunk)."""
-    crc = 0
-    size = 0
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            crc = zlib.crc32(view[:n], crc)
-            size += n
-    return {"size": size, "crc32": f"{crc:08x}"}
-
-
-def record(path: str | os.PathLike, fingerprint: Optional[dict] = None) -> dict:
-    """Write the sidecar of ``path`` (its :func:`digest`, or ``fingerprint`` when the writer has it)."""
-    from vslib.atomic import atomic_write_text
-
-    fp = dict(fingerprint) if fingerprint is not None else digest(path)
-    atomic_write_text(sidecar(path), json.dumps(fp))
-    return fp
 
 
 def read_record(path: str | os.PathLike) -> Optional[dict]:
