@@ -14,6 +14,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from vslib.images import ImageError, thumbnail
 from vslib.paths import FIGURES_DIR
 
 log = logging.getLogger(__name__)
@@ -233,8 +234,6 @@ def most_confused(confusion: Mapping, n: int = 10):
 
 def _draw_thumbnail(ax, path, size: int, caption: str = "", edge: str = "black", fontsize: float = 9) -> None:
     """A thumbnail in ``ax`` with a coloured frame; an unreadable image says so instead of failing."""
-    from vslib.images import ImageError, thumbnail
-
     try:
         ax.imshow(np.asarray(thumbnail(path, size)))
     except ImageError:
@@ -387,8 +386,6 @@ def embedding_map(vectors: np.ndarray, labels: Sequence[str], paths: Optional[Se
     class centres, and thumbnails on a grid of the map so that they never overlap."""
     from matplotlib import patheffects
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
-
-    from vslib.images import ImageError, thumbnail
 
     plt = _plt()
     xy = umap_coords(vectors, seed=seed)

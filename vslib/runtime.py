@@ -41,6 +41,7 @@ from typing import Optional
 
 import numpy as np
 
+from vslib.atomic import atomic_write_bytes
 from vslib.errors import BackboneError
 
 log = logging.getLogger(__name__)
@@ -214,8 +215,6 @@ class TFLiteRunner:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    from vslib.atomic import atomic_write_bytes
-
     atomic_write_bytes(path, data)
 
 
