@@ -11,7 +11,8 @@ from vslib.config import SearchConfig, load_config
 from vslib.errors import VisualSearchError
 from vslib.evaluate import average_precision_at_k, precision_at_k
 from vslib.paths import PROJ_ROOT
-from vslib.search import VisualSearch, choose_labels
+from vslib import ranking
+from vslib.search import VisualSearch
 
 from conftest import write_config
 
@@ -41,21 +42,40 @@ def test_average_precision_hand_computed():
 CLASSES = ["a", "b", "c", "d"]
 
 
-def test_choose_labels_per_mode():
+def test_chosen_labels_per_mode():
     cfg = SearchConfig(mass=0.8, min_confidence=0.3, max_classes=3)
-    p = np.array([0.1, 0.5, 0.35, 0.05])
-    assert choose_labels(p, CLASSES, "flat", cfg) is None
-    assert choose_labels(p, CLASSES, "hierarchical", cfg) == ["b"]
-    assert choose_labels(p, CLASSES, "adaptive", cfg) == ["b", "c"]  # 0.85 >= 0.8
-    assert choose_labels(p, CLASSES, "oracle", cfg, true_label="d") == ["d"]
-    unsure = np.array([0.26, 0.25, 0.25, 0.24])
-    assert choose_labels(unsure, CLASSES, "adaptive", cfg) is None  # falls back to flat
-    spread = np.array([0.31, 0.3, 0.2, 0.19])
-    assert choose_labels(spread, CLASSES, "adaptive", cfg) == ["a", "b", "c"]  # capped by max_classes
+
+    def chosen(p, mode, true_label=None):
+        (labels,) = ranking.chosen_labels(np.array([p]), CLASSES, ranking.settings(mode, cfg),
+                                          None if true_label is None else [true_label])
+        return labels
+
+    p = [0.1, 0.5, 0.35, 0.05]
+    assert chosen(p, "flat") is None
+    assert chosen(p, "hierarchical") == ["b"]
+    assert chosen(p, "adaptive") == ["b", "c"]  # 0.85 >= 0.8
+    assert chosen(p, "oracle", true_label="d") == ["d"]
+    assert chosen([0.26, 0.25, 0.25, 0.24], "adaptive") is None  # unsure: falls back to flat
+    assert chosen([0.31, 0.3, 0.2, 0.19], "adaptive") == ["a", "b", "c"]  # capped by max_classes
     with pytest.raises(VisualSearchError, match="oracle mode needs the query's true label"):
-        choose_labels(p, CLASSES, "oracle", cfg)
+        chosen(p, "oracle")
     with pytest.raises(VisualSearchError, match="unknown search mode 'fuzzy'"):
-        choose_labels(p, CLASSES, "fuzzy", cfg)
+        chosen(p, "fuzzy")
+
+
+def test_every_class_chosen_is_still_adaptive_ranking_not_a_flat_fallback():
+    # mass 1.0 is never quite reached in floating point: all four classes are kept, the query is not unsure,
+    # so its hits are still weighed by class probability (as the engine does), not ranked as a flat search
+    s = ranking.Settings("adaptive", mass=1.0, min_confidence=0.3, max_classes=5, class_weight=1.0)
+    proba = np.array([[0.7, 0.1, 0.1, 0.1 - 1e-9]])
+    assert ranking.chosen_labels(proba, CLASSES, s) == [["a", "b", "c", "d"]]
+    assert not ranking.searches_flat(proba, s)[0]
+    # one item per class; the item of class b is the most similar, but class a is far likelier
+    cands = ranking.Candidates(sims=np.array([[[0.80], [0.95], [0.5], [0.4]]], np.float32),
+                               items=np.array([[[0], [1], [2], [3]]]))
+    assert ranking.ranked_items(cands, proba, s, 4)[0].tolist() == [0, 1, 2, 3]
+    unsure = np.array([[0.28, 0.26, 0.24, 0.22]])
+    assert ranking.ranked_items(cands, unsure, s, 4)[0].tolist() == [1, 0, 2, 3]  # flat: by similarity alone
 
 
 # -- the real thing ---------------------------------------------------------------------

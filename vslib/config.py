@@ -28,6 +28,8 @@ from vslib.paths import PROJ_ROOT
 
 #: search modes, in the order reports list them
 MODES = ("flat", "hierarchical", "adaptive", "oracle")
+#: the settings that decide how adaptive search ranks (fields of :class:`SearchConfig`, tuned together)
+ADAPTIVE_SETTINGS = ("mass", "min_confidence", "max_classes", "class_weight")
 
 
 class ConfigError(ValueError):

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from vslib.config import MODES, Config
+from vslib.config import ADAPTIVE_SETTINGS, MODES, Config
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,7 @@ def evaluate_split(X_index: np.ndarray, y_index: np.ndarray, X_query: np.ndarray
     t1 = time.perf_counter()
     if cfg.search.tune:
         tuned = ranking.tune_adaptive(X_index, yi, oof, k=clf_mod.tuning_k(cfg), rows=rows, seed=cfg.classifier.seed)
-        adaptive = ranking.Settings("adaptive", tuned["mass"], tuned["min_confidence"], tuned["max_classes"],
-                                    tuned["class_weight"])
+        adaptive = ranking.Settings("adaptive", **{k: tuned[k] for k in ADAPTIVE_SETTINGS})
     else:
         adaptive = ranking.settings("adaptive", cfg.search)
     t2 = time.perf_counter()

@@ -8,8 +8,9 @@ the ``kmax`` most similar items of that class (:func:`candidates`). A flat
 search is the best ``kmax`` of the union; a hierarchical one the list of the
 top class; an adaptive one re-scores the chosen classes' lists by
 ``similarity + class_weight * log p(class)`` and completes them from the other
-classes, exactly as :meth:`vslib.search.VisualSearch.search_vectors` does
-(a test checks that the two agree hit for hit).
+classes. The engine ranks its index hits by the same rule: it narrows with
+:func:`chosen_labels` and weighs with :func:`class_bonus` (a test checks that
+the two agree hit for hit).
 
 >>> cands = candidates(Q, X, y_index, n_classes, kmax=10)
 >>> rel = ranked_relevance(cands, y_query, proba, settings("adaptive", scfg))
@@ -24,6 +25,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from vslib.config import ADAPTIVE_SETTINGS, MODES, SearchConfig
+from vslib.errors import VisualSearchError
+
 log = logging.getLogger(__name__)
 
 #: candidates outside the chosen classes rank after every chosen one (the engine appends them)
@@ -32,7 +36,7 @@ _OUTSIDE = -1e6
 
 @dataclass
 class Candidates:
-    """Per query and class, the ``kmax`` most similar items: ``sims``, ``labels`` (n_q, n_classes, kmax).
+    """Per query and class, the ``kmax`` most similar items: ``sims``, ``items`` (n_q, n_classes, kmax).
 
     Missing items (a class smaller than ``kmax``) have similarity ``-inf``.
     """
@@ -79,19 +83,25 @@ def candidates(Q: np.ndarray, X: np.ndarray, labels: np.ndarray, n_classes: int,
     return Candidates(sims, items)
 
 
+#: the search defaults every :class:`Settings` starts from
+_DEFAULT = SearchConfig()
+
+
 @dataclass(frozen=True)
 class Settings:
-    """How one mode ranks: the classes it keeps and the weight of their log-probability."""
+    """How one mode ranks: the classes it keeps and the weight of their log-probability.
+
+    The fields are :data:`vslib.config.ADAPTIVE_SETTINGS`, defaulting to :class:`~vslib.config.SearchConfig`'s.
+    """
 
     mode: str
-    mass: float = 0.9
-    min_confidence: float = 0.2
-    max_classes: int = 5
-    class_weight: float = 0.2
+    mass: float = _DEFAULT.mass
+    min_confidence: float = _DEFAULT.min_confidence
+    max_classes: int = _DEFAULT.max_classes
+    class_weight: float = _DEFAULT.class_weight
 
     def as_dict(self) -> dict:
-        return {"mass": self.mass, "min_confidence": self.min_confidence, "max_classes": self.max_classes,
-                "class_weight": self.class_weight}
+        return {k: getattr(self, k) for k in ADAPTIVE_SETTINGS}
 
 
 def settings(mode: str, scfg) -> Settings:
@@ -99,10 +109,21 @@ def settings(mode: str, scfg) -> Settings:
     return Settings(mode, float(scfg.mass), float(scfg.min_confidence), int(scfg.max_classes), float(scfg.class_weight))
 
 
+def searches_flat(proba: Optional[np.ndarray], s: Settings) -> np.ndarray:
+    """Boolean (n_q,): the queries ``s.mode`` searches unfiltered (flat; adaptive when the top class is unsure)."""
+    if s.mode == "flat":
+        return np.ones(len(proba) if proba is not None else 1, bool)
+    if s.mode == "adaptive":
+        return np.asarray(proba).max(axis=1) < s.min_confidence
+    return np.zeros(len(proba), bool)
+
+
 def chosen_classes(proba: np.ndarray, s: Settings) -> np.ndarray:
     """Boolean (n_q, n_classes): the classes each query's search is narrowed to (all True: flat).
 
-    The vectorised twin of :func:`vslib.search.choose_labels`.
+    ``hierarchical`` keeps the top class; ``adaptive`` the fewest classes, in probability order, whose
+    mass reaches ``s.mass`` (all of them when it never does), at most ``s.max_classes``, and every class
+    when the query :func:`searches_flat`.
     """
     nq, n_classes = proba.shape
     if s.mode == "flat":
@@ -113,15 +134,43 @@ def chosen_classes(proba: np.ndarray, s: Settings) -> np.ndarray:
     else:
         sorted_p = np.take_along_axis(proba, order, 1)
         reached = np.cumsum(sorted_p, axis=1) >= s.mass
-        # the fewest classes whose mass reaches s.mass (all of them when it never does), at most max_classes
         n_keep = np.where(reached.any(1), reached.argmax(1) + 1, n_classes)
         n_keep = np.minimum(n_keep, s.max_classes)
     keep = np.zeros((nq, n_classes), bool)
     rows = np.arange(nq)[:, None]
     keep[rows, order] = np.arange(n_classes)[None, :] < n_keep[:, None]
     if s.mode == "adaptive":
-        keep[proba.max(axis=1) < s.min_confidence] = True  # unsure: search everything
+        keep[searches_flat(proba, s)] = True  # unsure: search everything
     return keep
+
+
+def class_bonus(proba: np.ndarray, s: Settings) -> np.ndarray:
+    """What adaptive ranking adds to a hit's similarity for its class: ``class_weight * log p(class)``
+    (float64, the shape of ``proba``; zero in every other mode)."""
+    p = np.asarray(proba, np.float64)
+    if s.mode != "adaptive":
+        return np.zeros_like(p)
+    return s.class_weight * np.log(np.maximum(p, 1e-12))
+
+
+def chosen_labels(proba: Optional[np.ndarray], classes: Sequence[str], s: Settings,
+                  true_labels: Optional[Sequence[str]] = None) -> list[Optional[list[str]]]:
+    """Per query, the labels its search is narrowed to, most probable first (None: searched flat).
+
+    The engine's form of :func:`chosen_classes`; ``oracle`` takes each query's ``true_labels``.
+    """
+    if s.mode == "oracle":
+        if true_labels is None:
+            raise VisualSearchError("oracle mode needs the query's true label (it exists for evaluation only)")
+        return [[str(t)] for t in true_labels]
+    if s.mode == "flat":
+        return [None] * (1 if proba is None else len(proba))
+    if s.mode not in MODES:
+        raise VisualSearchError(f"unknown search mode {s.mode!r} (choices: {', '.join(MODES)})")
+    proba = np.atleast_2d(np.asarray(proba))
+    keep, flat = chosen_classes(proba, s), searches_flat(proba, s)
+    order = np.argsort(-proba, axis=1, kind="stable")
+    return [None if flat[i] else [classes[j] for j in order[i] if keep[i, j]] for i in range(len(proba))]
 
 
 def ranked_items(cands: Candidates, proba: Optional[np.ndarray], s: Settings, k: Optional[int] = None,
@@ -136,9 +185,8 @@ def ranked_items(cands: Candidates, proba: Optional[np.ndarray], s: Settings, k:
         keep = chosen_classes(proba, s) if s.mode != "flat" else np.ones((nq, n_classes), bool)
     score = cands.sims.astype(np.float64)
     if s.mode == "adaptive":
-        flat_rows = keep.all(axis=1)
-        bonus = s.class_weight * np.log(np.maximum(proba, 1e-12))
-        bonus[flat_rows] = 0.0  # a flat fallback ranks by similarity alone
+        bonus = class_bonus(proba, s)
+        bonus[searches_flat(proba, s)] = 0.0  # a flat fallback ranks by similarity alone
         score = score + np.where(keep, bonus, _OUTSIDE)[:, :, None]  # outside: appended after the chosen
     else:
         score = np.where(keep[:, :, None], score, -np.inf)

@@ -42,7 +42,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from vslib.config import MODES, Config, SearchConfig
+from vslib import ranking
+from vslib.config import ADAPTIVE_SETTINGS, MODES, Config, SearchConfig
 from vslib.errors import VisualSearchError
 
 log = logging.getLogger(__name__)
@@ -92,31 +93,6 @@ class SearchResult:
         return "\n".join(lines)
 
 
-def choose_labels(probs: np.ndarray, classes: Sequence[str], mode: str, scfg: SearchConfig,
-                  true_label: Optional[str] = None) -> Optional[list[str]]:
-    """The labels a query's search is narrowed to, or None for a flat search."""
-    if mode == "flat":
-        return None
-    if mode == "oracle":
-        if true_label is None:
-            raise VisualSearchError("oracle mode needs the query's true label (it exists for evaluation only)")
-        return [true_label]
-    order = np.argsort(-probs, kind="stable")
-    if mode == "hierarchical":
-        return [classes[order[0]]]
-    if mode == "adaptive":
-        if probs[order[0]] < scfg.min_confidence:
-            return None
-        chosen, mass = [], 0.0
-        for i in order[: scfg.max_classes]:
-            chosen.append(classes[i])
-            mass += float(probs[i])
-            if mass >= scfg.mass:
-                break
-        return chosen
-    raise VisualSearchError(f"unknown search mode {mode!r} (choices: {', '.join(MODES)})")
-
-
 def _hit_dict(hit, bonus: float = 0.0) -> dict:
     md = hit.metadata or {}
     score = float(hit.score)
@@ -127,7 +103,7 @@ def _hit_dict(hit, bonus: float = 0.0) -> dict:
 def effective_settings(scfg: SearchConfig, classifier) -> tuple[SearchConfig, dict]:
     """``scfg`` with the adaptive settings the classifier was tuned with (when ``scfg.tune``), and their source."""
     tuned = (getattr(classifier, "metadata_", None) or {}).get("search") or {}
-    keys = ("mass", "min_confidence", "max_classes", "class_weight")
+    keys = ADAPTIVE_SETTINGS
     if scfg.tune and all(k in tuned for k in keys):
         chosen = replace(scfg, **{k: tuned[k] for k in keys})
         return chosen, {**{k: tuned[k] for k in keys}, "source": "tuned on the index split at training"}
@@ -235,15 +211,16 @@ class VisualSearch:
             probs = self.classifier.predict_proba(vectors)  # an image-level (fine-tuned) model raises here
         if mode == "flat":
             return [([_hit_dict(h) for h in hits], None) for hits in self.index.search(vectors, k)]
+        s = ranking.settings(mode, self.cfg)
+        chosen = ranking.chosen_labels(probs, self.classes, s, true_labels)
+        bonus = None if probs is None else ranking.class_bonus(probs, s)
         out = []
-        for i, vec in enumerate(vectors):
-            labels = choose_labels(None if probs is None else probs[i], self.classes, mode, self.cfg,
-                                   None if true_labels is None else true_labels[i])
+        for i, (vec, labels) in enumerate(zip(vectors, chosen)):
             q = vec[None, :]
             if labels is None:
                 hits = [_hit_dict(h) for h in self.index.search(q, k)[0]]
-            elif mode == "adaptive" and len(labels) > 1 and self.cfg.class_weight > 0:
-                hits = self._class_weighted(q, k, labels, probs[i])
+            elif mode == "adaptive" and len(labels) > 1 and s.class_weight > 0:
+                hits = self._class_weighted(q, k, labels, bonus[i])
             else:
                 hits = [_hit_dict(h) for h in self.index.search(q, k, filter={"label": labels})[0]]
             if mode == "adaptive" and labels is not None and len(hits) < k:
@@ -254,12 +231,11 @@ class VisualSearch:
             out.append((hits, labels))
         return out
 
-    def _class_weighted(self, q: np.ndarray, k: int, labels: list[str], probs: np.ndarray) -> list[dict]:
-        """Top k over ``labels`` by similarity + class_weight * log p(class), merged from per-class searches."""
+    def _class_weighted(self, q: np.ndarray, k: int, labels: list[str], bonus: np.ndarray) -> list[dict]:
+        """Top k over ``labels`` by similarity + :func:`vslib.ranking.class_bonus`, merged from per-class searches."""
         ranked = []
         per_class = self.index.search_many(np.repeat(q, len(labels), axis=0), k, [{"label": [lbl]} for lbl in labels])
         for label, hits in zip(labels, per_class):
-            bonus = self.cfg.class_weight * float(np.log(max(float(probs[self.classes.index(label)]), 1e-12)))
-            ranked += [_hit_dict(h, bonus) for h in hits]
+            ranked += [_hit_dict(h, float(bonus[self.classes.index(label)])) for h in hits]
         ranked.sort(key=lambda h: -h["rank_score"])
         return ranked[:k]
