@@ -20,9 +20,9 @@ from vslib import integrity
 from vslib.integrity import DamagedFile
 
 from vslib import calibration, classifier, datasets, features
-from vslib.classifier import (EmbeddingClassifier, FineTunedClassifier, check_labels, check_trainable,
-                              load_classifier, stratified_split, train)
+from vslib.classifier import EmbeddingClassifier, FineTunedClassifier, check_labels, load_classifier, train
 from vslib.errors import ClassifierError, VisualSearchError
+from vslib.heads.base import check_trainable, stratified_split
 
 from conftest import tux_config
 

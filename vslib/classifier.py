@@ -41,87 +41,20 @@ from vslib import calibration, integrity
 from vslib.errors import ClassifierError
 from vslib.heads import HEADS
 from vslib.locks import locked
-from vslib.heads.base import RETRAIN, ClassifierMixin, as_matrix as _as_matrix, classification_report
-from vslib.heads.base import is_single_image as _is_single_image, write_json as _write_json
+from vslib.heads.base import (ClassifierMixin, as_matrix, check_trainable, classification_report, is_single_image,
+                              stratified_split)
+from vslib.heads.format import FORMAT_VERSION, LABELS_FILE, METADATA_FILE, MODEL_FILE, RETRAIN, STATE_FILE, write_json
 
 log = logging.getLogger(__name__)
 
-#: bump when a change to this module makes older saved models stale
-FORMAT_VERSION = 2
-MODEL_FILE = "model.keras"
-LABELS_FILE = "labels.json"
-METADATA_FILE = "metadata.json"
 METRICS_FILE = "classifier_metrics.json"
 CONFUSION_FIGURE = "confusion_matrix.png"
-#: images per class the head needs: one to train on, one to validate on
-MIN_PER_CLASS = 2
 
 
 def _keras():
     import keras  # heavy: imported when a model is built or loaded
 
     return keras
-
-
-# ---------------------------------------------------------------------------
-# Checks and splits
-
-
-def _describe_counts(counts: dict, limit: int = 20) -> str:
-    items = [f"{str(label)!r} ({n})" for label, n in sorted(counts.items(), key=lambda kv: (kv[1], str(kv[0])))]
-    more = f", and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
-def check_trainable(labels: Sequence, min_per_class: int = MIN_PER_CLASS) -> None:
-    """Raise :class:`ClassifierError` unless ``labels`` has >= 2 classes of >= ``min_per_class`` images."""
-    values, counts = np.unique(np.asarray(labels, dtype=object).astype(str), return_counts=True)
-    if len(values) < 2:
-        found = f"only {str(values[0])!r} ({counts[0]} images)" if len(values) else "no images at all"
-        raise ClassifierError(
-            f"the classifier needs at least 2 classes in the index split; found {found}. "
-            "Use a dataset with more categories (dataset.name / dataset.root in application.yaml).")
-    small = {v: int(c) for v, c in zip(values, counts) if c < min_per_class}
-    if small:
-        raise ClassifierError(
-            f"the classifier needs at least {min_per_class} images per class in the index split (one to train "
-            f"on, one to validate on); too few in {len(small)} of {len(values)} classes: {_describe_counts(small)}. "
-            "Raise dataset.min_per_class in application.yaml to drop such classes, or add images.")
-
-
-def stratified_split(labels: Sequence, fraction: float, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded stratified (train, validation) row indices, every class kept in train.
-
-    Uses scikit-learn's ``train_test_split(stratify=...)``; when the classes are
-    too small for it (fewer validation rows than classes), falls back to taking
-    ``round(fraction * n)`` rows of each class, at least one from every class
-    of >= 2 rows, never a class's last row.
-    """
-    from sklearn.model_selection import train_test_split
-
-    labels = np.asarray(labels, dtype=object).astype(str)
-    n = len(labels)
-    idx = np.arange(n)
-    if fraction <= 0 or n == 0:
-        return idx, idx[:0]
-    values, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    try:
-        if counts.min() < 2:
-            raise ValueError("a class has a single member")
-        tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
-        if len(np.unique(labels[tr])) != len(values):
-            raise ValueError("a class lost all its training rows")
-    except ValueError as e:
-        log.debug("stratified split by class quota instead of train_test_split: %s", e)
-        rng = np.random.default_rng(seed)
-        va_parts = []
-        for c, count in enumerate(counts):
-            rows = rng.permutation(idx[inverse == c])
-            k = min(count - 1, max(1, int(round(fraction * count)))) if count >= 2 else 0
-            va_parts.append(rows[:k])
-        va = np.sort(np.concatenate(va_parts)) if va_parts else idx[:0]
-        tr = np.setdiff1d(idx, va)
-    return np.sort(tr), np.sort(va)
 
 
 # ---------------------------------------------------------------------------
@@ -198,7 +131,7 @@ class EmbeddingClassifier(ClassifierMixin):
         fewer than 2 classes or a class with fewer than 2 images.
         """
         keras = _keras()
-        X = _as_matrix(X, "X")
+        X = as_matrix(X, "X")
         y = np.asarray(y, dtype=object).astype(str)
         if len(y) != len(X):
             raise ClassifierError(f"X has {len(X)} rows but y has {len(y)} labels")
@@ -207,7 +140,7 @@ class EmbeddingClassifier(ClassifierMixin):
             tr, va = stratified_split(y, self.validation_fraction, self.seed)
             X, X_val, y, y_val = X[tr], X[va], y[tr], y[va]
         else:
-            X_val = _as_matrix(X_val, "X_val")
+            X_val = as_matrix(X_val, "X_val")
             y_val = np.asarray(y_val, dtype=object).astype(str)
             check_trainable(np.concatenate([y, y_val]))
             if X_val.shape[1] != X.shape[1]:
@@ -298,7 +231,7 @@ class EmbeddingClassifier(ClassifierMixin):
 def load_model(directory):
     """Load what a head's ``save`` wrote, whatever its kind. Raises :class:`ClassifierError` if missing or incomplete."""
     directory = Path(directory)
-    for name in (METADATA_FILE, LABELS_FILE, MODEL_FILE, "head.npz"):  # small files: a full check on every load
+    for name in (METADATA_FILE, LABELS_FILE, MODEL_FILE, STATE_FILE):  # small files: a full check on every load
         if (directory / name).exists() or integrity.sidecar(directory / name).exists():
             integrity.verify(directory / name, full=True, redo=RETRAIN)
     try:
@@ -318,7 +251,7 @@ def load_model(directory):
     if klass is None:
         raise ClassifierError(f"{directory} holds a classifier of unknown kind {meta.get('kind')!r} "
                               f"(known: {', '.join(sorted(kinds))}); retrain with `visualsearch train`")
-    state = directory / (MODEL_FILE if issubclass(klass, EmbeddingClassifier) else "head.npz")
+    state = directory / (MODEL_FILE if issubclass(klass, EmbeddingClassifier) else STATE_FILE)
     if not state.is_file():
         raise ClassifierError(f"no complete classifier in {directory} (missing {state.name})")
     try:
@@ -478,7 +411,7 @@ def train(cfg, *, force: bool = False):
     }
     clf.save(cfg.classifier_dir, meta)
     cfg.reports_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(cfg.reports_dir / METRICS_FILE, metrics)
+    write_json(cfg.reports_dir / METRICS_FILE, metrics)
     save_confusion_figure(metrics["confusion_matrix"], cfg.figures_dir / CONFUSION_FIGURE,
                           title=f"Classifier ({cfg.dataset.name}, {cfg.backbone.name}, {ccfg.head} head), out of fold")
     log.info("classifier: %s head, accuracy %.3f, top-3 %.3f, ECE %.3f -> %.3f (T = %.2f); saved to %s",
@@ -630,7 +563,7 @@ class FineTunedClassifier(EmbeddingClassifier):
                                   "pass the images (or use predict_image)")
         bb = self._get_backbone()
         out = [np.zeros((0, len(self.classes_)), np.float32)]
-        seq = X if isinstance(X, np.ndarray) and X.ndim == 4 else (list(X) if not _is_single_image(X) else [X])
+        seq = X if isinstance(X, np.ndarray) and X.ndim == 4 else (list(X) if not is_single_image(X) else [X])
         for i in range(0, len(seq), 32):
             out.append(np.asarray(self.model_(bb.preprocess(self._pixels(seq[i:i + 32])), training=False), np.float32))
         return np.concatenate(out)

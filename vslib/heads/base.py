@@ -25,6 +25,7 @@ hyperparameters), ``_fit_final(X, yi)``, ``_logits(X)`` and ``_state()`` /
 """
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
 import zlib
@@ -34,14 +35,71 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from vslib import calibration
-from vslib.atomic import atomic_path, atomic_write_json
+from vslib.atomic import atomic_path
 from vslib.errors import ClassifierError
+from vslib.heads.format import FORMAT_VERSION, LABELS_FILE, METADATA_FILE, RETRAIN, STATE_FILE, write_json
 
-STATE_FILE = "head.npz"
-#: what the next run does about a damaged classifier
-RETRAIN = "the next `visualsearch train` (or `run`) retrains the classifier"
-LABELS_FILE = "labels.json"
-METADATA_FILE = "metadata.json"
+log = logging.getLogger(__name__)
+
+#: images per class a head needs: one to train on, one to validate on
+MIN_PER_CLASS = 2
+
+
+def _describe_counts(counts: dict, limit: int = 20) -> str:
+    items = [f"{str(label)!r} ({n})" for label, n in sorted(counts.items(), key=lambda kv: (kv[1], str(kv[0])))]
+    more = f", and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def check_trainable(labels: Sequence, min_per_class: int = MIN_PER_CLASS) -> None:
+    """Raise :class:`ClassifierError` unless ``labels`` has >= 2 classes of >= ``min_per_class`` images."""
+    values, counts = np.unique(np.asarray(labels, dtype=object).astype(str), return_counts=True)
+    if len(values) < 2:
+        found = f"only {str(values[0])!r} ({counts[0]} images)" if len(values) else "no images at all"
+        raise ClassifierError(
+            f"the classifier needs at least 2 classes in the index split; found {found}. "
+            "Use a dataset with more categories (dataset.name / dataset.root in application.yaml).")
+    small = {v: int(c) for v, c in zip(values, counts) if c < min_per_class}
+    if small:
+        raise ClassifierError(
+            f"the classifier needs at least {min_per_class} images per class in the index split (one to train "
+            f"on, one to validate on); too few in {len(small)} of {len(values)} classes: {_describe_counts(small)}. "
+            "Raise dataset.min_per_class in application.yaml to drop such classes, or add images.")
+
+
+def stratified_split(labels: Sequence, fraction: float, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified (train, validation) row indices, every class kept in train.
+
+    Uses scikit-learn's ``train_test_split(stratify=...)``; when the classes are
+    too small for it (fewer validation rows than classes), falls back to taking
+    ``round(fraction * n)`` rows of each class, at least one from every class
+    of >= 2 rows, never a class's last row.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels, dtype=object).astype(str)
+    n = len(labels)
+    idx = np.arange(n)
+    if fraction <= 0 or n == 0:
+        return idx, idx[:0]
+    values, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    try:
+        if counts.min() < 2:
+            raise ValueError("a class has a single member")
+        tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
+        if len(np.unique(labels[tr])) != len(values):
+            raise ValueError("a class lost all its training rows")
+    except ValueError as e:
+        log.debug("stratified split by class quota instead of train_test_split: %s", e)
+        rng = np.random.default_rng(seed)
+        va_parts = []
+        for c, count in enumerate(counts):
+            rows = rng.permutation(idx[inverse == c])
+            k = min(count - 1, max(1, int(round(fraction * count)))) if count >= 2 else 0
+            va_parts.append(rows[:k])
+        va = np.sort(np.concatenate(va_parts)) if va_parts else idx[:0]
+        tr = np.setdiff1d(idx, va)
+    return np.sort(tr), np.sort(va)
 
 
 def as_matrix(X, name: str = "X") -> np.ndarray:
@@ -111,8 +169,6 @@ class ClassifierMixin:
 
         ``metadata.json`` is written last: its presence marks a complete model.
         """
-        from vslib.classifier import FORMAT_VERSION
-
         self._check_fitted()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -240,8 +296,6 @@ class Head(ClassifierMixin):
     # -- fitting ---------------------------------------------------------------
     def fit(self, X, y) -> "Head":
         """Cross-fit (hyperparameters, temperature) on ``X``, ``y``, then fit on all of it."""
-        from vslib.classifier import check_trainable
-
         X = as_matrix(X)
         y = np.asarray(y, dtype=object).astype(str)
         if len(y) != len(X):
@@ -299,19 +353,3 @@ def is_single_image(x: Any) -> bool:
     from PIL import Image
 
     return isinstance(x, (str, os.PathLike, Image.Image)) or (isinstance(x, np.ndarray) and x.ndim in (2, 3))
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_json(path, obj, default=_json_default, verified=True)
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
