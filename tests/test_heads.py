@@ -12,6 +12,7 @@ import pytest
 
 from vslib import calibration, classifier, datasets, evaluate, features, index, integrity, ranking
 from vslib.heads import EnsembleHead, KnnHead, LinearHead
+from vslib.heads.format import load_model
 from vslib.heads.linear import calibrated_nll
 from vslib.search import VisualSearch
 
@@ -102,7 +103,7 @@ def test_save_and_load_every_head(fitted, pipeline, tmp_path, kind):
     _, _, q = pipeline
     head = fitted[kind]
     head.save(tmp_path / kind, {"backbone": "efficientnet_lite0", "dataset": "tuxpaint"})
-    loaded = classifier.load_model(tmp_path / kind)
+    loaded = load_model(tmp_path / kind)
     assert type(loaded) is type(head) and list(loaded.classes_) == list(head.classes_)
     np.testing.assert_allclose(loaded.predict_proba(q.vectors), head.predict_proba(q.vectors), atol=1e-6)
 

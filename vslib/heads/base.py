@@ -270,6 +270,7 @@ class Head(ClassifierMixin):
     """
 
     kind = "head"
+    state_file = STATE_FILE
     _PARAMS: tuple[str, ...] = ("folds", "seed", "calibrate")
 
     def __init__(self, folds: int = 5, seed: int = 42, calibrate: bool = True):
@@ -326,7 +327,7 @@ class Head(ClassifierMixin):
     def save(self, directory, metadata: Optional[dict] = None) -> Path:
         """Write ``head.npz``, ``labels.json`` and ``metadata.json`` (last: it marks a complete model)."""
         fields = {"selected": self.selected_, "n_train": int(self.n_train_), "oof_accuracy": self.oof_accuracy_}
-        return self._save(directory, metadata, fields, STATE_FILE, lambda tmp: np.savez(tmp, **self._state()))
+        return self._save(directory, metadata, fields, self.state_file, lambda tmp: np.savez(tmp, **self._state()))
 
     @classmethod
     def _from_saved(cls, directory: Path, meta: dict, labels: list) -> "Head":
