@@ -6,17 +6,45 @@ stamps (at most 12 per class) is shared; heads are fitted on its cached vectors.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from vslib import calibration, classifier, datasets, evaluate, features, index, integrity, ranking
-from vslib.heads import EnsembleHead, KnnHead, LinearHead
+from vslib.config import ClassifierConfig
+from vslib.errors import ClassifierError
+from vslib.heads import HEADS, head_class
+from vslib.heads.ensemble import EnsembleHead
 from vslib.heads.format import load_model
-from vslib.heads.linear import calibrated_nll
+from vslib.heads.knn import KnnHead
+from vslib.heads.linear import LinearHead, calibrated_nll
 from vslib.search import VisualSearch
 
 from conftest import tux_config
+
+
+def test_one_registry_names_every_head_without_importing_its_libraries():
+    """vslib.heads.HEADS is read without numpy, scikit-learn or Keras; each name is its class's saved kind."""
+    code = ("import sys, vslib.heads as h; print(h.HEAD_NAMES); "
+            "print([m for m in ('numpy', 'sklearn', 'keras', 'tensorflow') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["('ensemble', 'linear', 'knn', 'mlp')", "[]"]
+    for name in HEADS:
+        assert head_class(name).kind == name
+    with pytest.raises(ClassifierError, match=r"Unsupported head 'lineer'. Available heads are \['ensemble'"):
+        head_class("lineer")
+
+
+def test_each_head_maps_its_own_config_keys():
+    ccfg = ClassifierConfig(C=10.0, neighbors=7, folds=3, seed=1, calibrate=False, hidden_units=8)
+    assert head_class("knn").from_config(ccfg).get_params()["n_neighbors"] == 7
+    ens = head_class("ensemble").from_config(ccfg).get_params()
+    assert (ens["C"], ens["n_neighbors"], ens["folds"], ens["seed"], ens["calibrate"]) == (10.0, 7, 3, 1, False)
+    assert "n_neighbors" not in head_class("linear").from_config(ccfg).get_params()
+    assert head_class("mlp").from_config(ccfg).get_params()["hidden_units"] == 8
+    assert head_class("fine_tuned").from_config(ccfg, fine_tune_layers=4).get_params()["fine_tune_layers"] == 4
 
 
 @pytest.fixture(scope="module")

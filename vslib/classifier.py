@@ -40,7 +40,7 @@ import numpy as np
 
 from vslib import integrity
 from vslib.errors import ClassifierError
-from vslib.heads import HEADS
+from vslib.heads import head_class
 from vslib.heads.base import check_trainable, classification_report, stratified_split
 from vslib.heads.fine_tuned import FineTunedHead
 from vslib.heads.format import FORMAT_VERSION, METADATA_FILE, RETRAIN, load_model, write_json
@@ -105,14 +105,7 @@ def audit(cfg) -> list:
 
 def make_head(ccfg):
     """An unfitted head of ``classifier.head`` with its settings from ``ccfg`` (a :class:`ClassifierConfig`)."""
-    if ccfg.head == "mlp":
-        return MlpHead.from_config(ccfg)
-    kw = {"folds": ccfg.folds, "seed": ccfg.seed, "calibrate": ccfg.calibrate}
-    if ccfg.head in ("linear", "ensemble"):
-        kw["C"] = ccfg.C
-    if ccfg.head in ("knn", "ensemble"):
-        kw["n_neighbors"] = ccfg.neighbors
-    return HEADS[ccfg.head](**kw)
+    return head_class(ccfg.head).from_config(ccfg)
 
 
 def fit_head(X: np.ndarray, labels: np.ndarray, ccfg):

@@ -128,11 +128,16 @@ class ClassifierMixin:
     temperature_: float = 1.0
     #: the constructor parameters (scikit-learn's get_params)
     _PARAMS: tuple[str, ...] = ()
+    #: the keys of :class:`vslib.config.ClassifierConfig` (``classifier.*``) this head takes -> its parameters
+    config_keys: dict[str, str] = {}
 
     @classmethod
     def from_config(cls, ccfg, **kw):
-        """Build from a :class:`vslib.config.ClassifierConfig` (``cfg.classifier``)."""
-        params = {p: getattr(ccfg, p) for p in cls._PARAMS if hasattr(ccfg, p)}
+        """An unfitted head with the settings of ``ccfg`` (``cfg.classifier``) named by :attr:`config_keys`.
+
+        ``kw`` overrides parameters.
+        """
+        params = {param: getattr(ccfg, key) for key, param in cls.config_keys.items()}
         params.update(kw)
         return cls(**params)
 
@@ -271,6 +276,7 @@ class Head(ClassifierMixin):
 
     kind = "head"
     state_file = STATE_FILE
+    config_keys = {"folds": "folds", "seed": "seed", "calibrate": "calibrate"}
     _PARAMS: tuple[str, ...] = ("folds", "seed", "calibrate")
 
     def __init__(self, folds: int = 5, seed: int = 42, calibrate: bool = True):

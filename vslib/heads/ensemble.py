@@ -36,6 +36,7 @@ class EnsembleHead(Head):
     """
 
     kind = "ensemble"
+    config_keys = {**Head.config_keys, "C": "C", "neighbors": "n_neighbors"}
     _PARAMS = Head._PARAMS + ("weight", "weight_grid", "C", "n_neighbors")
 
     def __init__(self, weight: Optional[float] = None, weight_grid: Sequence[float] = DEFAULT_WEIGHTS,

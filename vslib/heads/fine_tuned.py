@@ -37,6 +37,8 @@ class FineTunedHead(MlpHead):
 
     _PARAMS = MlpHead._PARAMS + ("fine_tune_layers", "fine_tune_epochs")
     kind = "fine_tuned"
+    config_keys = {**MlpHead.config_keys, "fine_tune_layers": "fine_tune_layers",
+                   "fine_tune_epochs": "fine_tune_epochs"}
 
     def __init__(self, fine_tune_layers: int = 20, fine_tune_epochs: int = 3, **params):
         super().__init__(**params)

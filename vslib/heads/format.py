@@ -26,6 +26,7 @@ import numpy as np
 from vslib import integrity
 from vslib.atomic import atomic_write_json
 from vslib.errors import ClassifierError
+from vslib.heads import HEADS, head_class
 
 #: bump when a change to the saved format makes older saved models stale
 FORMAT_VERSION = 2
@@ -58,12 +59,11 @@ def load_model(directory):
     if meta.get("format_version") != FORMAT_VERSION:
         raise ClassifierError(f"{directory} holds a classifier of format {meta.get('format_version')}; "
                               f"this version reads format {FORMAT_VERSION}. Retrain with `visualsearch train`.")
-    from vslib.heads import HEADS
-
-    klass = HEADS.get(SAVED_ALIASES.get(meta.get("kind"), meta.get("kind")))
-    if klass is None:
+    kind = SAVED_ALIASES.get(meta.get("kind"), meta.get("kind"))
+    if kind not in HEADS:
         raise ClassifierError(f"{directory} holds a classifier of unknown kind {meta.get('kind')!r} "
                               f"(known: {', '.join(sorted(HEADS))}); retrain with `visualsearch train`")
+    klass = head_class(kind)
     state = directory / klass.state_file
     if not state.is_file():
         raise ClassifierError(f"no complete classifier in {directory} (missing {state.name})")

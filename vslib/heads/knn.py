@@ -67,6 +67,7 @@ class KnnHead(Head):
     """
 
     kind = "knn"
+    config_keys = {**Head.config_keys, "neighbors": "n_neighbors"}
     _PARAMS = Head._PARAMS + ("n_neighbors", "tau", "neighbor_grid", "tau_grid")
 
     def __init__(self, n_neighbors: Optional[int] = None, tau: Optional[float] = None,

@@ -53,6 +53,7 @@ class LinearHead(Head):
     """
 
     kind = "linear"
+    config_keys = {**Head.config_keys, "C": "C"}
     _PARAMS = Head._PARAMS + ("C", "Cs", "max_iter")
 
     def __init__(self, C: Optional[float] = None, Cs: Sequence[float] = DEFAULT_CS, max_iter: int = 1000,

@@ -68,6 +68,8 @@ class MlpHead(ClassifierMixin):
 
     kind = "mlp"
     state_file = MODEL_FILE
+    config_keys = {k: k for k in ("hidden_units", "dropout", "epochs", "batch_size", "learning_rate",
+                                  "weight_decay", "validation_fraction", "seed", "calibrate")}
     _PARAMS = ("hidden_units", "dropout", "epochs", "batch_size", "learning_rate", "weight_decay",
                "validation_fraction", "seed", "calibrate", "patience", "verbose")
 
