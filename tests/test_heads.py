@@ -5,12 +5,14 @@ stamps (at most 12 per class) is shared; heads are fitted on its cached vectors.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from sklearn.base import clone
 
 from vslib import calibration, classifier, datasets, evaluate, features, index, integrity, ranking
 from vslib.config import ClassifierConfig
@@ -45,6 +47,22 @@ def test_each_head_maps_its_own_config_keys():
     assert "n_neighbors" not in head_class("linear").from_config(ccfg).get_params()
     assert head_class("mlp").from_config(ccfg).get_params()["hidden_units"] == 8
     assert head_class("fine_tuned").from_config(ccfg, fine_tune_layers=4).get_params()["fine_tune_layers"] == 4
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+def test_every_head_is_a_scikit_learn_estimator(name):
+    """get_params reads the __init__ signature; set_params and clone keep every parameter as given."""
+    cls = head_class(name)
+    head = cls()
+    params = head.get_params()
+    assert list(params) == sorted(inspect.signature(cls.__init__).parameters.keys() - {"self"})
+    assert set(head.config_keys.values()) <= set(params)
+    key = {"ensemble": "weight", "linear": "C", "knn": "n_neighbors"}.get(name, "epochs")
+    value = {"weight": 0.3, "C": 10.0, "n_neighbors": 7, "epochs": 2}[key]
+    assert head.set_params(**{key: value}) is head and head.get_params()[key] == value
+    twin = clone(head)
+    assert type(twin) is cls and twin is not head and twin.get_params() == head.get_params()
+    assert repr(twin) == repr(head) and f"{key}={value!r}" in repr(head)
 
 
 @pytest.fixture(scope="module")

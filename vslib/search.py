@@ -141,7 +141,7 @@ class VisualSearch:
     Parameters
     ----------
     backbone : vslib.backbones.Backbone
-    classifier : vslib.classifier.EmbeddingClassifier
+    classifier : vslib.heads.base.HeadMixin
     index : vslib.index.base.VectorIndex
         Items carry ``label`` and ``path`` metadata.
     search_cfg : SearchConfig

@@ -25,6 +25,7 @@ hyperparameters), ``_fit_final(X, yi)``, ``_logits(X)`` and ``_state()`` /
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import zipfile
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from sklearn.base import BaseEstimator
 
 from vslib import calibration
 from vslib.atomic import atomic_path
@@ -122,12 +124,15 @@ def fold_indices(yi: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray
     return list(skf.split(np.zeros(len(yi)), yi))
 
 
-class ClassifierMixin:
-    """Prediction, evaluation and image helpers shared by every head (needs ``classes_`` and ``predict_logits``)."""
+class HeadMixin:
+    """Prediction, evaluation, saving and image helpers shared by every head.
+
+    Mixed into a scikit-learn ``BaseEstimator`` (whose ``__init__`` signature
+    gives ``get_params``, ``set_params`` and ``clone``); needs ``classes_`` and
+    ``predict_logits``.
+    """
 
     temperature_: float = 1.0
-    #: the constructor parameters (scikit-learn's get_params)
-    _PARAMS: tuple[str, ...] = ()
     #: the keys of :class:`vslib.config.ClassifierConfig` (``classifier.*``) this head takes -> its parameters
     config_keys: dict[str, str] = {}
 
@@ -141,11 +146,20 @@ class ClassifierMixin:
         params.update(kw)
         return cls(**params)
 
-    def get_params(self) -> dict:
-        return {p: getattr(self, p) for p in self._PARAMS}
+    def _signature_params(self) -> dict:
+        """``get_params()`` in the order of the ``__init__`` signature: what ``repr`` prints and ``metadata.json`` keeps."""
+        params = self.get_params(deep=False)
+        return {name: params[name] for name in inspect.signature(type(self).__init__).parameters if name in params}
+
+    @classmethod
+    def _saved_params(cls, meta: dict) -> dict:
+        """The constructor parameters in a saved ``metadata.json`` (JSON lists back to the tuples they were)."""
+        names = cls._get_param_names()
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in meta.get("params", {}).items() if k in names}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
+        # every parameter (scikit-learn's repr shows only those that differ from the defaults)
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._signature_params().items())})"
 
     def _check_fitted(self):
         if not hasattr(self, "classes_"):
@@ -178,7 +192,7 @@ class ClassifierMixin:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = dict(metadata or {})
-        meta.update({"format_version": FORMAT_VERSION, "kind": self.kind, "params": self.get_params(),
+        meta.update({"format_version": FORMAT_VERSION, "kind": self.kind, "params": self._signature_params(),
                      "n_features": int(self.n_features_in_), "n_classes": int(len(self.classes_)),
                      **fields, "temperature": float(self.temperature_), "calibration": self.calibration_})
         for attr in ("backbone_", "backbone_weights_", "dataset_"):
@@ -242,7 +256,7 @@ class ClassifierMixin:
 
 def classification_report(logits: np.ndarray, yi: np.ndarray, classes: Sequence, temperature: float,
                           *, top_k: int = 3) -> dict:
-    """The metrics of :meth:`ClassifierMixin.evaluate` from logits and integer labels."""
+    """The metrics of :meth:`HeadMixin.evaluate` from logits and integer labels."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     proba = calibration.softmax(logits, temperature)
@@ -267,7 +281,7 @@ def classification_report(logits: np.ndarray, yi: np.ndarray, classes: Sequence,
     }
 
 
-class Head(ClassifierMixin):
+class Head(HeadMixin, BaseEstimator):
     """Base of the cross-fitted heads (``linear``, ``knn``, ``ensemble``).
 
     Parameters common to all: ``folds`` (cross-fitting folds, capped by the
@@ -277,9 +291,8 @@ class Head(ClassifierMixin):
     kind = "head"
     state_file = STATE_FILE
     config_keys = {"folds": "folds", "seed": "seed", "calibrate": "calibrate"}
-    _PARAMS: tuple[str, ...] = ("folds", "seed", "calibrate")
 
-    def __init__(self, folds: int = 5, seed: int = 42, calibrate: bool = True):
+    def __init__(self, *, folds: int = 5, seed: int = 42, calibrate: bool = True):
         self.folds = folds
         self.seed = seed
         self.calibrate = calibrate
@@ -337,8 +350,7 @@ class Head(ClassifierMixin):
 
     @classmethod
     def _from_saved(cls, directory: Path, meta: dict, labels: list) -> "Head":
-        params = {k: v for k, v in meta.get("params", {}).items() if k in cls._PARAMS}
-        head = cls(**params)
+        head = cls(**cls._saved_params(meta))
         head.classes_ = np.asarray(labels, dtype=object).astype(str)
         head.n_features_in_ = int(meta["n_features"])
         try:

@@ -35,13 +35,18 @@ class FineTunedHead(MlpHead):
     prediction alike. Slow on CPU: meant for small datasets.
     """
 
-    _PARAMS = MlpHead._PARAMS + ("fine_tune_layers", "fine_tune_epochs")
     kind = "fine_tuned"
     config_keys = {**MlpHead.config_keys, "fine_tune_layers": "fine_tune_layers",
                    "fine_tune_epochs": "fine_tune_epochs"}
 
-    def __init__(self, fine_tune_layers: int = 20, fine_tune_epochs: int = 3, **params):
-        super().__init__(**params)
+    def __init__(self, *, hidden_units: int = 0, dropout: float = 0.2, epochs: int = 60, batch_size: int = 64,
+                 learning_rate: float = 1e-3, weight_decay: float = 1e-4, validation_fraction: float = 0.2,
+                 seed: int = 42, calibrate: bool = True, patience: int = 10, verbose: int = 0,
+                 fine_tune_layers: int = 20, fine_tune_epochs: int = 3):
+        super().__init__(hidden_units=hidden_units, dropout=dropout, epochs=epochs, batch_size=batch_size,
+                         learning_rate=learning_rate, weight_decay=weight_decay,
+                         validation_fraction=validation_fraction, seed=seed, calibrate=calibrate, patience=patience,
+                         verbose=verbose)
         self.fine_tune_layers = fine_tune_layers
         self.fine_tune_epochs = fine_tune_epochs
 
@@ -70,7 +75,7 @@ class FineTunedHead(MlpHead):
         if head is None:
             from vslib.features import embed_images
 
-            head = MlpHead(**{k: v for k, v in self.get_params().items() if k in MlpHead._PARAMS})
+            head = MlpHead(**{k: v for k, v in self.get_params().items() if k in MlpHead._get_param_names()})
             head.fit(embed_images(backbone, X), y, embed_images(backbone, X_val), y_val)
         self.classes_, self.n_features_in_ = head.classes_, head.n_features_in_
         yi, yv = self._encode(y, "training data"), self._encode(y_val, "the validation data")

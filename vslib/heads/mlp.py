@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from sklearn.base import BaseEstimator
 
 from vslib import calibration
 from vslib.errors import ClassifierError
-from vslib.heads.base import ClassifierMixin, as_matrix, check_trainable, stratified_split
+from vslib.heads.base import HeadMixin, as_matrix, check_trainable, stratified_split
 from vslib.heads.format import LABELS_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def _keras():
     return keras
 
 
-class MlpHead(ClassifierMixin):
+class MlpHead(HeadMixin, BaseEstimator):
     """``mlp``: softmax (optionally one hidden layer) Keras head on embeddings, temperature-calibrated.
 
     Parameters
@@ -51,7 +52,12 @@ class MlpHead(ClassifierMixin):
         Keras ``fit`` verbosity.
     """
 
-    def __init__(self, hidden_units: int = 0, dropout: float = 0.2, epochs: int = 60, batch_size: int = 64,
+    kind = "mlp"
+    state_file = MODEL_FILE
+    config_keys = {k: k for k in ("hidden_units", "dropout", "epochs", "batch_size", "learning_rate",
+                                  "weight_decay", "validation_fraction", "seed", "calibrate")}
+
+    def __init__(self, *, hidden_units: int = 0, dropout: float = 0.2, epochs: int = 60, batch_size: int = 64,
                  learning_rate: float = 1e-3, weight_decay: float = 1e-4, validation_fraction: float = 0.2,
                  seed: int = 42, calibrate: bool = True, patience: int = 10, verbose: int = 0):
         self.hidden_units = hidden_units
@@ -65,13 +71,6 @@ class MlpHead(ClassifierMixin):
         self.calibrate = calibrate
         self.patience = patience
         self.verbose = verbose
-
-    kind = "mlp"
-    state_file = MODEL_FILE
-    config_keys = {k: k for k in ("hidden_units", "dropout", "epochs", "batch_size", "learning_rate",
-                                  "weight_decay", "validation_fraction", "seed", "calibrate")}
-    _PARAMS = ("hidden_units", "dropout", "epochs", "batch_size", "learning_rate", "weight_decay",
-               "validation_fraction", "seed", "calibrate", "patience", "verbose")
 
     # -- fitting ------------------------------------------------------------
     def _build(self, X_train: np.ndarray, n_classes: int):
@@ -171,8 +170,7 @@ class MlpHead(ClassifierMixin):
 
     @classmethod
     def _from_saved(cls, directory: Path, meta: dict, labels: list) -> "MlpHead":
-        params = {k: v for k, v in meta.get("params", {}).items() if k in cls._PARAMS}
-        clf = cls(**params)
+        clf = cls(**cls._saved_params(meta))
         if "input_size" in meta:
             clf.input_size_ = int(meta["input_size"])
         try:
