@@ -290,7 +290,7 @@ def test_fine_tune_tiny_subset(pipeline, tmp_path):
     before = [w.copy() for w in bb.keras_model.get_weights()[-3:]]
     tr, va = stratified_split(labels[rows], 0.25, seed=0)
     head = MlpHead(epochs=30).fit(index.vectors[rows][tr], labels[rows][tr],
-                                              index.vectors[rows][va], labels[rows][va])
+                                  index.vectors[rows][va], labels[rows][va])
     ft = FineTunedHead(fine_tune_layers=10, fine_tune_epochs=1, batch_size=8)
     ft.fit(paths[tr], labels[rows][tr], paths[va], labels[rows][va], backbone=bb, head=head)
     # the shared backbone (used for the index) is untouched
@@ -305,6 +305,8 @@ def test_fine_tune_tiny_subset(pipeline, tmp_path):
     assert isinstance(loaded, FineTunedHead)
     img = query.table["path"].iloc[0]
     np.testing.assert_allclose(loaded.predict_image(img), ft.predict_image(img), atol=1e-5)
+    # a query is classified from its pixels, whatever embedding comes with it
+    np.testing.assert_array_equal(loaded.query_proba(np.zeros((1, 4), np.float32), [img]), loaded.predict_image(img))
 
 
 @pytest.mark.slow

@@ -179,6 +179,8 @@ def test_train_default_head_writes_tuned_settings(pipeline, trained):
     assert loaded.kind == "ensemble"
     probs = loaded.predict_image(q.table["path"].iloc[0])
     np.testing.assert_allclose(probs, clf.predict_proba(q.vectors[:1]), atol=1e-5)
+    # a head on embeddings classifies a query from its vector
+    np.testing.assert_array_equal(loaded.query_proba(q.vectors[:1], ["not read"]), loaded.predict_proba(q.vectors[:1]))
     with VisualSearch.from_config(cfg) as engine:
         assert engine.cfg.class_weight == tuned["class_weight"] and engine.cfg.mass == tuned["mass"]
         assert engine.settings["source"].startswith("tuned")

@@ -203,8 +203,7 @@ class VisualSearch:
         t0 = time.perf_counter()
         vec = self.embed([image])
         t1 = time.perf_counter()
-        probs = (self.classifier.predict_image([image]) if getattr(self.classifier, "kind", "") == "fine_tuned"
-                 else self.classifier.predict_proba(vec))
+        probs = self.classifier.query_proba(vec, [image])
         t2 = time.perf_counter()
         (hits, labels), = self.search_vectors(vec, k, mode, probs=probs,
                                              true_labels=None if true_label is None else [true_label])

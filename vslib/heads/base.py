@@ -40,11 +40,14 @@ from vslib import calibration
 from vslib.atomic import atomic_path
 from vslib.errors import ClassifierError
 from vslib.heads.format import FORMAT_VERSION, LABELS_FILE, METADATA_FILE, RETRAIN, STATE_FILE, write_json
+from vslib.images import load_for_model
 
 log = logging.getLogger(__name__)
 
 #: images per class a head needs: one to train on, one to validate on
 MIN_PER_CLASS = 2
+#: images per backbone call when a head embeds images (the batches of vslib.features.embed_images: same vectors)
+EMBED_BATCH = 32
 
 
 def _describe_counts(counts: dict, limit: int = 20) -> str:
@@ -147,7 +150,7 @@ class HeadMixin:
         return cls(**params)
 
     def _signature_params(self) -> dict:
-        """``get_params()`` in the order of the ``__init__`` signature: what ``repr`` prints and ``metadata.json`` keeps."""
+        """``get_params()`` in the order of the ``__init__`` signature: what repr prints, metadata.json keeps."""
         params = self.get_params(deep=False)
         return {name: params[name] for name in inspect.signature(type(self).__init__).parameters if name in params}
 
@@ -223,15 +226,21 @@ class HeadMixin:
         return classification_report(self.predict_logits(X), self._encode(y, "the evaluation data"),
                                      self.classes_, self.temperature_, top_k=top_k)
 
+    def query_proba(self, vectors, images: Sequence) -> np.ndarray:
+        """Calibrated probabilities (n, n_classes) of query images, given their embeddings and the images.
+
+        A head on embeddings classifies ``vectors``; one that reads pixels
+        (:class:`~vslib.heads.fine_tuned.FineTunedHead`) classifies ``images``.
+        """
+        return self.predict_proba(vectors)
+
     def predict_image(self, images, backbone=None) -> np.ndarray:
         """Calibrated probabilities (n, n_classes) of image files, PIL images or uint8 arrays.
 
         A single image gives one row. The images are embedded with ``backbone``
         (default: the one the classifier was trained on) exactly as the feature
-        cache embeds them.
+        cache embeds them (:func:`embed`).
         """
-        from vslib import features
-
         self._check_fitted()
         if is_single_image(images):
             images = [images]
@@ -241,7 +250,7 @@ class HeadMixin:
         elif trained_on and backbone.name != trained_on:
             raise ClassifierError(f"the classifier was trained on backbone {trained_on!r} but was given "
                                   f"{backbone.name!r}")
-        return self.predict_proba(features.embed_images(backbone, list(images)))
+        return self.predict_proba(embed(backbone, list(images)))
 
     def _get_backbone(self):
         if getattr(self, "_backbone", None) is None:
@@ -366,6 +375,21 @@ class Head(HeadMixin, BaseEstimator):
         head.temperature_ = float(meta.get("temperature", 1.0))
         head.calibration_ = meta.get("calibration", {})
         return head
+
+
+def embed(backbone, images: Sequence) -> np.ndarray:
+    """L2-normalised float32 vectors ``(n, dim)`` of image sources (paths, PIL images or arrays).
+
+    Decoded and resized by :func:`vslib.images.load_for_model` and embedded by
+    ``backbone`` in batches of :data:`EMBED_BATCH`, as the feature cache does:
+    the same vectors. Raises :class:`vslib.images.ImageError` for an image that
+    cannot be loaded.
+    """
+    out = [np.zeros((0, backbone.dim), np.float32)]
+    for i in range(0, len(images), EMBED_BATCH):
+        out.append(backbone.embed(np.stack([load_for_model(x, backbone.input_size)
+                                            for x in images[i:i + EMBED_BATCH]])))
+    return np.concatenate(out)
 
 
 def is_single_image(x: Any) -> bool:

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from vslib.errors import ClassifierError
-from vslib.heads.base import check_trainable, is_single_image, stratified_split
+from vslib.heads.base import check_trainable, embed, is_single_image, stratified_split
 from vslib.heads.mlp import MlpHead
 from vslib.images import load_for_model, load_image, resize_for_model
 
@@ -73,10 +73,8 @@ class FineTunedHead(MlpHead):
         self.backbone_ = getattr(self, "backbone_", None) or backbone.name
         self._backbone, self.input_size_ = backbone, int(backbone.input_size)
         if head is None:
-            from vslib.features import embed_images
-
             head = MlpHead(**{k: v for k, v in self.get_params().items() if k in MlpHead._get_param_names()})
-            head.fit(embed_images(backbone, X), y, embed_images(backbone, X_val), y_val)
+            head.fit(embed(backbone, X), y, embed(backbone, X_val), y_val)
         self.classes_, self.n_features_in_ = head.classes_, head.n_features_in_
         yi, yv = self._encode(y, "training data"), self._encode(y_val, "the validation data")
 
@@ -126,6 +124,10 @@ class FineTunedHead(MlpHead):
         for i in range(0, len(seq), 32):
             out.append(np.asarray(self.model_(bb.preprocess(self._pixels(seq[i:i + 32])), training=False), np.float32))
         return np.concatenate(out)
+
+    def query_proba(self, vectors, images) -> np.ndarray:
+        """Calibrated probabilities of the query ``images`` themselves (this model reads pixels, not ``vectors``)."""
+        return self.predict_image(list(images))
 
     def predict_image(self, images, backbone=None) -> np.ndarray:
         """Calibrated probabilities (n, n_classes) of image files, PIL images or arrays."""

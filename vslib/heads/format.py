@@ -42,7 +42,7 @@ SAVED_ALIASES = {"embedding": "mlp"}
 
 
 def load_model(directory):
-    """Load what a head's ``save`` wrote, whatever its kind. Raises :class:`ClassifierError` if missing or incomplete."""
+    """Load what a head's ``save`` wrote, whatever its kind; :class:`ClassifierError` if missing or incomplete."""
     directory = Path(directory)
     for name in (METADATA_FILE, LABELS_FILE, MODEL_FILE, STATE_FILE):  # small files: a full check on every load
         if (directory / name).exists() or integrity.sidecar(directory / name).exists():
