@@ -38,7 +38,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from vslib import integrity
+from vslib import features, integrity, plots, ranking
+from vslib.backbones import backbone_from_config
 from vslib.errors import ClassifierError
 from vslib.heads import head_class
 from vslib.heads.base import check_trainable, classification_report, stratified_split
@@ -154,8 +155,6 @@ def train(cfg, *, force: bool = False):
     ``reports/figures/confusion_matrix.png``. A model trained on the same
     features and settings is reused unless ``force``.
     """
-    from vslib import features, ranking
-
     index = features.read_split(cfg, "index")
     labels = index.table["label"].astype(str).to_numpy()
     check_trainable(labels)
@@ -236,8 +235,6 @@ def check_labels(classifier, index_labels: Iterable) -> None:
 
 def save_confusion_figure(confusion: dict, path, *, title: str = "Classifier confusion matrix") -> Path:
     """Save the row-normalised confusion matrix as a PNG (drawn by :func:`vslib.plots.confusion_matrix`)."""
-    from vslib import plots
-
     fig = plots.confusion_matrix(confusion, title=title, save_as=Path(path))
     import matplotlib.pyplot as plt
 
@@ -250,8 +247,6 @@ def save_confusion_figure(confusion: dict, path, *, title: str = "Classifier con
 
 
 def _fine_tune(cfg, head: Optional[MlpHead], index, tr, va, metrics):
-    from vslib.backbones import backbone_from_config
-
     ccfg = cfg.classifier
     paths = index.table["path"].astype(str).to_numpy()
     labels = index.table["label"].astype(str).to_numpy()

@@ -1,7 +1,11 @@
-"""The contract every classifier head keeps: fit on all the data, calibrate out of fold.
+"""The contract every classifier head keeps, and the cross-fitted heads' base.
 
-A head maps embeddings ``(n, dim)`` to calibrated class probabilities. The
-heads here use *cross-fitting*: :meth:`Head.fit` first computes out-of-fold
+A head maps embeddings ``(n, dim)`` to calibrated class probabilities.
+:class:`HeadMixin` gives every head (``mlp`` and ``fine_tuned`` included) its
+prediction, evaluation, image and saving methods; :func:`check_trainable` and
+:func:`stratified_split` say what it may train on.
+
+The heads on :class:`Head` (``linear``, ``knn``, ``ensemble``) use *cross-fitting*: :meth:`Head.fit` first computes out-of-fold
 logits for every training row (each row predicted by a model that never saw
 it), chooses its own hyperparameters and a temperature on those, and only
 then fits the final model on **all** rows. No image is held back, and the
@@ -13,7 +17,7 @@ After :meth:`Head.fit`:
     the labels, sorted; columns of every probability matrix.
 ``oof_logits_``, ``oof_proba_``
     out-of-fold logits and calibrated probabilities of the training rows
-    (what the adaptive search settings are tuned on, :func:`vslib.search.tune_adaptive`).
+    (what the adaptive search settings are tuned on, :func:`vslib.ranking.tune_adaptive`).
 ``temperature_``, ``calibration_``
     the temperature fitted on the out-of-fold logits and NLL/ECE before and after.
 ``selected_``
@@ -34,13 +38,16 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from PIL import Image
 from sklearn.base import BaseEstimator
 
 from vslib import calibration
 from vslib.atomic import atomic_path
+from vslib.backbones import get_backbone
 from vslib.errors import ClassifierError
 from vslib.heads.format import FORMAT_VERSION, LABELS_FILE, METADATA_FILE, RETRAIN, STATE_FILE, write_json
 from vslib.images import load_for_model
+from vslib.integrity import DamagedFile
 
 log = logging.getLogger(__name__)
 
@@ -257,8 +264,6 @@ class HeadMixin:
             name = getattr(self, "backbone_", None)
             if not name:
                 raise ClassifierError("this classifier does not know its backbone; pass backbone= to predict_image")
-            from vslib.backbones import get_backbone
-
             self._backbone = get_backbone(name, weights=getattr(self, "backbone_weights_", None))
         return self._backbone
 
@@ -366,8 +371,6 @@ class Head(HeadMixin, BaseEstimator):
             with np.load(directory / STATE_FILE) as z:
                 head._load_state({k: z[k] for k in z.files})
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            from vslib.integrity import DamagedFile
-
             raise DamagedFile(directory / STATE_FILE, f"unreadable: {e}", RETRAIN) from None
         head.n_train_ = int(meta.get("n_train", 0))
         head.selected_ = meta.get("selected", {})
@@ -393,6 +396,4 @@ def embed(backbone, images: Sequence) -> np.ndarray:
 
 
 def is_single_image(x: Any) -> bool:
-    from PIL import Image
-
     return isinstance(x, (str, os.PathLike, Image.Image)) or (isinstance(x, np.ndarray) and x.ndim in (2, 3))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from PIL import ImageOps
 
 from vslib.errors import ClassifierError
 from vslib.heads.base import check_trainable, embed, is_single_image, stratified_split
@@ -29,8 +30,9 @@ class FineTunedHead(MlpHead):
 
     Unlike the head alone it reads pixels: :meth:`predict_logits` and friends
     take image files / PIL images / arrays (or a uint8 batch ``(n, h, w, 3)``
-    at the backbone's input size), not embeddings. :meth:`predict_image` works
-    the same for both kinds, so callers that classify query images should use it.
+    at the backbone's input size), not embeddings. :meth:`query_proba` and
+    :meth:`predict_image` work the same for every head, so callers that classify
+    query images use them.
     The images go through the backbone's own ``preprocess`` in training and
     prediction alike. Slow on CPU: meant for small datasets.
     """
@@ -163,8 +165,6 @@ class _ImageBatches:
                     self.order = self.rng.permutation(len(self.sources))
 
             def _load(self, src):
-                from PIL import ImageOps
-
                 img = load_image(src)
                 if self.augment:
                     w, h = img.size
