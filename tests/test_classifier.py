@@ -20,9 +20,12 @@ from vslib import integrity
 from vslib.integrity import DamagedFile
 
 from vslib import calibration, classifier, datasets, features
-from vslib.classifier import (EmbeddingClassifier, FineTunedClassifier, check_labels, check_trainable,
-                              load_classifier, stratified_split, train)
+from vslib.classifier import check_labels, load_classifier, train
 from vslib.errors import ClassifierError, VisualSearchError
+from vslib.heads.base import check_trainable, stratified_split
+from vslib.heads.fine_tuned import FineTunedHead
+from vslib.heads.format import load_model
+from vslib.heads.mlp import MlpHead
 
 from conftest import tux_config
 
@@ -183,10 +186,10 @@ def test_corrupt_saved_model_says_how_to_retrain(pipeline, trained, tmp_path, br
     shutil.copytree(cfg.classifier_dir, directory)
     (directory / broken).write_bytes(b"not what save() wrote")
     with pytest.raises(DamagedFile, match=rf"{broken}: damaged \(.*\); the next `visualsearch train` .*retrains"):
-        EmbeddingClassifier.load(directory)
+        load_model(directory)
     integrity.sidecar(directory / broken).unlink()  # written by hand, no checksum: the reader's own checks still hold
     with pytest.raises((ClassifierError, DamagedFile), match="visualsearch train"):
-        EmbeddingClassifier.load(directory)
+        load_model(directory)
 
 
 def test_labels_the_index_lacks(trained):
@@ -202,7 +205,7 @@ def test_too_few_classes(pipeline):
     one = index.table["label"].iloc[0]
     rows = (index.table["label"] == one).to_numpy()
     with pytest.raises(ClassifierError, match=rf"at least 2 classes.*{one!r}"):
-        EmbeddingClassifier(epochs=1).fit(index.vectors[rows], index.table["label"][rows])
+        MlpHead(epochs=1).fit(index.vectors[rows], index.table["label"][rows])
 
 
 def test_too_few_images_per_class(pipeline):
@@ -211,12 +214,12 @@ def test_too_few_images_per_class(pipeline):
     a, b, c = sorted(set(labels))[:3]
     rows = np.concatenate([np.where(labels == a)[0], np.where(labels == b)[0][:1], np.where(labels == c)[0][:1]])
     with pytest.raises(ClassifierError, match=rf"2 of 3 classes: {b!r} \(1\), {c!r} \(1\)"):
-        EmbeddingClassifier(epochs=1).fit(index.vectors[rows], labels[rows])
+        MlpHead(epochs=1).fit(index.vectors[rows], labels[rows])
 
 
 def test_unfitted_and_wrong_width(trained):
     with pytest.raises(ClassifierError, match="not fitted"):
-        EmbeddingClassifier().predict_proba(np.zeros((1, 4), np.float32))
+        MlpHead().predict_proba(np.zeros((1, 4), np.float32))
     clf, _, _ = trained
     with pytest.raises(ClassifierError, match="1280"):
         clf.predict_proba(np.zeros((2, 7), np.float32))
@@ -286,9 +289,9 @@ def test_fine_tune_tiny_subset(pipeline, tmp_path):
     bb = backbone_from_config(cfg)
     before = [w.copy() for w in bb.keras_model.get_weights()[-3:]]
     tr, va = stratified_split(labels[rows], 0.25, seed=0)
-    head = EmbeddingClassifier(epochs=30).fit(index.vectors[rows][tr], labels[rows][tr],
-                                              index.vectors[rows][va], labels[rows][va])
-    ft = FineTunedClassifier(fine_tune_layers=10, fine_tune_epochs=1, batch_size=8)
+    head = MlpHead(epochs=30).fit(index.vectors[rows][tr], labels[rows][tr],
+                                  index.vectors[rows][va], labels[rows][va])
+    ft = FineTunedHead(fine_tune_layers=10, fine_tune_epochs=1, batch_size=8)
     ft.fit(paths[tr], labels[rows][tr], paths[va], labels[rows][va], backbone=bb, head=head)
     # the shared backbone (used for the index) is untouched
     for w0, w1 in zip(before, bb.keras_model.get_weights()[-3:]):
@@ -298,23 +301,25 @@ def test_fine_tune_tiny_subset(pipeline, tmp_path):
         ft.predict_proba(index.vectors[:2])
     ft.backbone_ = cfg.backbone.name
     ft.save(tmp_path / "ft")
-    loaded = EmbeddingClassifier.load(tmp_path / "ft")
-    assert isinstance(loaded, FineTunedClassifier)
+    loaded = load_model(tmp_path / "ft")
+    assert isinstance(loaded, FineTunedHead)
     img = query.table["path"].iloc[0]
     np.testing.assert_allclose(loaded.predict_image(img), ft.predict_image(img), atol=1e-5)
+    # a query is classified from its pixels, whatever embedding comes with it
+    np.testing.assert_array_equal(loaded.query_proba(np.zeros((1, 4), np.float32), [img]), loaded.predict_image(img))
 
 
 @pytest.mark.slow
 def test_train_with_fine_tune_setting(pipeline, tmp_path):
-    """``classifier.fine_tune: true`` through train(cfg): saved, reloaded as a FineTunedClassifier."""
+    """``classifier.fine_tune: true`` through train(cfg): saved, reloaded as a FineTunedHead."""
     cfg, _, query = pipeline
     ft_cfg = dataclasses.replace(
         cfg, classifier=dataclasses.replace(cfg.classifier, fine_tune=True, fine_tune_layers=5, fine_tune_epochs=1),
         paths=dataclasses.replace(cfg.paths, models=str(tmp_path / "models"), reports=str(tmp_path / "reports")))
     clf, m = train(ft_cfg)
-    assert isinstance(clf, FineTunedClassifier)
+    assert isinstance(clf, FineTunedHead)
     assert m["accuracy"] > 5 * m["chance"] and "head_only" in m
     loaded = load_classifier(ft_cfg)
-    assert isinstance(loaded, FineTunedClassifier)
+    assert isinstance(loaded, FineTunedHead)
     img = query.table["path"].iloc[0]
     np.testing.assert_allclose(loaded.predict_image(img), clf.predict_image(img), atol=1e-5)

@@ -5,17 +5,64 @@ stamps (at most 12 per class) is shared; heads are fitted on its cached vectors.
 """
 from __future__ import annotations
 
+import inspect
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from sklearn.base import clone
 
 from vslib import calibration, classifier, datasets, evaluate, features, index, integrity, ranking
-from vslib.heads import EnsembleHead, KnnHead, LinearHead
-from vslib.heads.linear import calibrated_nll
+from vslib.config import ClassifierConfig
+from vslib.errors import ClassifierError
+from vslib.heads import HEADS, head_class
+from vslib.heads.ensemble import EnsembleHead
+from vslib.heads.format import load_model
+from vslib.heads.knn import KnnHead
+from vslib.heads.linear import LinearHead, calibrated_nll
 from vslib.search import VisualSearch
 
 from conftest import tux_config
+
+
+def test_one_registry_names_every_head_without_importing_its_libraries():
+    """vslib.heads.HEADS is read without numpy, scikit-learn or Keras; each name is its class's saved kind."""
+    code = ("import sys, vslib.heads as h; print(h.HEAD_NAMES); "
+            "print([m for m in ('numpy', 'sklearn', 'keras', 'tensorflow') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["('ensemble', 'linear', 'knn', 'mlp')", "[]"]
+    for name in HEADS:
+        assert head_class(name).kind == name
+    with pytest.raises(ClassifierError, match=r"Unsupported head 'lineer'. Available heads are \['ensemble'"):
+        head_class("lineer")
+
+
+def test_each_head_maps_its_own_config_keys():
+    ccfg = ClassifierConfig(C=10.0, neighbors=7, folds=3, seed=1, calibrate=False, hidden_units=8)
+    assert head_class("knn").from_config(ccfg).get_params()["n_neighbors"] == 7
+    ens = head_class("ensemble").from_config(ccfg).get_params()
+    assert (ens["C"], ens["n_neighbors"], ens["folds"], ens["seed"], ens["calibrate"]) == (10.0, 7, 3, 1, False)
+    assert "n_neighbors" not in head_class("linear").from_config(ccfg).get_params()
+    assert head_class("mlp").from_config(ccfg).get_params()["hidden_units"] == 8
+    assert head_class("fine_tuned").from_config(ccfg, fine_tune_layers=4).get_params()["fine_tune_layers"] == 4
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+def test_every_head_is_a_scikit_learn_estimator(name):
+    """get_params reads the __init__ signature; set_params and clone keep every parameter as given."""
+    cls = head_class(name)
+    head = cls()
+    params = head.get_params()
+    assert list(params) == sorted(inspect.signature(cls.__init__).parameters.keys() - {"self"})
+    assert set(head.config_keys.values()) <= set(params)
+    key = {"ensemble": "weight", "linear": "C", "knn": "n_neighbors"}.get(name, "epochs")
+    value = {"weight": 0.3, "C": 10.0, "n_neighbors": 7, "epochs": 2}[key]
+    assert head.set_params(**{key: value}) is head and head.get_params()[key] == value
+    twin = clone(head)
+    assert type(twin) is cls and twin is not head and twin.get_params() == head.get_params()
+    assert repr(twin) == repr(head) and f"{key}={value!r}" in repr(head)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +149,7 @@ def test_save_and_load_every_head(fitted, pipeline, tmp_path, kind):
     _, _, q = pipeline
     head = fitted[kind]
     head.save(tmp_path / kind, {"backbone": "efficientnet_lite0", "dataset": "tuxpaint"})
-    loaded = classifier.load_model(tmp_path / kind)
+    loaded = load_model(tmp_path / kind)
     assert type(loaded) is type(head) and list(loaded.classes_) == list(head.classes_)
     np.testing.assert_allclose(loaded.predict_proba(q.vectors), head.predict_proba(q.vectors), atol=1e-6)
 
@@ -132,6 +179,8 @@ def test_train_default_head_writes_tuned_settings(pipeline, trained):
     assert loaded.kind == "ensemble"
     probs = loaded.predict_image(q.table["path"].iloc[0])
     np.testing.assert_allclose(probs, clf.predict_proba(q.vectors[:1]), atol=1e-5)
+    # a head on embeddings classifies a query from its vector
+    np.testing.assert_array_equal(loaded.query_proba(q.vectors[:1], ["not read"]), loaded.predict_proba(q.vectors[:1]))
     with VisualSearch.from_config(cfg) as engine:
         assert engine.cfg.class_weight == tuned["class_weight"] and engine.cfg.mass == tuned["mass"]
         assert engine.settings["source"].startswith("tuned")

@@ -212,9 +212,7 @@ def _mean_sd(values) -> dict:
 
 def query_probabilities(classifier, vectors: np.ndarray, paths: Sequence[str]) -> np.ndarray:
     """Calibrated class probabilities of the queries (from embeddings, or images for a fine-tuned model)."""
-    if getattr(classifier, "kind", "") == "fine_tuned":
-        return classifier.predict_image(list(paths))
-    return classifier.predict_proba(vectors)
+    return classifier.query_proba(vectors, paths)
 
 
 def evaluate(cfg: Config, *, modes: Optional[Sequence[str]] = None, engine=None, write: bool = True,

@@ -117,7 +117,7 @@ class VisualSearch:
     Parameters
     ----------
     backbone : vslib.backbones.Backbone
-    classifier : vslib.classifier.EmbeddingClassifier
+    classifier : vslib.heads.base.HeadMixin
     index : vslib.index.base.VectorIndex
         Items carry ``label`` and ``path`` metadata.
     search_cfg : SearchConfig
@@ -179,8 +179,7 @@ class VisualSearch:
         t0 = time.perf_counter()
         vec = self.embed([image])
         t1 = time.perf_counter()
-        probs = (self.classifier.predict_image([image]) if getattr(self.classifier, "kind", "") == "fine_tuned"
-                 else self.classifier.predict_proba(vec))
+        probs = self.classifier.query_proba(vec, [image])
         t2 = time.perf_counter()
         (hits, labels), = self.search_vectors(vec, k, mode, probs=probs,
                                              true_labels=None if true_label is None else [true_label])

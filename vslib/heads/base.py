@@ -1,7 +1,11 @@
-"""The contract every classifier head keeps: fit on all the data, calibrate out of fold.
+"""The contract every classifier head keeps, and the cross-fitted heads' base.
 
-A head maps embeddings ``(n, dim)`` to calibrated class probabilities. The
-heads here use *cross-fitting*: :meth:`Head.fit` first computes out-of-fold
+A head maps embeddings ``(n, dim)`` to calibrated class probabilities.
+:class:`HeadMixin` gives every head (``mlp`` and ``fine_tuned`` included) its
+prediction, evaluation, image and saving methods; :func:`check_trainable` and
+:func:`stratified_split` say what it may train on.
+
+The heads on :class:`Head` (``linear``, ``knn``, ``ensemble``) use *cross-fitting*: :meth:`Head.fit` first computes out-of-fold
 logits for every training row (each row predicted by a model that never saw
 it), chooses its own hyperparameters and a temperature on those, and only
 then fits the final model on **all** rows. No image is held back, and the
@@ -13,7 +17,7 @@ After :meth:`Head.fit`:
     the labels, sorted; columns of every probability matrix.
 ``oof_logits_``, ``oof_proba_``
     out-of-fold logits and calibrated probabilities of the training rows
-    (what the adaptive search settings are tuned on, :func:`vslib.search.tune_adaptive`).
+    (what the adaptive search settings are tuned on, :func:`vslib.ranking.tune_adaptive`).
 ``temperature_``, ``calibration_``
     the temperature fitted on the out-of-fold logits and NLL/ECE before and after.
 ``selected_``
@@ -25,6 +29,8 @@ hyperparameters), ``_fit_final(X, yi)``, ``_logits(X)`` and ``_state()`` /
 """
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 import zipfile
 import zlib
@@ -32,16 +38,80 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from PIL import Image
+from sklearn.base import BaseEstimator
 
 from vslib import calibration
-from vslib.atomic import atomic_path, atomic_write_json
+from vslib.atomic import atomic_path
+from vslib.backbones import get_backbone
 from vslib.errors import ClassifierError
+from vslib.heads.format import FORMAT_VERSION, LABELS_FILE, METADATA_FILE, RETRAIN, STATE_FILE, write_json
+from vslib.images import load_for_model
+from vslib.integrity import DamagedFile
 
-STATE_FILE = "head.npz"
-#: what the next run does about a damaged classifier
-RETRAIN = "the next `visualsearch train` (or `run`) retrains the classifier"
-LABELS_FILE = "labels.json"
-METADATA_FILE = "metadata.json"
+log = logging.getLogger(__name__)
+
+#: images per class a head needs: one to train on, one to validate on
+MIN_PER_CLASS = 2
+#: images per backbone call when a head embeds images (the batches of vslib.features.embed_images: same vectors)
+EMBED_BATCH = 32
+
+
+def _describe_counts(counts: dict, limit: int = 20) -> str:
+    items = [f"{str(label)!r} ({n})" for label, n in sorted(counts.items(), key=lambda kv: (kv[1], str(kv[0])))]
+    more = f", and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def check_trainable(labels: Sequence, min_per_class: int = MIN_PER_CLASS) -> None:
+    """Raise :class:`ClassifierError` unless ``labels`` has >= 2 classes of >= ``min_per_class`` images."""
+    values, counts = np.unique(np.asarray(labels, dtype=object).astype(str), return_counts=True)
+    if len(values) < 2:
+        found = f"only {str(values[0])!r} ({counts[0]} images)" if len(values) else "no images at all"
+        raise ClassifierError(
+            f"the classifier needs at least 2 classes in the index split; found {found}. "
+            "Use a dataset with more categories (dataset.name / dataset.root in application.yaml).")
+    small = {v: int(c) for v, c in zip(values, counts) if c < min_per_class}
+    if small:
+        raise ClassifierError(
+            f"the classifier needs at least {min_per_class} images per class in the index split (one to train "
+            f"on, one to validate on); too few in {len(small)} of {len(values)} classes: {_describe_counts(small)}. "
+            "Raise dataset.min_per_class in application.yaml to drop such classes, or add images.")
+
+
+def stratified_split(labels: Sequence, fraction: float, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified (train, validation) row indices, every class kept in train.
+
+    Uses scikit-learn's ``train_test_split(stratify=...)``; when the classes are
+    too small for it (fewer validation rows than classes), falls back to taking
+    ``round(fraction * n)`` rows of each class, at least one from every class
+    of >= 2 rows, never a class's last row.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels, dtype=object).astype(str)
+    n = len(labels)
+    idx = np.arange(n)
+    if fraction <= 0 or n == 0:
+        return idx, idx[:0]
+    values, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    try:
+        if counts.min() < 2:
+            raise ValueError("a class has a single member")
+        tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
+        if len(np.unique(labels[tr])) != len(values):
+            raise ValueError("a class lost all its training rows")
+    except ValueError as e:
+        log.debug("stratified split by class quota instead of train_test_split: %s", e)
+        rng = np.random.default_rng(seed)
+        va_parts = []
+        for c, count in enumerate(counts):
+            rows = rng.permutation(idx[inverse == c])
+            k = min(count - 1, max(1, int(round(fraction * count)))) if count >= 2 else 0
+            va_parts.append(rows[:k])
+        va = np.sort(np.concatenate(va_parts)) if va_parts else idx[:0]
+        tr = np.setdiff1d(idx, va)
+    return np.sort(tr), np.sort(va)
 
 
 def as_matrix(X, name: str = "X") -> np.ndarray:
@@ -64,25 +134,42 @@ def fold_indices(yi: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray
     return list(skf.split(np.zeros(len(yi)), yi))
 
 
-class ClassifierMixin:
-    """Prediction, evaluation and image helpers shared by every head (needs ``classes_`` and ``predict_logits``)."""
+class HeadMixin:
+    """Prediction, evaluation, saving and image helpers shared by every head.
+
+    Mixed into a scikit-learn ``BaseEstimator`` (whose ``__init__`` signature
+    gives ``get_params``, ``set_params`` and ``clone``); needs ``classes_`` and
+    ``predict_logits``.
+    """
 
     temperature_: float = 1.0
-    #: the constructor parameters (scikit-learn's get_params)
-    _PARAMS: tuple[str, ...] = ()
+    #: the keys of :class:`vslib.config.ClassifierConfig` (``classifier.*``) this head takes -> its parameters
+    config_keys: dict[str, str] = {}
 
     @classmethod
     def from_config(cls, ccfg, **kw):
-        """Build from a :class:`vslib.config.ClassifierConfig` (``cfg.classifier``)."""
-        params = {p: getattr(ccfg, p) for p in cls._PARAMS if hasattr(ccfg, p)}
+        """An unfitted head with the settings of ``ccfg`` (``cfg.classifier``) named by :attr:`config_keys`.
+
+        ``kw`` overrides parameters.
+        """
+        params = {param: getattr(ccfg, key) for key, param in cls.config_keys.items()}
         params.update(kw)
         return cls(**params)
 
-    def get_params(self) -> dict:
-        return {p: getattr(self, p) for p in self._PARAMS}
+    def _signature_params(self) -> dict:
+        """``get_params()`` in the order of the ``__init__`` signature: what repr prints, metadata.json keeps."""
+        params = self.get_params(deep=False)
+        return {name: params[name] for name in inspect.signature(type(self).__init__).parameters if name in params}
+
+    @classmethod
+    def _saved_params(cls, meta: dict) -> dict:
+        """The constructor parameters in a saved ``metadata.json`` (JSON lists back to the tuples they were)."""
+        names = cls._get_param_names()
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in meta.get("params", {}).items() if k in names}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
+        # every parameter (scikit-learn's repr shows only those that differ from the defaults)
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._signature_params().items())})"
 
     def _check_fitted(self):
         if not hasattr(self, "classes_"):
@@ -111,13 +198,11 @@ class ClassifierMixin:
 
         ``metadata.json`` is written last: its presence marks a complete model.
         """
-        from vslib.classifier import FORMAT_VERSION
-
         self._check_fitted()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = dict(metadata or {})
-        meta.update({"format_version": FORMAT_VERSION, "kind": self.kind, "params": self.get_params(),
+        meta.update({"format_version": FORMAT_VERSION, "kind": self.kind, "params": self._signature_params(),
                      "n_features": int(self.n_features_in_), "n_classes": int(len(self.classes_)),
                      **fields, "temperature": float(self.temperature_), "calibration": self.calibration_})
         for attr in ("backbone_", "backbone_weights_", "dataset_"):
@@ -148,15 +233,21 @@ class ClassifierMixin:
         return classification_report(self.predict_logits(X), self._encode(y, "the evaluation data"),
                                      self.classes_, self.temperature_, top_k=top_k)
 
+    def query_proba(self, vectors, images: Sequence) -> np.ndarray:
+        """Calibrated probabilities (n, n_classes) of query images, given their embeddings and the images.
+
+        A head on embeddings classifies ``vectors``; one that reads pixels
+        (:class:`~vslib.heads.fine_tuned.FineTunedHead`) classifies ``images``.
+        """
+        return self.predict_proba(vectors)
+
     def predict_image(self, images, backbone=None) -> np.ndarray:
         """Calibrated probabilities (n, n_classes) of image files, PIL images or uint8 arrays.
 
         A single image gives one row. The images are embedded with ``backbone``
         (default: the one the classifier was trained on) exactly as the feature
-        cache embeds them.
+        cache embeds them (:func:`embed`).
         """
-        from vslib import features
-
         self._check_fitted()
         if is_single_image(images):
             images = [images]
@@ -166,22 +257,20 @@ class ClassifierMixin:
         elif trained_on and backbone.name != trained_on:
             raise ClassifierError(f"the classifier was trained on backbone {trained_on!r} but was given "
                                   f"{backbone.name!r}")
-        return self.predict_proba(features.embed_images(backbone, list(images)))
+        return self.predict_proba(embed(backbone, list(images)))
 
     def _get_backbone(self):
         if getattr(self, "_backbone", None) is None:
             name = getattr(self, "backbone_", None)
             if not name:
                 raise ClassifierError("this classifier does not know its backbone; pass backbone= to predict_image")
-            from vslib.backbones import get_backbone
-
             self._backbone = get_backbone(name, weights=getattr(self, "backbone_weights_", None))
         return self._backbone
 
 
 def classification_report(logits: np.ndarray, yi: np.ndarray, classes: Sequence, temperature: float,
                           *, top_k: int = 3) -> dict:
-    """The metrics of :meth:`ClassifierMixin.evaluate` from logits and integer labels."""
+    """The metrics of :meth:`HeadMixin.evaluate` from logits and integer labels."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     proba = calibration.softmax(logits, temperature)
@@ -206,7 +295,7 @@ def classification_report(logits: np.ndarray, yi: np.ndarray, classes: Sequence,
     }
 
 
-class Head(ClassifierMixin):
+class Head(HeadMixin, BaseEstimator):
     """Base of the cross-fitted heads (``linear``, ``knn``, ``ensemble``).
 
     Parameters common to all: ``folds`` (cross-fitting folds, capped by the
@@ -214,9 +303,10 @@ class Head(ClassifierMixin):
     """
 
     kind = "head"
-    _PARAMS: tuple[str, ...] = ("folds", "seed", "calibrate")
+    state_file = STATE_FILE
+    config_keys = {"folds": "folds", "seed": "seed", "calibrate": "calibrate"}
 
-    def __init__(self, folds: int = 5, seed: int = 42, calibrate: bool = True):
+    def __init__(self, *, folds: int = 5, seed: int = 42, calibrate: bool = True):
         self.folds = folds
         self.seed = seed
         self.calibrate = calibrate
@@ -240,8 +330,6 @@ class Head(ClassifierMixin):
     # -- fitting ---------------------------------------------------------------
     def fit(self, X, y) -> "Head":
         """Cross-fit (hyperparameters, temperature) on ``X``, ``y``, then fit on all of it."""
-        from vslib.classifier import check_trainable
-
         X = as_matrix(X)
         y = np.asarray(y, dtype=object).astype(str)
         if len(y) != len(X):
@@ -272,20 +360,17 @@ class Head(ClassifierMixin):
     def save(self, directory, metadata: Optional[dict] = None) -> Path:
         """Write ``head.npz``, ``labels.json`` and ``metadata.json`` (last: it marks a complete model)."""
         fields = {"selected": self.selected_, "n_train": int(self.n_train_), "oof_accuracy": self.oof_accuracy_}
-        return self._save(directory, metadata, fields, STATE_FILE, lambda tmp: np.savez(tmp, **self._state()))
+        return self._save(directory, metadata, fields, self.state_file, lambda tmp: np.savez(tmp, **self._state()))
 
     @classmethod
     def _from_saved(cls, directory: Path, meta: dict, labels: list) -> "Head":
-        params = {k: v for k, v in meta.get("params", {}).items() if k in cls._PARAMS}
-        head = cls(**params)
+        head = cls(**cls._saved_params(meta))
         head.classes_ = np.asarray(labels, dtype=object).astype(str)
         head.n_features_in_ = int(meta["n_features"])
         try:
             with np.load(directory / STATE_FILE) as z:
                 head._load_state({k: z[k] for k in z.files})
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            from vslib.integrity import DamagedFile
-
             raise DamagedFile(directory / STATE_FILE, f"unreadable: {e}", RETRAIN) from None
         head.n_train_ = int(meta.get("n_train", 0))
         head.selected_ = meta.get("selected", {})
@@ -295,23 +380,20 @@ class Head(ClassifierMixin):
         return head
 
 
+def embed(backbone, images: Sequence) -> np.ndarray:
+    """L2-normalised float32 vectors ``(n, dim)`` of image sources (paths, PIL images or arrays).
+
+    Decoded and resized by :func:`vslib.images.load_for_model` and embedded by
+    ``backbone`` in batches of :data:`EMBED_BATCH`, as the feature cache does:
+    the same vectors. Raises :class:`vslib.images.ImageError` for an image that
+    cannot be loaded.
+    """
+    out = [np.zeros((0, backbone.dim), np.float32)]
+    for i in range(0, len(images), EMBED_BATCH):
+        out.append(backbone.embed(np.stack([load_for_model(x, backbone.input_size)
+                                            for x in images[i:i + EMBED_BATCH]])))
+    return np.concatenate(out)
+
+
 def is_single_image(x: Any) -> bool:
-    from PIL import Image
-
     return isinstance(x, (str, os.PathLike, Image.Image)) or (isinstance(x, np.ndarray) and x.ndim in (2, 3))
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_json(path, obj, default=_json_default, verified=True)
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

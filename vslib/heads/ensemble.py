@@ -21,7 +21,7 @@ from vslib.heads.linear import LinearHead, calibrated_nll
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
+DEFAULT_WEIGHTS = tuple(float(w) for w in np.round(np.linspace(0.0, 1.0, 11), 2))
 
 
 class EnsembleHead(Head):
@@ -36,14 +36,14 @@ class EnsembleHead(Head):
     """
 
     kind = "ensemble"
-    _PARAMS = Head._PARAMS + ("weight", "weight_grid", "C", "n_neighbors")
+    config_keys = {**Head.config_keys, "C": "C", "neighbors": "n_neighbors"}
 
-    def __init__(self, weight: Optional[float] = None, weight_grid: Sequence[float] = DEFAULT_WEIGHTS,
-                 C: Optional[float] = None, n_neighbors: Optional[int] = None,
-                 folds: int = 5, seed: int = 42, calibrate: bool = True):
+    def __init__(self, *, folds: int = 5, seed: int = 42, calibrate: bool = True, weight: Optional[float] = None,
+                 weight_grid: Sequence[float] = DEFAULT_WEIGHTS, C: Optional[float] = None,
+                 n_neighbors: Optional[int] = None):
         super().__init__(folds=folds, seed=seed, calibrate=calibrate)
         self.weight = weight
-        self.weight_grid = tuple(float(w) for w in weight_grid)
+        self.weight_grid = weight_grid
         self.C = C
         self.n_neighbors = n_neighbors
 
@@ -65,7 +65,7 @@ class EnsembleHead(Head):
         self.knn_.fit(X, labels)
         lin, knn = self.linear_.oof_logits_, self.knn_.oof_logits_
         tl, tk = self.linear_.temperature_, self.knn_.temperature_
-        weights = [float(self.weight)] if self.weight is not None else list(self.weight_grid)
+        weights = [float(self.weight)] if self.weight is not None else [float(w) for w in self.weight_grid]
         scores = {a: calibrated_nll(self._mix(a, lin, tl, knn, tk), yi) for a in weights}
         self.weight_ = min(scores, key=scores.get)
         self.selected_ = {"weight": self.weight_, "oof_nll_by_weight": {str(a): round(s, 4) for a, s in scores.items()},

@@ -67,16 +67,16 @@ class KnnHead(Head):
     """
 
     kind = "knn"
-    _PARAMS = Head._PARAMS + ("n_neighbors", "tau", "neighbor_grid", "tau_grid")
+    config_keys = {**Head.config_keys, "neighbors": "n_neighbors"}
 
-    def __init__(self, n_neighbors: Optional[int] = None, tau: Optional[float] = None,
-                 neighbor_grid: Sequence[int] = DEFAULT_KS, tau_grid: Sequence[float] = DEFAULT_TAUS,
-                 folds: int = 5, seed: int = 42, calibrate: bool = True):
+    def __init__(self, *, folds: int = 5, seed: int = 42, calibrate: bool = True, n_neighbors: Optional[int] = None,
+                 tau: Optional[float] = None, neighbor_grid: Sequence[int] = DEFAULT_KS,
+                 tau_grid: Sequence[float] = DEFAULT_TAUS):
         super().__init__(folds=folds, seed=seed, calibrate=calibrate)
         self.n_neighbors = n_neighbors
         self.tau = tau
-        self.neighbor_grid = tuple(neighbor_grid)
-        self.tau_grid = tuple(tau_grid)
+        self.neighbor_grid = neighbor_grid
+        self.tau_grid = tau_grid
 
     def _cross_fit(self, X: np.ndarray, yi: np.ndarray) -> np.ndarray:
         n_classes = int(yi.max()) + 1

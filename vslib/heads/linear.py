@@ -53,13 +53,13 @@ class LinearHead(Head):
     """
 
     kind = "linear"
-    _PARAMS = Head._PARAMS + ("C", "Cs", "max_iter")
+    config_keys = {**Head.config_keys, "C": "C"}
 
-    def __init__(self, C: Optional[float] = None, Cs: Sequence[float] = DEFAULT_CS, max_iter: int = 1000,
-                 folds: int = 5, seed: int = 42, calibrate: bool = True):
+    def __init__(self, *, folds: int = 5, seed: int = 42, calibrate: bool = True, C: Optional[float] = None,
+                 Cs: Sequence[float] = DEFAULT_CS, max_iter: int = 1000):
         super().__init__(folds=folds, seed=seed, calibrate=calibrate)
         self.C = C
-        self.Cs = tuple(Cs)
+        self.Cs = Cs
         self.max_iter = max_iter
 
     def _model(self, C: float):
