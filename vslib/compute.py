@@ -341,8 +341,9 @@ def bulk_partition(es_cfg, index_name: str, dim: int, path: str, start: int, sto
     [(id, reason), ...])``; failures are returned, not raised, so that one bad
     document does not fail the task.
     """
-    from vslib.features import _checked, _read_rows, npz_member
+    from vslib.features import REWRITE
     from vslib.index.base import BulkIndexError
+    from vslib.npzfile import checked_vectors, npz_member, read_rows
 
     keep = np.flatnonzero(np.asarray(npz_member(path, "split")[start:stop]) == "index")
     if len(keep) != len(ids):
@@ -350,7 +351,8 @@ def bulk_partition(es_cfg, index_name: str, dim: int, path: str, start: int, sto
                                 f"{len(ids)} ids: the feature file changed during indexing; run it again")
     if not len(keep):
         return 0, []
-    vectors = _checked(_read_rows(npz_member(path, "vectors"), start, stop)[keep], path)  # finite, unit length
+    vectors = read_rows(npz_member(path, "vectors"), start, stop)[keep]
+    vectors = checked_vectors(vectors, path, REWRITE)  # finite, unit length
     columns = {c: np.asarray(npz_member(path, c)[start:stop])[keep] for c in fields}
     metadata = [{**{c: str(columns[c][i]) for c in fields}, "backbone": backbone} for i in range(len(keep))]
     index = worker_es_index(es_cfg, index_name, dim)
@@ -373,7 +375,7 @@ def index_on_dask(cfg, index, path, ids: Sequence[str], fields: Sequence[str], b
     each task finishes. Raises :class:`WorkersCannotRead` before any work is
     sent when a worker cannot read ``path``.
     """
-    from vslib.features import npz_member
+    from vslib.npzfile import npz_member
 
     distributed = _distributed()
     path = str(path)

@@ -24,9 +24,9 @@
 
 Out of core: shards and feature files are uncompressed ``.npz`` files (``np.savez``
 writes every member as a stored ``.npy``), so a reader memory-maps a member in place
-(:func:`npz_memmap`) and reads only the rows it slices. The cache learns its known hashes
+(:func:`vslib.npzfile.npz_memmap`) and reads only the rows it slices. The cache learns its known hashes
 from the small ``hashes`` member of each shard without reading any vector; merging shards
-and writing the feature file stream the vectors chunk by chunk (:func:`save_npz_streamed`),
+and writing the feature file stream the vectors chunk by chunk (:func:`vslib.npzfile.save_npz_streamed`),
 so neither holds a dataset's vectors in memory.
 
 What is checked, and when (:mod:`vslib.integrity`; designed for 100M images, where a shard or
@@ -67,7 +67,6 @@ import os
 import time
 import uuid
 import zipfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,12 +75,15 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from vslib.atomic import TEMP_GLOB, atomic_path, atomic_savez
+from vslib import npzfile
+from vslib.atomic import TEMP_GLOB, atomic_savez
 from vslib.errors import VisualSearchError
 from vslib.integrity import (SIDECAR, DamagedFile, Finding, audit_file, check_unit_vectors, read_record, record,
-                             set_aside, sidecar, verify)
+                             set_aside, sidecar)
 from vslib.images import DEFAULT_MAX_PIXELS, ImageError, load_for_model
 from vslib.locks import locked
+from vslib.npzfile import (Streamed, checked_vectors, npz_member, read_rows, save_npz_streamed, text_member,
+                           verify_file)
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +156,7 @@ class FeatureSet:
         checked finite and unit length first: ``ValueError`` naming the first bad image, nothing written)."""
         path = Path(path)
         check_unit_vectors(self.vectors, f"{path}: vectors to write", names=self.table["path"].to_numpy())
-        _atomic_savez(path, vectors=self.vectors, backbone=np.array(self.backbone), verified=True,
+        atomic_savez(path, vectors=self.vectors, backbone=np.array(self.backbone), verified=True,
                       **_table_arrays(self.table))
         return path
 
@@ -167,150 +169,6 @@ class FeatureSet:
 
 def _table_arrays(table: pd.DataFrame) -> dict:
     return {c: table[c].astype(str).to_numpy(dtype=str) for c in TABLE_COLUMNS}
-
-
-_atomic_savez = atomic_savez  # the shared atomic writer (vslib.atomic)
-
-#: rows per chunk when vectors are streamed (merging shards, writing a feature file)
-STREAM_ROWS = 2048  # 10 MB of 1280-d float32: a few such buffers at once whatever the collection's size
-
-
-class NotMappable(ValueError):
-    """An ``.npz`` member that cannot be memory-mapped (compressed, or holds objects)."""
-
-
-def npz_memmap(path: str | os.PathLike, name: str, mode: str = "r") -> np.ndarray:
-    """Member ``name`` of an uncompressed ``.npz`` as a memory map (nothing is read yet).
-
-    ``mode`` as for :class:`numpy.memmap`: ``"r"`` read-only, ``"c"`` copy-on-write
-    (writable in memory, the file never changes).
-
-    Raises :class:`NotMappable` for a compressed member (``np.savez_compressed``); use ``np.load`` then.
-    """
-    path = Path(path)
-    with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo(f"{name}.npy")
-    if info.compress_type != zipfile.ZIP_STORED:
-        raise NotMappable(f"{path}: member {name} is compressed")
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)
-        if local[:4] != b"PK\x03\x04":
-            raise NotMappable(f"{path}: bad zip header for member {name}")
-        start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
-        f.seek(start)
-        version = np.lib.format.read_magic(f)
-        shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                                 else np.lib.format.read_array_header_2_0(f))
-        offset = f.tell()
-    if dtype.hasobject:
-        raise NotMappable(f"{path}: member {name} holds Python objects")
-    if int(np.prod(shape)) == 0:
-        return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode=mode, offset=offset, shape=shape, order="F" if fortran else "C")
-
-
-def npz_member(path: str | os.PathLike, name: str, mode: str = "r") -> np.ndarray:
-    """:func:`npz_memmap`, or the member read whole where it cannot be mapped."""
-    try:
-        return npz_memmap(path, name, mode)
-    except NotMappable:
-        with np.load(path, allow_pickle=False) as z:
-            return z[name]
-
-
-def _aligned_member(zf: zipfile.ZipFile, filename: str, align: int = 64) -> zipfile.ZipInfo:
-    """A stored zip member whose ``.npy`` data will start ``align``-aligned in the file (so a memory map
-    of it is aligned): the local header is padded with an extra field, since the ``.npy`` header
-    itself pads to a multiple of 64 bytes."""
-    info = zipfile.ZipInfo(filename, date_time=time.localtime(time.time())[:6])
-    info.compress_type = zipfile.ZIP_STORED
-    # local header: 30 bytes + name + extra (ours: 4 + pad) + the zip64 extra (20) that force_zip64 adds
-    used = zf.start_dir + 30 + len(filename.encode()) + 4 + 20
-    pad = -used % align
-    info.extra = (0x7076).to_bytes(2, "little") + pad.to_bytes(2, "little") + b"\0" * pad
-    return info
-
-
-@dataclass(frozen=True)
-class Streamed:
-    """An ``.npz`` member written chunk by chunk: its ``shape``, its row blocks ``chunks`` and its ``dtype``."""
-
-    shape: tuple
-    chunks: Iterable[np.ndarray]
-    dtype: object = np.float32
-
-
-def save_npz_streamed(path: str | os.PathLike, arrays: dict, name: str, shape: tuple, chunks: Iterable[np.ndarray],
-                      dtype=np.float32, *, verified: bool = True) -> Path:
-    """An ``.npz`` (readable by ``np.load``) with ``arrays`` plus member ``name`` of ``shape`` written
-    chunk by chunk from ``chunks`` (row blocks), atomically: never more than a chunk in memory.
-
-    A value of ``arrays`` is an array, or a :class:`Streamed` member, written chunk by chunk too.
-    ``verified``: with its checksum sidecar (:mod:`vslib.integrity`; the CRC is read back through a
-    256 KB buffer, so the writer's memory stays bounded by a chunk).
-    """
-    fingerprint = None
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for key, arr in [*arrays.items(), (name, Streamed(tuple(shape), chunks, dtype))]:
-                if not isinstance(arr, Streamed):
-                    with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
-                        np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
-                    continue
-                dt = np.dtype(arr.dtype).newbyteorder("<")
-                with zf.open(_aligned_member(zf, f"{key}.npy"), "w", force_zip64=True) as f:
-                    header = {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False,
-                              "shape": tuple(arr.shape)}
-                    np.lib.format.write_array_header_1_0(f, header)
-                    rows = 0
-                    for chunk in arr.chunks:
-                        chunk = np.ascontiguousarray(chunk, dtype=dt)
-                        f.write(memoryview(chunk).cast("B"))  # no bytes copy of the chunk
-                        rows += len(chunk)
-                    if rows != arr.shape[0]:
-                        raise ValueError(f"{path}: {rows} rows streamed for a member of {arr.shape[0]}")
-        if verified:
-            fingerprint = _digest(tmp)
-    if verified:
-        record(path, fingerprint)
-    return Path(path)
-
-
-def _verify(path: Path, *, full: bool, redo: str) -> str:
-    """:func:`vslib.integrity.verify`, the CRC read through :func:`_digest`'s small buffer (readers of the feature
-    file keep their memory at a batch of rows)."""
-    status = verify(path, full=False, redo=redo)
-    if full and status == "ok":
-        if _digest(path)["crc32"] != (read_record(path) or {}).get("crc32"):
-            raise DamagedFile(path, "its content changed since it was written (checksum mismatch)", redo)
-    return status
-
-
-def _digest(path: Path, block: int = 256 << 10) -> dict:
-    """:func:`vslib.integrity.digest` read through one ``block``-byte buffer (it reads 8 MB ``bytes`` at a time)."""
-    buf = bytearray(block)
-    view = memoryview(buf)
-    crc = size = 0
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            crc = zlib.crc32(view[:n], crc)
-            size += n
-    return {"size": size, "crc32": f"{crc:08x}"}
-
-
-def text_member(column: pd.Series) -> Streamed:
-    """A text column as a streamed fixed-width ``U`` member, :data:`STREAM_ROWS` rows made at a time
-    (the whole column as ``U`` takes 4 bytes a character of its longest value, a row)."""
-    if not pd.api.types.is_string_dtype(column):
-        column = column.astype(str)
-    width = max(1, int(column.str.len().max())) if len(column) else 1
-    n = len(column)
-    return Streamed((n,), (np.asarray(column.iloc[i:i + STREAM_ROWS].astype(str).tolist(), dtype=f"<U{width}")
-                           for i in range(0, n, STREAM_ROWS)), f"<U{width}")
 
 
 # ---------------------------------------------------------------------------
@@ -400,7 +258,7 @@ class FeatureCache:
         (an older version wrote it), unless its vectors are finite and unit length."""
         redo = "its images are re-extracted by this run" if self.full else "the next `visualsearch extract` " \
             "sets it aside and re-extracts its images"
-        status = _verify(p, full=self.full, redo=redo)
+        status = verify_file(p, full=self.full, redo=redo)
         if status == "unverified" and self.full:
             try:
                 check_unit_vectors(npz_member(p, "vectors"), str(p))
@@ -465,7 +323,7 @@ class FeatureCache:
         except ValueError as e:  # never written: a NaN in the cache would be reused by every later run
             raise VisualSearchError(f"{e}; not cached. The model or its converted file may be broken: delete "
                                     f"models/backbones/{self.backbone}-* and rerun") from None
-        _atomic_savez(path, hashes=key_text(keys), vectors=vectors,
+        atomic_savez(path, hashes=key_text(keys), vectors=vectors,
                       backbone=np.array(self.backbone), key=np.array(self.key), verified=True)
         _note_images(path, len(keys))
         self._remember(path, keys)
@@ -485,7 +343,7 @@ class FeatureCache:
         """Merge all shards into one (then delete the old ones and any foreign shards).
 
         The vectors and hashes are streamed from the shards into the new one,
-        :data:`STREAM_ROWS` at a time, shard by shard in the order they were written.
+        :data:`~vslib.npzfile.STREAM_ROWS` at a time, shard by shard in the order they were written.
         """
         for p in self.directory.glob(f"*.npz{SIDECAR}"):  # sidecars whose shard is gone (merged by an older version)
             if not p.with_suffix("").exists():
@@ -499,9 +357,10 @@ class FeatureCache:
         n = len(keys)
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.npz"
         merged = self.directory / name
-        text = Streamed((n,), (key_text(keys[i:i + STREAM_ROWS]) for i in range(0, n, STREAM_ROWS)),
+        step = npzfile.STREAM_ROWS
+        text = Streamed((n,), (key_text(keys[i:i + step]) for i in range(0, n, step)),
                         f"<U{max(1, keys.dtype.itemsize)}")
-        chunks = (self.rows(codes[i:i + STREAM_ROWS]) for i in range(0, n, STREAM_ROWS))
+        chunks = (self.rows(codes[i:i + step]) for i in range(0, n, step))
         save_npz_streamed(merged, dict(hashes=text, backbone=np.array(self.backbone), key=np.array(self.key)),
                           "vectors", (n, self.dim or 0), chunks)
         _note_images(merged, n)
@@ -548,8 +407,8 @@ class FeatureCache:
 
     def _shard_rows(self, shard: int, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of one shard, checked finite and unit length (:class:`DamagedFile` naming the shard)."""
-        vectors = _read_rows(self._vectors_of(shard), start, stop)
-        return _checked(vectors, self.shards[shard], "rerun `visualsearch extract`: it sets the shard aside and "
+        vectors = read_rows(self._vectors_of(shard), start, stop)
+        return checked_vectors(vectors, self.shards[shard], "rerun `visualsearch extract`: it sets the shard aside and "
                                                      "re-extracts its images")
 
 
@@ -599,8 +458,8 @@ class RowValues(Sequence):
         return self.column.iloc[int(self.rows[i])]
 
     def __iter__(self):
-        for s in range(0, len(self.rows), STREAM_ROWS):
-            yield from self[s:s + STREAM_ROWS]
+        for s in range(0, len(self.rows), npzfile.STREAM_ROWS):
+            yield from self[s:s + npzfile.STREAM_ROWS]
 
 
 def _workers(n: int) -> int:
@@ -781,7 +640,8 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     else:
         table, codes = manifest.loc[ok, list(TABLE_COLUMNS)].reset_index(drop=True), codes[ok]
     dim = cache.dim or BACKBONES[name]["dim"]
-    chunks = (cache.rows(codes[i:i + STREAM_ROWS]) for i in range(0, len(codes), STREAM_ROWS))  # rows checked
+    step = npzfile.STREAM_ROWS
+    chunks = (cache.rows(codes[i:i + step]) for i in range(0, len(codes), step))  # rows checked
     columns = {c: text_member(table[c]) for c in TABLE_COLUMNS}  # made chunk by chunk as written
     _set_aside_damaged_file(features_path(cfg))  # rewritten below in any case; a damaged one is kept for a look
     path = save_npz_streamed(features_path(cfg), dict(backbone=np.array(name), **columns),
@@ -801,22 +661,13 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     return fs
 
 
-def _checked(vectors: np.ndarray, where, redo: str = REWRITE) -> np.ndarray:
-    """``vectors`` after :func:`~vslib.integrity.check_unit_vectors` (a DamagedFile naming file ``where`` if they fail)."""
-    try:
-        check_unit_vectors(vectors, str(where))
-    except ValueError as e:
-        raise DamagedFile(where, str(e).split(": ", 1)[-1], redo) from None
-    return vectors
-
-
 def _set_aside_damaged_file(path: Path) -> None:
     """Before :func:`extract` rewrites the feature file: one warning line and ``*.damaged`` if it is damaged (a
     cheap check; a file without a checksum, or one whose checksum file is left alone, is simply replaced)."""
     if not path.exists():
         return
     try:
-        _verify(path, full=path.stat().st_size <= FULL_CHECK_BYTES, redo="")
+        verify_file(path, full=path.stat().st_size <= FULL_CHECK_BYTES, redo="")
     except DamagedFile as e:
         moved = set_aside(path)
         log.warning("%s: damaged feature file (%s); set aside as %s, rewritten from the feature cache by this run",
@@ -908,7 +759,7 @@ def load_features(cfg) -> FeatureSet:
     if fs.backbone != cfg.backbone.name:
         raise VisualSearchError(f"{path} holds {fs.backbone} vectors, but the config names {cfg.backbone.name}; "
                                 f"run `visualsearch extract -c {cfg.source}`")
-    _checked(fs.vectors, str(path))
+    checked_vectors(fs.vectors, str(path), REWRITE)
     return fs
 
 
@@ -936,7 +787,7 @@ def _check_features_file(cfg, *, full: Optional[bool] = None) -> Path:
     if seen is not None and seen[0] == ident and (seen[1] or not full):
         return path
     _VERIFIED.pop(str(path), None)
-    _verify(path, full=full, redo=REWRITE)
+    verify_file(path, full=full, redo=REWRITE)
     _VERIFIED[str(path)] = (ident, full)
     return path
 
@@ -976,7 +827,7 @@ def iter_features(cfg, split: Optional[str] = None, batch_size: int = 10_000) ->
     # read a block of rows at a time (plain reads: mapped pages would count in the RSS), keep the split's
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        block = _checked(_read_rows(vectors, start, stop), str(path))
+        block = checked_vectors(read_rows(vectors, start, stop), str(path), REWRITE)
         keep = np.arange(stop - start)
         if split is not None:
             keep = keep[np.asarray(columns["split"][start:stop]) == split]
@@ -1039,16 +890,6 @@ def read_split(cfg, split: str, *, batch_size: int = SPLIT_BATCH_ROWS) -> Featur
         raise VisualSearchError(f"{path} changed while it was read; wait for the `visualsearch extract` that "
                                 f"rewrites it to finish, then retry")
     return FeatureSet(vectors, table, cfg.backbone.name)
-
-
-def _read_rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` of a (memory-mapped) 2-d array as an in-memory copy, read with a plain file read."""
-    if isinstance(array, np.memmap) and array.flags.c_contiguous and array.filename:
-        row = array.shape[1] * array.dtype.itemsize
-        out = np.fromfile(array.filename, dtype=array.dtype, count=(stop - start) * array.shape[1],
-                          offset=array.offset + start * row)
-        return out.reshape(stop - start, array.shape[1]).astype(np.float32, copy=False)
-    return np.array(array[start:stop], dtype=np.float32)
 
 
 def feature_columns(cfg, columns: Sequence[str], split: Optional[str] = None) -> pd.DataFrame:

@@ -98,7 +98,8 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
 
     import pandas as pd
 
-    from vslib.features import TABLE_COLUMNS, FeatureSet, feature_columns, features_path, iter_features, npz_member
+    from vslib.features import TABLE_COLUMNS, FeatureSet, feature_columns, features_path, iter_features
+    from vslib.npzfile import npz_member
 
     # ids need the whole split's hashes and paths (to tell duplicates apart), not its vectors
     ids = item_ids(feature_columns(cfg, ["content_hash", "path"], split="index"))
