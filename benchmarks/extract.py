@@ -9,7 +9,7 @@ the median round is reported:
   already decoded and resized in memory (the runtime before issue 15);
 * **TensorFlow Lite alone**: the same network converted to TensorFlow Lite
   (XNNPACK) on the same in-memory images;
-* **pipeline, tf.function**: :func:`vslib.features.extract` end to end (decode,
+* **pipeline, tf.function**: :func:`vslib.extraction.extract` end to end (decode,
   resize, model, shard writes) into an empty cache with ``backbone.runtime: keras``
   (today's pipeline; it benefits from the decoding changes too);
 * **pipeline, TensorFlow Lite**: the same with the TensorFlow Lite runtime;
@@ -127,7 +127,8 @@ def main(argv=None) -> dict:
 
     cfg = load_config(args.config) if Path(args.config).exists() else parse_config({})
     from vslib.backbones import get_backbone
-    from vslib.features import extract, iter_batches
+    from vslib.embedding import iter_batches
+    from vslib.extraction import extract
     from vslib.images import load_for_model
     from vslib.runtime import min_cosine
 

@@ -1,6 +1,6 @@
 """The feature store out of core: memory-mapped ``.npz`` members against Parquet, and the client's memory.
 
-On a feature file written by :func:`vslib.features.extract` (``--features``, default the
+On a feature file written by :func:`vslib.extraction.extract` (``--features``, default the
 largest ``features-*.npz`` under ``data/features``) it measures, each in a fresh
 subprocess (so peak RSS is the reader's own):
 

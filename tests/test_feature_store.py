@@ -10,8 +10,8 @@ import pytest
 
 from vslib import features, npzfile
 from vslib.config import parse_config
-from vslib.features import (FeatureCache, FeatureSet, feature_columns, features_path, iter_features, load_features,
-                            read_split)
+from vslib.feature_cache import FeatureCache
+from vslib.features import FeatureSet, feature_columns, features_path, iter_features, load_features, read_split
 from vslib.npzfile import npz_memmap, save_npz_streamed
 
 DIM = 64

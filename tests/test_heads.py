@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from vslib import calibration, classifier, datasets, evaluate, features, index, integrity, ranking
+from vslib import calibration, classifier, datasets, evaluate, extraction, features, index, integrity, ranking
 from vslib.heads import EnsembleHead, KnnHead, LinearHead
 from vslib.heads.linear import calibrated_nll
 from vslib.search import VisualSearch
@@ -22,7 +22,7 @@ from conftest import tux_config
 def pipeline(tmp_path_factory):
     cfg = tux_config(tmp_path_factory.mktemp("tux"), evaluation={"grid_queries": 0})
     datasets.prepare(cfg, progress=False, echo=lambda *_: None)
-    features.extract(cfg, progress=False)
+    extraction.extract(cfg, progress=False)
     fs = features.load_features(cfg)
     return cfg, fs.split("index"), fs.split("query")
 

@@ -579,7 +579,7 @@ class FineTunedClassifier(EmbeddingClassifier):
         self.backbone_ = getattr(self, "backbone_", None) or backbone.name
         self._backbone, self.input_size_ = backbone, int(backbone.input_size)
         if head is None:
-            from vslib.features import embed_images
+            from vslib.embedding import embed_images
 
             head = EmbeddingClassifier(**{k: v for k, v in self.get_params().items() if k in EmbeddingClassifier._PARAMS})
             head.fit(embed_images(backbone, X), y, embed_images(backbone, X_val), y_val)

@@ -1,7 +1,7 @@
 """Where work runs: in this process (``compute.scheduler: local``) or on a Dask cluster (``dask``).
 
 ``local`` is the default and never imports Dask. With ``dask``,
-:func:`vslib.features.extract` cuts the images still to compute into
+:func:`vslib.extraction.extract` cuts the images still to compute into
 partitions of ``compute.dask.partition_size`` and runs each as one task
 (:func:`embed_partition`: decode, resize, backbone) on a worker:
 
@@ -153,7 +153,7 @@ def embed_partition(spec: dict, sources: Sequence[str]) -> tuple[list[int], np.n
     the images embedded, their float32 vectors row for row, and ``(position,
     reason)`` of those that could not be loaded.
     """
-    from vslib.features import iter_batches
+    from vslib.embedding import iter_batches
 
     threads = _worker_threads()
     bb = worker_backbone(spec, threads)

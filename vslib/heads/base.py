@@ -155,7 +155,7 @@ class ClassifierMixin:
         (default: the one the classifier was trained on) exactly as the feature
         cache embeds them.
         """
-        from vslib import features
+        from vslib import embedding
 
         self._check_fitted()
         if is_single_image(images):
@@ -166,7 +166,7 @@ class ClassifierMixin:
         elif trained_on and backbone.name != trained_on:
             raise ClassifierError(f"the classifier was trained on backbone {trained_on!r} but was given "
                                   f"{backbone.name!r}")
-        return self.predict_proba(features.embed_images(backbone, list(images)))
+        return self.predict_proba(embedding.embed_images(backbone, list(images)))
 
     def _get_backbone(self):
         if getattr(self, "_backbone", None) is None:
