@@ -273,7 +273,8 @@ def test_elasticsearch_bulk_from_the_workers_retries_429(cluster, config_of, ref
     assert proxy.rejected == 3  # three bulk requests answered 429 ...
     assert info["count"] == n_index  # ... and every document is in, once
     with distributed.Client(address) as client:  # the bulk requests came from the workers
-        sent = client.run(lambda: sum(ix.requests for ix in __import__("vslib.compute").compute._ES_INDEXES.values()))
+        sent = client.run(lambda: sum(ix.requests for ix in
+                                      __import__("vslib.index.es_bulk").index.es_bulk._ES_INDEXES.values()))
     assert sum(sent.values()) >= -(-n_index // 4), sent
     queries = ref.vectors[ref.table["split"].to_numpy() == "query"]
     cfg_direct = es_config("local", [es_url], name + "-dask")  # same index, searched without the proxy

@@ -34,6 +34,7 @@ same time waits for it, then finds everything computed.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -42,7 +43,8 @@ import numpy as np
 import pandas as pd
 
 from vslib import npzfile
-from vslib.backbones import BACKBONES, backbone_from_config, config_weights_key
+from vslib.backbones import BACKBONES, backbone_from_config, config_weights, config_weights_key, get_backbone
+from vslib.compute import map_partitions, worker_threads
 from vslib.datasets import load_manifest
 from vslib.embedding import iter_batches
 from vslib.errors import VisualSearchError
@@ -51,6 +53,7 @@ from vslib.features import FULL_CHECK_BYTES, TABLE_COLUMNS, FeatureSet, features
 from vslib.integrity import DamagedFile, set_aside
 from vslib.locks import locked
 from vslib.npzfile import npz_member, save_npz_streamed, text_member, verify_file
+from vslib.runtime import TFLiteRunner
 
 log = logging.getLogger("vslib.features")  # the feature store's logger: its warning lines read as they always did
 
@@ -160,8 +163,6 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
         sources = RowValues(manifest["path"], todo_rows)
         size = bb.input_size if bb is not None else BACKBONES[name]["input_size"]
         if on_dask and len(todo):
-            from vslib.compute import extract_on_dask
-
             extract_on_dask(cfg, sources, key, store, announce=bar.write if progress else None)
             sources = []  # done: skip the in-process loop below
         for pos, batch, failed in iter_batches(sources, size, bs, workers=cfg.backbone.workers,
@@ -232,3 +233,93 @@ def summary(fs: FeatureSet, limit: int = 5) -> str:
 def backbone_key(bb) -> str:
     """Identity of a backbone's weights, stored in every shard."""
     return getattr(bb, "cache_key", "") or f"{bb.name}:{Path(bb.weights).name if bb.weights else ''}"
+
+
+# ---------------------------------------------------------------------------
+# On a Dask cluster (compute.scheduler: dask)
+
+
+#: backbones loaded in this process, keyed by (name, weights, cache_dir, runtime, threads)
+_BACKBONES: dict[tuple, object] = {}
+_BACKBONES_LOCK = threading.Lock()
+
+
+def worker_backbone(spec: dict, threads: int):
+    """The backbone ``spec`` names, built once per process, with ``threads`` TensorFlow (Lite) threads."""
+    key = (spec["name"], spec["weights"], spec["cache_dir"], spec["runtime"], threads)
+    with _BACKBONES_LOCK:
+        bb = _BACKBONES.get(key)
+        if bb is None:
+            bb = _BACKBONES[key] = _load_backbone(spec, threads)
+    return bb
+
+
+def _load_backbone(spec: dict, threads: int):
+    import tensorflow as tf
+
+    try:  # only possible before TensorFlow starts its thread pools, i.e. in a fresh worker process
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError as e:
+        log.debug("TensorFlow threads already set in this process: %s", e)
+    bb = get_backbone(spec["name"], weights=spec["weights"], cache_dir=spec["cache_dir"], runtime=spec["runtime"])
+    runner = bb.runner
+    if runner is not None and runner.threads != threads:
+        new = TFLiteRunner(runner.path, threads)
+        new.min_cosine = runner.min_cosine
+        bb = bb.with_runner(new, f"{bb.runtime_note} ({threads} threads on this worker)")
+    if bb.cache_key != spec["key"]:
+        raise VisualSearchError(f"this worker's {bb.name} weights are {bb.cache_key}, the client's {spec['key']}: "
+                                "install the same visualsearch version and weights on every worker")
+    return bb
+
+
+def embed_partition(spec: dict, sources: Sequence[str]) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
+    """One task: vectors of the images ``sources`` (paths) with the backbone of ``spec``.
+
+    Each worker loads the backbone **once** (:func:`worker_backbone`: keyed by backbone, weights and
+    runtime) and sizes TensorFlow's and TensorFlow Lite's threads to the worker's own thread count
+    (:func:`vslib.compute.worker_threads`). Returns ``(positions, vectors, failures)``: the positions
+    in ``sources`` of the images embedded, their float32 vectors row for row, and ``(position,
+    reason)`` of those that could not be loaded.
+    """
+    threads = worker_threads()
+    bb = worker_backbone(spec, threads)
+    positions, chunks, failures = [], [], []
+    for pos, batch, failed in iter_batches(list(sources), bb.input_size, spec["batch_size"], workers=threads,
+                                           max_pixels=spec["max_pixels"]):
+        failures.extend(failed)
+        if pos:
+            positions.extend(pos)
+            chunks.append(bb.embed(batch))
+    vectors = np.concatenate(chunks) if chunks else np.zeros((0, bb.dim), np.float32)
+    return positions, vectors.astype(np.float32, copy=False), failures
+
+
+def extract_on_dask(cfg, sources: Sequence[str], key: str,
+                    on_partition: Callable[[list[int], np.ndarray, list[tuple[int, str]]], None],
+                    *, announce: Optional[Callable[[str], None]] = None) -> None:
+    """Embed ``sources`` (paths) on the cluster of ``cfg``, partition by partition.
+
+    The images are cut into partitions of ``compute.dask.partition_size``, each one task
+    (:func:`embed_partition`: decode, resize, backbone) on a worker (:func:`vslib.compute.map_partitions`).
+    ``on_partition(positions, vectors, failures)`` is called on the client as
+    each partition finishes, with positions into ``sources``; it should store
+    them at once (the caller writes a shard).
+    """
+    size = cfg.compute.dask.partition_size
+    spec = dict(name=cfg.backbone.name, weights=config_weights(cfg), cache_dir=str(cfg.models_dir / "backbones"),
+                runtime=cfg.backbone.runtime, key=key, batch_size=cfg.backbone.batch_size,
+                max_pixels=cfg.dataset.max_image_pixels)
+
+    def done(s: int, e: int, result) -> None:
+        pos, vecs, failures = result
+        on_partition([s + i for i in pos], vecs, [(s + i, r) for i, r in failures])
+
+    def killed(s: int, e: int, error: Exception) -> str:
+        return (f"the partition of images {s}..{e - 1} (first {sources[s]}) was running on each of the workers "
+                f"that died ({error}); look at the worker logs (out of memory? lower compute.dask.partition_size "
+                "or backbone.batch_size), then run again: finished partitions are kept")
+
+    map_partitions(cfg, embed_partition, len(sources), size, lambda s, e: (spec, sources[s:e]), done,
+                   key=lambda s: f"embed-partition-{s // size}", readable=sources, killed=killed, announce=announce)
