@@ -9,7 +9,7 @@ the median round is reported:
   already decoded and resized in memory (the runtime before issue 15);
 * **TensorFlow Lite alone**: the same network converted to TensorFlow Lite
   (XNNPACK) on the same in-memory images;
-* **pipeline, tf.function**: :func:`vslib.features.extract` end to end (decode,
+* **pipeline, tf.function**: :func:`vslib.extraction.extract` end to end (decode,
   resize, model, shard writes) into an empty cache with ``backbone.runtime: keras``
   (today's pipeline; it benefits from the decoding changes too);
 * **pipeline, TensorFlow Lite**: the same with the TensorFlow Lite runtime;
@@ -127,7 +127,8 @@ def main(argv=None) -> dict:
 
     cfg = load_config(args.config) if Path(args.config).exists() else parse_config({})
     from vslib.backbones import get_backbone
-    from vslib.features import extract, iter_batches
+    from vslib.embedding import iter_batches
+    from vslib.extraction import extract
     from vslib.images import load_for_model
     from vslib.runtime import min_cosine
 
@@ -255,7 +256,7 @@ def main(argv=None) -> dict:
         "images_source": manifest.attrs["source"],
         "batch_size": bs,
         "decode_threads": workers,
-        "tflite_threads": bb_lite._runner.threads,
+        "tflite_threads": bb_lite.runner.threads,
         "cpu_cores": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
         "rounds": args.rounds,
@@ -268,7 +269,7 @@ def main(argv=None) -> dict:
         "dask": dask_info or None,
         "decode_profile_ms_per_image_one_thread_cpu": profile,
         "min_cosine_pipeline_tflite_vs_tf_function": round(cos, 7),
-        "tflite_min_cosine_probe_images": bb_lite._runner.min_cosine,
+        "tflite_min_cosine_probe_images": bb_lite.runner.min_cosine,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "backbone_load_s": {"keras": round(keras_load_s, 2), "tflite": round(lite_load_s, 2)},
         "load_average_1min": [round(load_before[0], 2), round(load_after[0], 2)],

@@ -1,11 +1,11 @@
 """The feature store out of core: memory-mapped ``.npz`` members against Parquet, and the client's memory.
 
-On a feature file written by :func:`vslib.features.extract` (``--features``, default the
+On a feature file written by :func:`vslib.extraction.extract` (``--features``, default the
 largest ``features-*.npz`` under ``data/features``) it measures, each in a fresh
 subprocess (so peak RSS is the reader's own):
 
 * **store formats** — the same vectors and table as (a) the project's uncompressed
-  ``.npz`` read through :func:`vslib.features.npz_memmap` and (b) Parquet written with
+  ``.npz`` read through :func:`vslib.npzfile.npz_memmap` and (b) Parquet written with
   pyarrow (a ``fixed_size_list<float32>`` vector column plus path/label/split/content_hash,
   row groups of 8,192): seconds and peak RSS to read the set of content hashes, to stream
   every row of the index split in batches, and to slice 1,000 random rows; file size;
@@ -38,6 +38,7 @@ import numpy as np
 kind, path, batch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 import pandas as pd, pyarrow.parquet as pq
 from vslib import features as F
+from vslib.npzfile import npz_member
 import vslib.datasets  # imported by read_split (its split names): not the reader's memory
 def status(key):  # MB, from /proc/self/status
     for line in open("/proc/self/status"):
@@ -52,12 +53,12 @@ base, base_anon = status("VmRSS"), status("RssAnon")
 t0 = time.perf_counter()
 out = {}
 if kind == "npz-hashes":
-    out["n"] = len(F.npz_member(path, "content_hash"))
+    out["n"] = len(npz_member(path, "content_hash"))
 elif kind == "parquet-hashes":
     out["n"] = len(set(pq.read_table(path, columns=["content_hash"]).column(0).to_pylist()))
 elif kind == "npz-stream" or kind == "iter_features":
     cfg = NS(features_dir=path.parent, dataset=NS(name=path.stem[len("features-"):]),
-             backbone=NS(name=str(F.npz_member(path, "backbone")[()])), source="(benchmark)")
+             backbone=NS(name=str(npz_member(path, "backbone")[()])), source="(benchmark)")
     s, n = 0.0, 0
     for fs in F.iter_features(cfg, "index", batch):
         s += float(fs.vectors.sum()); n += len(fs)
@@ -71,8 +72,8 @@ elif kind == "parquet-stream":
         s += float(v.sum()); n += len(v)
     out["n"] = n
 elif kind == "npz-slice":
-    rows = np.sort(np.random.default_rng(0).choice(len(F.npz_member(path, "vectors")), 1000, replace=False))
-    out["n"] = len(np.asarray(F.npz_member(path, "vectors")[rows]))
+    rows = np.sort(np.random.default_rng(0).choice(len(npz_member(path, "vectors")), 1000, replace=False))
+    out["n"] = len(np.asarray(npz_member(path, "vectors")[rows]))
 elif kind == "parquet-slice":
     f = pq.ParquetFile(path)
     rows = np.sort(np.random.default_rng(0).choice(f.metadata.num_rows, 1000, replace=False))
@@ -80,12 +81,12 @@ elif kind == "parquet-slice":
     out["n"] = len(t)
 elif kind == "load_features":
     cfg = NS(features_dir=path.parent, dataset=NS(name=path.stem[len("features-"):]),
-             backbone=NS(name=str(F.npz_member(path, "backbone")[()])), source="(benchmark)")
+             backbone=NS(name=str(npz_member(path, "backbone")[()])), source="(benchmark)")
     fs = F.load_features(cfg).split("index")
     out["n"] = len(fs); float(fs.vectors.sum())
 elif kind == "read_split":
     cfg = NS(features_dir=path.parent, dataset=NS(name=path.stem[len("features-"):]),
-             backbone=NS(name=str(F.npz_member(path, "backbone")[()])), source="(benchmark)")
+             backbone=NS(name=str(npz_member(path, "backbone")[()])), source="(benchmark)")
     fs = F.read_split(cfg, "index")
     out["n"] = len(fs); float(fs.vectors.sum())
 out["seconds"] = round(time.perf_counter() - t0, 4)
@@ -108,7 +109,8 @@ def to_parquet(npz: Path, out: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vslib.features import TABLE_COLUMNS, npz_member
+    from vslib.features import TABLE_COLUMNS
+    from vslib.npzfile import npz_member
 
     v = np.asarray(npz_member(npz, "vectors"), np.float32)
     cols = {c: pa.array(np.asarray(npz_member(npz, c)).astype(str)) for c in TABLE_COLUMNS}
@@ -119,7 +121,8 @@ def to_parquet(npz: Path, out: Path) -> None:
 def tile(npz: Path, k: int, tmp: Path) -> Path:
     import numpy as np
 
-    from vslib.features import STREAM_ROWS, TABLE_COLUMNS, npz_member, save_npz_streamed
+    from vslib.features import TABLE_COLUMNS
+    from vslib.npzfile import STREAM_ROWS, npz_member, save_npz_streamed
 
     v = npz_member(npz, "vectors")
     cols = {c: np.asarray(npz_member(npz, c)) for c in TABLE_COLUMNS}

@@ -85,7 +85,7 @@ def claims(r: dict) -> dict:
 def run(datasets: list[str], backbones: list[str], heads: list[str], seeds: int, base_seed: int,
         data_dir: Path = ROOT / "data") -> dict:
     from vslib import datasets as ds_mod
-    from vslib import evaluate, features
+    from vslib import evaluate, extraction, features
 
     results = []
     for spec in datasets:
@@ -96,7 +96,7 @@ def run(datasets: list[str], backbones: list[str], heads: list[str], seeds: int,
             ds_mod.prepare(cfg, echo=lambda *_: None)
             t_prepare = time.perf_counter() - t
             t = time.perf_counter()
-            features.extract(cfg)
+            extraction.extract(cfg)
             feats = features.load_features(cfg)
             t_extract = time.perf_counter() - t
             n_classes = feats.table["label"].nunique()

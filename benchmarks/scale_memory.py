@@ -141,7 +141,8 @@ def main(argv=None) -> dict:
                     shutil.rmtree(folder / "data" / "features", ignore_errors=True)  # an empty cache
                     r = run_step(["extract", "-c", str(cfg)], log)
                     from vslib.config import load_config
-                    from vslib.features import npz_member, features_path
+                    from vslib.features import features_path
+                    from vslib.npzfile import npz_member
 
                     r["images"] = int(len(npz_member(features_path(load_config(cfg)), "vectors")))
                     r["images_per_s"] = r["images"] / r["seconds"]

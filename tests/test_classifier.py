@@ -19,7 +19,7 @@ import pytest
 from vslib import integrity
 from vslib.integrity import DamagedFile
 
-from vslib import calibration, classifier, datasets, features
+from vslib import calibration, classifier, datasets, extraction, features
 from vslib.classifier import check_labels, load_classifier, train
 from vslib.errors import ClassifierError, VisualSearchError
 from vslib.heads.base import check_trainable, stratified_split
@@ -41,7 +41,7 @@ def pipeline(tmp_path_factory):
     """(cfg, index FeatureSet, query FeatureSet) of a prepared, extracted small Tux Paint subset."""
     cfg = _config(tmp_path_factory.mktemp("tux"))
     datasets.prepare(cfg, progress=False, echo=lambda *_: None)
-    features.extract(cfg, progress=False)
+    extraction.extract(cfg, progress=False)
     fs = features.load_features(cfg)
     return cfg, fs.split("index"), fs.split("query")
 

@@ -22,7 +22,7 @@ from PIL import Image
 import vslib
 from vslib.config import ConfigError, parse_config
 from vslib.errors import VisualSearchError
-from vslib.features import extract
+from vslib.extraction import extract
 from vslib.images import file_hash
 
 from conftest import write_config
@@ -129,7 +129,7 @@ def test_compute_config_defaults_and_errors():
 def test_local_scheduler_never_imports_dask(reference, manifest, tmp_path):
     cfg, _ = reference
     manifest.to_parquet(tmp_path / "m.parquet")
-    code = ("import sys, pandas as pd; from vslib.config import load_config; from vslib.features import extract; "
+    code = ("import sys, pandas as pd; from vslib.config import load_config; from vslib.extraction import extract; "
             f"fs = extract(load_config({str(cfg.base_dir / 'application.yaml')!r}), progress=False, "
             f"manifest=pd.read_parquet({str(tmp_path / 'm.parquet')!r})); "
             "assert fs.stats['reused'] == len(fs), fs.stats; "
@@ -273,7 +273,8 @@ def test_elasticsearch_bulk_from_the_workers_retries_429(cluster, config_of, ref
     assert proxy.rejected == 3  # three bulk requests answered 429 ...
     assert info["count"] == n_index  # ... and every document is in, once
     with distributed.Client(address) as client:  # the bulk requests came from the workers
-        sent = client.run(lambda: sum(ix.requests for ix in __import__("vslib.compute").compute._ES_INDEXES.values()))
+        sent = client.run(lambda: sum(ix.requests for ix in
+                                      __import__("vslib.index.es_bulk").index.es_bulk._ES_INDEXES.values()))
     assert sum(sent.values()) >= -(-n_index // 4), sent
     queries = ref.vectors[ref.table["split"].to_numpy() == "query"]
     cfg_direct = es_config("local", [es_url], name + "-dask")  # same index, searched without the proxy

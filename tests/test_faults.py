@@ -90,7 +90,8 @@ def _error_line(stderr: str) -> str:
 
 
 def _check_every_vector_once(cfg_path: Path) -> None:
-    from vslib.features import SHARDS_DIR, load_features
+    from vslib.feature_cache import SHARDS_DIR
+    from vslib.features import load_features
 
     cfg = load_config(cfg_path)
     fs = load_features(cfg)

@@ -8,10 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vslib import features
+from vslib import features, npzfile
 from vslib.config import parse_config
-from vslib.features import (FeatureCache, FeatureSet, feature_columns, features_path, iter_features, load_features,
-                            npz_memmap, read_split, save_npz_streamed)
+from vslib.feature_cache import FeatureCache
+from vslib.features import FeatureSet, feature_columns, features_path, iter_features, load_features, read_split
+from vslib.npzfile import npz_memmap, save_npz_streamed
 
 DIM = 64
 
@@ -57,7 +58,7 @@ def test_opening_the_cache_reads_hashes_not_vectors(tmp_path):
 
 
 def test_compact_streams_and_keeps_every_vector_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(features, "STREAM_ROWS", 100)
+    monkeypatch.setattr(npzfile, "STREAM_ROWS", 100)
     n, dim = 2000, 256
     x = unit(n, dim, seed=1)
     hashes = [f"h{i}" for i in range(n)]
@@ -101,9 +102,9 @@ def test_cache_index_looks_up_many_hashes_at_once(tmp_path):
 
 
 def test_text_columns_are_streamed_into_the_same_npz_member(tmp_path, monkeypatch):
-    monkeypatch.setattr(features, "STREAM_ROWS", 3)
+    monkeypatch.setattr(npzfile, "STREAM_ROWS", 3)
     col = pd.Series(["/a/b.png", "/c/düne.png", "x", "", "/e/f/g/h.png", "/i.png", "/j.png"], dtype="str")
-    p = save_npz_streamed(tmp_path / "t.npz", {"path": features.text_member(col), "n": np.arange(3)}, "v", (7, 2),
+    p = save_npz_streamed(tmp_path / "t.npz", {"path": npzfile.text_member(col), "n": np.arange(3)}, "v", (7, 2),
                           [np.ones((7, 2))])
     with np.load(p) as z:
         assert z["path"].dtype == np.dtype("<U12") and z["path"].tolist() == col.tolist()

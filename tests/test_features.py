@@ -9,10 +9,13 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from vslib import features
+from vslib import extraction, features
 from vslib.backbones import get_backbone
 from vslib.errors import VisualSearchError
-from vslib.features import FeatureCache, FeatureSet, embed_images, extract, load_features
+from vslib.embedding import embed_images
+from vslib.extraction import extract
+from vslib.feature_cache import FeatureCache
+from vslib.features import FeatureSet, load_features
 from vslib.images import file_hash
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
@@ -96,7 +99,7 @@ def test_killed_run_resumes_and_matches_a_full_run(setup, make_config):
 
     with pytest.raises(Killed):
         extract(cfg, progress=False, manifest=manifest, on_batch=die_after_two)
-    key = features.backbone_key(get_backbone("efficientnet_lite0"))
+    key = extraction.backbone_key(get_backbone("efficientnet_lite0"))
     assert len(FeatureCache(cfg.features_dir / "shards", "efficientnet_lite0", key)) == 16  # 2 batches of 8 kept
 
     resumed = extract(cfg, progress=False, manifest=manifest)
@@ -148,7 +151,7 @@ def test_bad_images_are_reported_as_skipped(setup, tmp_path):
     assert fs.stats["skipped"] == 2 and len(fs) == len(manifest)
     reasons = dict(zip(fs.skipped["path"], fs.skipped["reason"]))
     assert "empty" in reasons[str(empty)] and reasons[str(bad)]
-    assert "skipped" in features.summary(fs) and str(bad) in features.summary(fs)
+    assert "skipped" in extraction.summary(fs) and str(bad) in extraction.summary(fs)
 
 
 def test_embed_images_matches_extraction(setup):
@@ -181,7 +184,7 @@ def test_rerun_with_everything_cached_does_not_load_tensorflow(setup):
 
     cfg, manifest = setup
     extract(cfg, progress=False)
-    code = ("import sys; from vslib.config import load_config; from vslib.features import extract; "
+    code = ("import sys; from vslib.config import load_config; from vslib.extraction import extract; "
             f"fs = extract(load_config({str(cfg.base_dir / 'application.yaml')!r}), progress=False); "
             "assert fs.stats['computed'] == 0 and fs.stats['reused'] > 0, fs.stats; "
             "assert 'tensorflow' not in sys.modules; print('ok')")
@@ -207,5 +210,5 @@ def test_cache_is_shared_by_the_runtimes_because_their_vectors_agree(setup, make
     fresh = extract(fresh_cfg, progress=False, manifest=manifest)
     assert fresh.stats["computed"] == n
     assert runtime.min_cosine(fresh.vectors, on_keras.vectors) >= runtime.MIN_COSINE
-    assert features.backbone_key(get_backbone("efficientnet_lite0")) == \
-        features.backbone_key(get_backbone("efficientnet_lite0", runtime="keras"))
+    assert extraction.backbone_key(get_backbone("efficientnet_lite0")) == \
+        extraction.backbone_key(get_backbone("efficientnet_lite0", runtime="keras"))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from vslib import calibration, classifier, datasets, evaluate, features, index, integrity, ranking
+from vslib import calibration, classifier, datasets, evaluate, extraction, features, index, integrity, ranking
 from vslib.config import ClassifierConfig
 from vslib.errors import ClassifierError
 from vslib.heads import HEADS, head_class
@@ -69,7 +69,7 @@ def test_every_head_is_a_scikit_learn_estimator(name):
 def pipeline(tmp_path_factory):
     cfg = tux_config(tmp_path_factory.mktemp("tux"), evaluation={"grid_queries": 0})
     datasets.prepare(cfg, progress=False, echo=lambda *_: None)
-    features.extract(cfg, progress=False)
+    extraction.extract(cfg, progress=False)
     fs = features.load_features(cfg)
     return cfg, fs.split("index"), fs.split("query")
 

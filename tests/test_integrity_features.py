@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import tux_config
-from vslib import features
+from vslib import feature_cache, features
 from vslib.config import load_config
 from vslib.errors import VisualSearchError
 from vslib.integrity import DAMAGED, DamagedFile, sidecar
@@ -97,7 +97,7 @@ def _warnings(stderr: str) -> list[str]:
 @pytest.mark.parametrize("how", ["truncated", "garbled", "deleted"])
 def test_a_damaged_shard_is_set_aside_and_exactly_its_images_reextracted(clean, tmp_path, how):
     cfg_path, cfg = _project(clean, tmp_path)
-    shards = sorted((cfg.features_dir / features.SHARDS_DIR).glob("*.npz"))
+    shards = sorted((cfg.features_dir / feature_cache.SHARDS_DIR).glob("*.npz"))
     assert len(shards) == 1 and sidecar(shards[0]).exists()  # compacted, with its checksum
     shard = shards[0]
     n_images = len(np.load(shard)["hashes"])
@@ -125,7 +125,7 @@ def test_a_damaged_shard_is_set_aside_and_exactly_its_images_reextracted(clean, 
 def test_a_shard_without_checksum_is_checked_by_its_vectors(clean, tmp_path):
     """A shard an older version wrote (no sidecar), garbled in place: its vectors give it away."""
     cfg_path, cfg = _project(clean, tmp_path)
-    shard, = (cfg.features_dir / features.SHARDS_DIR).glob("*.npz")
+    shard, = (cfg.features_dir / feature_cache.SHARDS_DIR).glob("*.npz")
     sidecar(shard).unlink()
     _damage(shard, "garbled")
     features.features_path(cfg).unlink()
@@ -176,12 +176,12 @@ def test_a_damaged_feature_file_is_one_line_and_extract_rewrites_it(clean, tmp_p
 
 def test_a_backbone_output_that_is_not_unit_length_is_never_cached(clean, tmp_path):
     _, cfg = _project(clean, tmp_path)
-    shards = cfg.features_dir / features.SHARDS_DIR
+    shards = cfg.features_dir / feature_cache.SHARDS_DIR
     before = sorted(shards.iterdir())
     fs = features.load_features(cfg)
     vectors = fs.vectors[:3].copy()
     vectors[1, 5] = np.nan
-    cache = features.FeatureCache(shards, cfg.backbone.name, "some-key")
+    cache = feature_cache.FeatureCache(shards, cfg.backbone.name, "some-key")
     names = fs.table["path"][:3].tolist()
     with pytest.raises(VisualSearchError) as e:
         cache.add(fs.table["content_hash"][:3].tolist(), vectors, names)

@@ -30,7 +30,7 @@ import os
 import re
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -199,6 +199,15 @@ class Backbone:
         return Backbone(self.name, self.input_size, self.dim, runtime="tflite", _runner=runner,
                         runtime_note=f"TensorFlow Lite, {runner.threads} threads, minimum cosine "
                                      f"{runner.min_cosine:.7f} to Keras", **base)
+
+    @property
+    def runner(self):
+        """The TensorFlow Lite runner :meth:`embed` uses (None on Keras)."""
+        return self._runner
+
+    def with_runner(self, runner, runtime_note: str) -> "Backbone":
+        """A copy of this backbone whose :meth:`embed` runs on ``runner`` (a :class:`vslib.runtime.TFLiteRunner`)."""
+        return replace(self, _runner=runner, runtime_note=runtime_note)
 
     @property
     def has_classifier(self) -> bool:
@@ -483,7 +492,8 @@ def get_backbone(name: str, weights: Optional[str] = None, cache_dir=None, runti
         return _LOADED[key + (runtime,)]
 
 
-def _config_weights(cfg) -> Optional[str]:
+def config_weights(cfg) -> Optional[str]:
+    """``cfg.backbone.weights`` as :func:`get_backbone` takes it (a ResNet-50 weights file resolved by ``cfg.path``)."""
     weights = cfg.backbone.weights
     if cfg.backbone.name == "resnet50" and weights and weights != "imagenet":
         weights = str(cfg.path(weights))
@@ -492,7 +502,7 @@ def _config_weights(cfg) -> Optional[str]:
 
 def backbone_from_config(cfg) -> Backbone:
     """The backbone ``cfg.backbone`` names on ``cfg.backbone.runtime``, cached under ``cfg.models_dir / 'backbones'``."""
-    return get_backbone(cfg.backbone.name, weights=_config_weights(cfg), cache_dir=cfg.models_dir / "backbones",
+    return get_backbone(cfg.backbone.name, weights=config_weights(cfg), cache_dir=cfg.models_dir / "backbones",
                         runtime=cfg.backbone.runtime)
 
 
@@ -515,4 +525,4 @@ def weights_key(name: str, weights: Optional[str] = None) -> str:
 
 def config_weights_key(cfg) -> str:
     """:func:`weights_key` of ``cfg.backbone``: lets a cache check what it holds without TensorFlow."""
-    return weights_key(cfg.backbone.name, _config_weights(cfg))
+    return weights_key(cfg.backbone.name, config_weights(cfg))

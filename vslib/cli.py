@@ -5,7 +5,7 @@ the CLI does can be done from a notebook too:
 
 ========================  ==========================================
 ``data prepare``          :func:`vslib.datasets.prepare`
-``extract``               :func:`vslib.features.extract`
+``extract``               :func:`vslib.extraction.extract`
 ``train``                 :func:`vslib.classifier.train`
 ``index``                 :func:`vslib.index.build`
 ``evaluate``              :func:`vslib.evaluate.evaluate`
@@ -94,9 +94,9 @@ def cmd_install(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from vslib import features
+    from vslib import extraction
 
-    features.extract(_config(args))
+    extraction.extract(_config(args))
     return 0
 
 
@@ -126,7 +126,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from vslib.features import QueryImageError
+    from vslib.embedding import QueryImageError
     from vslib.images import not_an_image_file
     from vslib.search import VisualSearch
 

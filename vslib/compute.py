@@ -1,45 +1,37 @@
 """Where work runs: in this process (``compute.scheduler: local``) or on a Dask cluster (``dask``).
 
-``local`` is the default and never imports Dask. With ``dask``,
-:func:`vslib.features.extract` cuts the images still to compute into
-partitions of ``compute.dask.partition_size`` and runs each as one task
-(:func:`embed_partition`: decode, resize, backbone) on a worker:
+``local`` is the default and never imports Dask. With ``dask``, a caller cuts its work into
+partitions and :func:`map_partitions` runs a plain function on each, one task a partition, on the
+cluster's workers (the extraction embeds images, :func:`vslib.extraction.extract`; the Elasticsearch
+backend sends bulk requests, :mod:`vslib.index.es_bulk`):
 
 * ``compute.dask.address: null`` starts a :class:`distributed.LocalCluster` of
   ``workers`` processes with ``threads_per_worker`` threads each on this machine;
   an address such as ``tcp://host:8786`` connects to a running scheduler (started
   with ``dask scheduler``, by ``dask-jobqueue`` on Slurm/PBS, or on Kubernetes).
-  The dashboard link is printed either way;
-* each worker loads the backbone **once** (a module-level cache in this module,
-  keyed by backbone, weights and runtime) and sizes TensorFlow's and TensorFlow
-  Lite's threads to the worker's own thread count, so that the workers of one
-  machine do not oversubscribe its cores;
-* results come back with ``as_completed`` and the client writes each finished
-  partition at once as a shard of the feature cache: a killed client keeps every
-  finished partition, and a worker that dies costs only its running partitions,
-  which the scheduler gives to another worker;
-* before any work is sent, every worker checks that it can read the images (a
+  The dashboard link is printed either way (:func:`dask_client`);
+* a task learns its worker's thread count from :func:`worker_threads` (to size its own
+  thread pools, so that the workers of one machine do not oversubscribe its cores);
+* results come back with ``as_completed``, a few partitions per worker thread in flight
+  (:func:`in_window`), and the caller stores each finished one at once: a killed client keeps
+  every finished partition, and a worker that dies costs only its running partitions, which
+  the scheduler gives to another worker;
+* before any work is sent, every worker checks that it can read the caller's files (a
   shared filesystem mounted at the same path as on the client); one that cannot
-  is named with the path and the error.
+  is named with the path and the error (:func:`check_workers_read`).
 
-Library functions here take and return plain data (paths, arrays), so the same
-function runs in-process or as a task.
+Functions run as tasks take and return plain data (paths, arrays), so the same function runs
+in-process or on a worker.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 import os
 import sys
-import threading
 from typing import Callable, Iterator, Optional, Sequence
 
-import numpy as np
-
 from vslib.errors import VisualSearchError
-
-log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'dask[distributed]' (both are dependencies of visualsearch: pip install -e .)"
 
@@ -96,12 +88,7 @@ def dask_client(cfg, *, announce: Callable[[str], None] = None) -> Iterator[obje
 # Worker side
 
 
-#: backbones loaded in this process, keyed by (name, weights, cache_dir, runtime, threads)
-_BACKBONES: dict[tuple, object] = {}
-_BACKBONES_LOCK = threading.Lock()
-
-
-def _worker_threads() -> int:
+def worker_threads() -> int:
     """Threads of the Dask worker running this task (1 outside a worker)."""
     try:
         from distributed import get_worker
@@ -109,63 +96,6 @@ def _worker_threads() -> int:
         return max(1, int(get_worker().state.nthreads))
     except (ImportError, ValueError, AttributeError):
         return 1
-
-
-def worker_backbone(spec: dict, threads: int):
-    """The backbone ``spec`` names, built once per process, with ``threads`` TensorFlow (Lite) threads."""
-    key = (spec["name"], spec["weights"], spec["cache_dir"], spec["runtime"], threads)
-    with _BACKBONES_LOCK:
-        bb = _BACKBONES.get(key)
-        if bb is None:
-            bb = _BACKBONES[key] = _load_backbone(spec, threads)
-    return bb
-
-
-def _load_backbone(spec: dict, threads: int):
-    import dataclasses
-
-    import tensorflow as tf
-
-    from vslib.backbones import get_backbone
-    from vslib.runtime import TFLiteRunner
-
-    try:  # only possible before TensorFlow starts its thread pools, i.e. in a fresh worker process
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError as e:
-        log.debug("TensorFlow threads already set in this process: %s", e)
-    bb = get_backbone(spec["name"], weights=spec["weights"], cache_dir=spec["cache_dir"], runtime=spec["runtime"])
-    runner = bb._runner
-    if runner is not None and runner.threads != threads:
-        new = TFLiteRunner(runner.path, threads)
-        new.min_cosine = runner.min_cosine
-        bb = dataclasses.replace(bb, _runner=new, runtime_note=f"{bb.runtime_note} ({threads} threads on this worker)")
-    if bb.cache_key != spec["key"]:
-        raise VisualSearchError(f"this worker's {bb.name} weights are {bb.cache_key}, the client's {spec['key']}: "
-                                "install the same visualsearch version and weights on every worker")
-    return bb
-
-
-def embed_partition(spec: dict, sources: Sequence[str]) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
-    """One task: vectors of the images ``sources`` (paths) with the backbone of ``spec``.
-
-    Returns ``(positions, vectors, failures)``: the positions in ``sources`` of
-    the images embedded, their float32 vectors row for row, and ``(position,
-    reason)`` of those that could not be loaded.
-    """
-    from vslib.features import iter_batches
-
-    threads = _worker_threads()
-    bb = worker_backbone(spec, threads)
-    positions, chunks, failures = [], [], []
-    for pos, batch, failed in iter_batches(list(sources), bb.input_size, spec["batch_size"], workers=threads,
-                                           max_pixels=spec["max_pixels"]):
-        failures.extend(failed)
-        if pos:
-            positions.extend(pos)
-            chunks.append(bb.embed(batch))
-    vectors = np.concatenate(chunks) if chunks else np.zeros((0, bb.dim), np.float32)
-    return positions, vectors.astype(np.float32, copy=False), failures
 
 
 def check_readable(paths: Sequence[str]) -> list[tuple[str, str]]:
@@ -263,144 +193,36 @@ def in_window(client, items: Sequence, submit: Callable[[object], object]) -> It
 _DONE = object()
 
 
-def extract_on_dask(cfg, sources: Sequence[str], key: str,
-                    on_partition: Callable[[list[int], np.ndarray, list[tuple[int, str]]], None],
-                    *, announce: Optional[Callable[[str], None]] = None) -> None:
-    """Embed ``sources`` (paths) on the cluster of ``cfg``, partition by partition.
+def map_partitions(cfg, func: Callable, n: int, size: int, args: Callable[[int, int], tuple],
+                   on_result: Callable[[int, int, object], None], *, key: Callable[[int], str],
+                   readable: Sequence[str], what: str = "the images",
+                   killed: Callable[[int, int, Exception], str],
+                   announce: Optional[Callable[[str], None]] = None) -> None:
+    """Run ``func(*args(start, stop))`` on the cluster of ``cfg`` for each partition ``start:stop`` of ``n`` items.
 
-    ``on_partition(positions, vectors, failures)`` is called on the client as
-    each partition finishes, with positions into ``sources``; it should store
-    them at once (the caller writes a shard).
+    The partitions are ``size`` items long (the last one shorter). ``on_result(start, stop, result)`` is
+    called on the client as each task finishes, after which the cluster forgets the result (store it at
+    once). ``key(start)`` names the task (a random suffix is added). Raises :class:`WorkersCannotRead` before
+    any work is sent when a worker cannot read a sample of ``readable`` (``what`` names them), and a
+    :class:`~vslib.errors.VisualSearchError` saying ``killed(start, stop, error)`` when a partition was
+    running on each of the workers that died.
     """
-    from vslib.backbones import _config_weights
-
     distributed = _distributed()
-    size = cfg.compute.dask.partition_size
-    spec = dict(name=cfg.backbone.name, weights=_config_weights(cfg), cache_dir=str(cfg.models_dir / "backbones"),
-                runtime=cfg.backbone.runtime, key=key, batch_size=cfg.backbone.batch_size,
-                max_pixels=cfg.dataset.max_image_pixels)
-    starts = list(range(0, len(sources), size))
     with dask_client(cfg, announce=announce) as client:
         if not client.scheduler_info().get("workers"):
             client.wait_for_workers(1, timeout=60)
-        check_workers_read(client, sources)
-        def submit(s):
-            return client.submit(embed_partition, spec, sources[s:s + size], pure=False,
-                                 key=f"embed-partition-{s // size}-{os.urandom(4).hex()}")
+        check_workers_read(client, readable, what=what)
 
-        with contextlib.closing(in_window(client, starts, submit)) as partitions:  # closed at once on an error
+        def submit(s):
+            return client.submit(func, *args(s, min(s + size, n)), pure=False,
+                                 key=f"{key(s)}-{os.urandom(4).hex()}")
+
+        partitions = in_window(client, range(0, n, size), submit)
+        with contextlib.closing(partitions):  # closed at once on an error: the running tasks are cancelled
             for s, fut in partitions:
                 try:
-                    pos, vecs, failures = fut.result()
+                    result = fut.result()
                 except distributed.KilledWorker as e:
-                    raise VisualSearchError(
-                        f"the partition of images {s}..{min(s + size, len(sources)) - 1} (first {sources[s]}) was "
-                        f"running on each of the workers that died ({e}); look at the worker logs (out of memory? "
-                        "lower compute.dask.partition_size or backbone.batch_size), then run again: finished "
-                        "partitions are kept") from None
-                fut.release()  # its vectors are on disk once on_partition returns: the cluster may forget them
-                on_partition([s + i for i in pos], vecs, [(s + i, r) for i, r in failures])
-
-
-# ---------------------------------------------------------------------------
-# Elasticsearch bulk from the workers
-
-#: Elasticsearch connections of this worker process, keyed by (hosts, user, concrete index)
-_ES_INDEXES: dict[tuple, object] = {}
-#: bulk retries of a worker (each waits up to 30 s): many workers against one cluster meet 429 more often
-WORKER_BULK_RETRIES = 8
-
-
-def worker_es_index(es_cfg, index_name: str, dim: int):
-    """This process's connection to the concrete Elasticsearch index ``index_name``, opened once.
-
-    The client created and checked the index; a worker only writes documents to
-    it (no refresh per request: the client's bulk session refreshes once at the end).
-    """
-    from vslib.index.elasticsearch import ElasticsearchIndex, connect, redact
-
-    key = (tuple(es_cfg.hosts), es_cfg.username, index_name)
-    with _BACKBONES_LOCK:
-        index = _ES_INDEXES.get(key)
-        if index is None:
-            index = ElasticsearchIndex(connect(es_cfg), index_name, dim, es_cfg=es_cfg,
-                                       where=", ".join(redact(h) for h in es_cfg.hosts))
-            index._in_bulk = True
-            index.max_retries = WORKER_BULK_RETRIES
-            _ES_INDEXES[key] = index
-    return index
-
-
-def bulk_partition(es_cfg, index_name: str, dim: int, path: str, start: int, stop: int, ids: Sequence[str],
-                   fields: Sequence[str], backbone: str) -> tuple[int, list[tuple[str, str]]]:
-    """One task: index the ``index``-split rows among rows ``start:stop`` of the feature file ``path``.
-
-    ``ids`` are those rows' item ids, in file order. The worker reads its rows
-    itself (memory-mapped file on a shared filesystem) and sends them with
-    bulk requests that retry on 429 and 5xx with backoff. Returns ``(added,
-    [(id, reason), ...])``; failures are returned, not raised, so that one bad
-    document does not fail the task.
-    """
-    from vslib.features import _checked, _read_rows, npz_member
-    from vslib.index.base import BulkIndexError
-
-    keep = np.flatnonzero(np.asarray(npz_member(path, "split")[start:stop]) == "index")
-    if len(keep) != len(ids):
-        raise VisualSearchError(f"{path} rows {start}..{stop - 1} hold {len(keep)} index rows, the client sent "
-                                f"{len(ids)} ids: the feature file changed during indexing; run it again")
-    if not len(keep):
-        return 0, []
-    vectors = _checked(_read_rows(npz_member(path, "vectors"), start, stop)[keep], path)  # finite, unit length
-    columns = {c: np.asarray(npz_member(path, c)[start:stop])[keep] for c in fields}
-    metadata = [{**{c: str(columns[c][i]) for c in fields}, "backbone": backbone} for i in range(len(keep))]
-    index = worker_es_index(es_cfg, index_name, dim)
-    try:
-        return index.add(list(ids), vectors, metadata), []
-    except BulkIndexError as e:
-        return e.added, e.failures
-
-
-def index_on_dask(cfg, index, path, ids: Sequence[str], fields: Sequence[str], backbone: str, *,
-                  rows_per_task: int, on_task: Callable[[int, int, list[tuple[str, str]]], None],
-                  announce: Optional[Callable[[str], None]] = None) -> None:
-    """Fill the Elasticsearch ``index`` (an open :class:`~vslib.index.elasticsearch.ElasticsearchIndex`) from the workers.
-
-    The feature file ``path`` is cut into ranges of ``rows_per_task`` rows; each
-    range is one task (:func:`bulk_partition`) that reads its rows and sends
-    them to the cluster itself, so indexing throughput grows with the workers,
-    bounded by what Elasticsearch accepts (429 answers are retried with
-    backoff). ``on_task(rows, added, failures)`` is called on the client as
-    each task finishes. Raises :class:`WorkersCannotRead` before any work is
-    sent when a worker cannot read ``path``.
-    """
-    from vslib.features import npz_member
-
-    distributed = _distributed()
-    path = str(path)
-    split = np.asarray(npz_member(path, "split")) == "index"
-    before = np.concatenate([[0], np.cumsum(split)])  # index rows before each file row
-    if int(before[-1]) != len(ids):
-        raise VisualSearchError(f"{path} holds {int(before[-1])} index rows but {len(ids)} ids were given")
-    n = len(split)
-    starts = list(range(0, n, rows_per_task))
-    with dask_client(cfg, announce=announce) as client:
-        if not client.scheduler_info().get("workers"):
-            client.wait_for_workers(1, timeout=60)
-        check_workers_read(client, [path], what="the feature file")
-
-        def submit(s):
-            e = min(s + rows_per_task, n)
-            return client.submit(bulk_partition, cfg.index.elasticsearch, index.index_name, index.dim, path, s, e,
-                                 list(ids[before[s]:before[e]]), list(fields), backbone, pure=False,
-                                 key=f"es-bulk-{s}-{os.urandom(4).hex()}")
-
-        with contextlib.closing(in_window(client, starts, submit)) as tasks:
-            for s, fut in tasks:
-                try:
-                    added, failures = fut.result()
-                except distributed.KilledWorker as e:
-                    raise VisualSearchError(f"a bulk task was running on each of the workers that died ({e}); "
-                                            "look at the worker logs, then index again (ids are stable: "
-                                            "documents already sent are replaced, not duplicated)") from None
-                fut.release()
-                on_task(int(before[min(s + rows_per_task, n)] - before[s]), added, failures)
+                    raise VisualSearchError(killed(s, min(s + size, n), e)) from None
+                fut.release()  # stored once on_result returns: the cluster may forget it
+                on_result(s, min(s + size, n), result)

@@ -502,7 +502,7 @@ def execute(cfg: Config, *, notebooks: bool = True, echo: Callable[[str], None] 
 
     ``timings`` is filled with seconds per stage as they finish (so a failure keeps the finished ones).
     """
-    from vslib import classifier, datasets, evaluate, features
+    from vslib import classifier, datasets, evaluate, extraction
     from vslib import index as index_mod
 
     timings = {} if timings is None else timings
@@ -517,7 +517,7 @@ def execute(cfg: Config, *, notebooks: bool = True, echo: Callable[[str], None] 
     # the summary line, not the list of skipped files (the manifest keeps it; every run would repeat it)
     stage("prepare", lambda: datasets.prepare(cfg, progress=False, echo=lambda m: echo(
         "\n".join(line for line in str(m).splitlines() if not line.startswith("  ")))))
-    fs = stage("extract", lambda: features.extract(cfg, progress=False))
+    fs = stage("extract", lambda: extraction.extract(cfg, progress=False))
     _, metrics = stage("train", lambda: classifier.train(cfg))
     # a reused classifier wrote its metrics into another run's folder: give this run its own copy
     if not (cfg.reports_dir / classifier.METRICS_FILE).exists():

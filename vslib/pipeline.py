@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: Config, *, report: bool = False, echo=print) -> dict:
     """Run every stage on ``cfg``; return the evaluation results."""
-    from vslib import classifier, datasets, evaluate, features, index
+    from vslib import classifier, datasets, evaluate, extraction, index
 
     timings = {}
 
@@ -28,7 +28,7 @@ def run(cfg: Config, *, report: bool = False, echo=print) -> dict:
         return out
 
     stage("prepare", lambda: datasets.prepare(cfg, echo=echo))
-    stage("extract", lambda: features.extract(cfg))
+    stage("extract", lambda: extraction.extract(cfg))
     _, metrics = stage("train", lambda: classifier.train(cfg))
     where = "out-of-fold" if cfg.classifier.head != "mlp" else "validation"
     echo(f"classifier ({cfg.classifier.head} head): {where} accuracy {metrics['accuracy']:.3f}, top-3 {metrics.get('top3_accuracy', float('nan')):.3f}, "

@@ -113,7 +113,7 @@ def ensure(cfg: Config, upto: str = "index", *, echo: Callable[[str], None] = pr
     missing or holds another number of items than the index split.
     Returns ``{stage: seconds}``.
     """
-    from vslib import classifier, datasets, features
+    from vslib import classifier, datasets, extraction
     from vslib import index as index_mod
 
     if upto not in STAGES:
@@ -126,7 +126,7 @@ def ensure(cfg: Config, upto: str = "index", *, echo: Callable[[str], None] = pr
     timings["prepare"] = time.perf_counter() - t
     if "extract" in todo:
         t = time.perf_counter()
-        fs = features.extract(cfg, progress=False)
+        fs = extraction.extract(cfg, progress=False)
         timings["extract"] = time.perf_counter() - t
     if "train" in todo:
         t = time.perf_counter()

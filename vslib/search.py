@@ -164,10 +164,10 @@ class VisualSearch:
 
     # -- searching ------------------------------------------------------------
     def embed(self, images: Sequence) -> np.ndarray:
-        from vslib import features
+        from vslib import embedding
 
         kw = {"max_pixels": self.max_image_pixels} if self.max_image_pixels else {}
-        return features.embed_images(self.backbone, list(images), **kw)
+        return embedding.embed_images(self.backbone, list(images), **kw)
 
     def search(self, image, k: Optional[int] = None, mode: Optional[str] = None, *,
                true_label: Optional[str] = None, top_classes: int = 5) -> SearchResult:

@@ -90,7 +90,7 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
     client holds one batch, not the dataset. With ``compute.scheduler: dask`` and the
     Elasticsearch backend the bulk requests are sent by the Dask workers instead, in
     parallel, each reading its own rows of the feature file
-    (:func:`vslib.compute.index_on_dask`; 429 answers are retried with backoff); when the
+    (:func:`vslib.index.es_bulk.index_on_dask`; 429 answers are retried with backoff); when the
     workers cannot read the feature file the client sends them, as above. Returns
     :meth:`VectorIndex.info`.
     """
@@ -98,7 +98,8 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
 
     import pandas as pd
 
-    from vslib.features import TABLE_COLUMNS, FeatureSet, feature_columns, features_path, iter_features, npz_member
+    from vslib.features import TABLE_COLUMNS, FeatureSet, feature_columns, features_path, iter_features
+    from vslib.npzfile import npz_member
 
     # ids need the whole split's hashes and paths (to tell duplicates apart), not its vectors
     ids = item_ids(feature_columns(cfg, ["content_hash", "path"], split="index"))
@@ -173,19 +174,20 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
 
 
 def _index_on_workers(cfg, index, ids, fields, backbone, rows_per_task, tally) -> bool:
-    """Elasticsearch bulk requests from the Dask workers (:func:`vslib.compute.index_on_dask`).
+    """Elasticsearch bulk requests from the Dask workers (:func:`vslib.index.es_bulk.index_on_dask`).
 
     Returns False, having sent nothing, when the workers cannot read the feature
     file (no shared filesystem): the client then sends the batches itself.
     """
-    from vslib import compute
+    from vslib.compute import WorkersCannotRead
     from vslib.features import features_path
+    from vslib.index.es_bulk import index_on_dask
 
     try:
-        compute.index_on_dask(cfg, index, features_path(cfg), ids, fields, backbone, rows_per_task=rows_per_task,
-                              on_task=tally)
+        index_on_dask(cfg, index, features_path(cfg), ids, fields, backbone, rows_per_task=rows_per_task,
+                      on_task=tally)
         return True
-    except compute.WorkersCannotRead as e:
+    except WorkersCannotRead as e:
         log.warning("%s\nIndexing from this client instead (one bulk request at a time).", e)
         return False
 
