@@ -44,17 +44,15 @@ from sklearn.base import BaseEstimator
 from vslib import calibration
 from vslib.atomic import atomic_path
 from vslib.backbones import get_backbone
+from vslib.embedding import embed_images
 from vslib.errors import ClassifierError
 from vslib.heads.format import FORMAT_VERSION, LABELS_FILE, METADATA_FILE, RETRAIN, STATE_FILE, write_json
-from vslib.images import load_for_model
 from vslib.integrity import DamagedFile
 
 log = logging.getLogger(__name__)
 
 #: images per class a head needs: one to train on, one to validate on
 MIN_PER_CLASS = 2
-#: images per backbone call when a head embeds images (the batches of vslib.features.embed_images: same vectors)
-EMBED_BATCH = 32
 
 
 def _describe_counts(counts: dict, limit: int = 20) -> str:
@@ -246,7 +244,7 @@ class HeadMixin:
 
         A single image gives one row. The images are embedded with ``backbone``
         (default: the one the classifier was trained on) exactly as the feature
-        cache embeds them (:func:`embed`).
+        cache embeds them (:func:`vslib.embedding.embed_images`).
         """
         self._check_fitted()
         if is_single_image(images):
@@ -257,7 +255,7 @@ class HeadMixin:
         elif trained_on and backbone.name != trained_on:
             raise ClassifierError(f"the classifier was trained on backbone {trained_on!r} but was given "
                                   f"{backbone.name!r}")
-        return self.predict_proba(embed(backbone, list(images)))
+        return self.predict_proba(embed_images(backbone, list(images)))
 
     def _get_backbone(self):
         if getattr(self, "_backbone", None) is None:
@@ -378,21 +376,6 @@ class Head(HeadMixin, BaseEstimator):
         head.temperature_ = float(meta.get("temperature", 1.0))
         head.calibration_ = meta.get("calibration", {})
         return head
-
-
-def embed(backbone, images: Sequence) -> np.ndarray:
-    """L2-normalised float32 vectors ``(n, dim)`` of image sources (paths, PIL images or arrays).
-
-    Decoded and resized by :func:`vslib.images.load_for_model` and embedded by
-    ``backbone`` in batches of :data:`EMBED_BATCH`, as the feature cache does:
-    the same vectors. Raises :class:`vslib.images.ImageError` for an image that
-    cannot be loaded.
-    """
-    out = [np.zeros((0, backbone.dim), np.float32)]
-    for i in range(0, len(images), EMBED_BATCH):
-        out.append(backbone.embed(np.stack([load_for_model(x, backbone.input_size)
-                                            for x in images[i:i + EMBED_BATCH]])))
-    return np.concatenate(out)
 
 
 def is_single_image(x: Any) -> bool:

@@ -14,7 +14,8 @@ import numpy as np
 from PIL import ImageOps
 
 from vslib.errors import ClassifierError
-from vslib.heads.base import check_trainable, embed, is_single_image, stratified_split
+from vslib.embedding import embed_images
+from vslib.heads.base import check_trainable, is_single_image, stratified_split
 from vslib.heads.mlp import MlpHead
 from vslib.images import load_for_model, load_image, resize_for_model
 
@@ -76,7 +77,7 @@ class FineTunedHead(MlpHead):
         self._backbone, self.input_size_ = backbone, int(backbone.input_size)
         if head is None:
             head = MlpHead(**{k: v for k, v in self.get_params().items() if k in MlpHead._get_param_names()})
-            head.fit(embed(backbone, X), y, embed(backbone, X_val), y_val)
+            head.fit(embed_images(backbone, X), y, embed_images(backbone, X_val), y_val)
         self.classes_, self.n_features_in_ = head.classes_, head.n_features_in_
         yi, yv = self._encode(y, "training data"), self._encode(y_val, "the validation data")
 
