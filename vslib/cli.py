@@ -31,6 +31,7 @@ import sys
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 from vslib.paths import DEFAULT_CONFIG  # noqa: E402
+from vslib.registry import BACKENDS, USER_MODES  # noqa: E402
 
 log = logging.getLogger("vslib")
 
@@ -205,11 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("extract", cmd_extract, "compute (or reuse cached) feature vectors for every image")
     add("train", cmd_train, "train and calibrate the classifier on the index split")
     sp = add("index", cmd_index, "index the feature vectors of the index split")
-    sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
+    sp.add_argument("--backend", choices=BACKENDS.names(), help="override index.backend")
     sp.add_argument("--rebuild", action="store_true",
                     help="delete the existing index first (needed after changing the backbone)")
     sp = add("evaluate", cmd_evaluate, "precision@k / mAP of every search mode on the query split")
-    sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
+    sp.add_argument("--backend", choices=BACKENDS.names(), help="override index.backend")
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
     sp.add_argument("--seeds", type=_positive_int, default=1, metavar="N",
                     help="also repeat split, training, tuning and search in memory on N seeded splits "
@@ -217,11 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("search", cmd_search, "find the images that look like IMAGE")
     sp.add_argument("image", help="query image file")
     sp.add_argument("-k", type=_positive_int, default=None, help="number of hits, >= 1 (default: search.k)")
-    sp.add_argument("--mode", choices=["flat", "hierarchical", "adaptive"], default=None)
-    sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
+    sp.add_argument("--mode", choices=USER_MODES, default=None)
+    sp.add_argument("--backend", choices=BACKENDS.names(), help="override index.backend")
     sp.add_argument("--json", action="store_true", help="print the result as JSON")
     sp = add("run", cmd_run, "prepare, extract, train, index and evaluate, skipping work already done")
-    sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
+    sp.add_argument("--backend", choices=BACKENDS.names(), help="override index.backend")
     sp.add_argument("--report", action="store_true", help="also run the notebooks into HTML reports")
     sp = add("check", cmd_check, "verify every stored artifact of the config's dataset and backbone (checksums, "
                                  "vectors, index state); list what is damaged and what the next run redoes; "

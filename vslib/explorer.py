@@ -50,14 +50,13 @@ from typing import Optional
 
 from vslib.config import Config
 from vslib.errors import VisualSearchError
+from vslib.registry import BACKENDS, MODES, USER_MODES
 
 log = logging.getLogger(__name__)
 
-#: modes a user can pick (``oracle`` needs the true label: evaluation only)
-USER_MODES = ("flat", "hierarchical", "adaptive")
+#: the user's modes (:data:`vslib.registry.USER_MODES`: ``oracle`` needs the true label) side by side, or one
 COMPARE = "compare"
 VIEW_MODES = (COMPARE,) + USER_MODES
-BACKEND_NAMES = ("embedded", "elasticsearch")
 ALL_CLASSES = "all classes"
 UPLOAD_ID = "upload:"
 GOOD, BAD, NEUTRAL = "#1a9850", "#d73027", "#9a9a9a"
@@ -564,10 +563,8 @@ class QueryExplorer:
         self.k_slider = W.IntSlider(value=min(k or cfg.search.k, 50), min=1, max=50, description="k",
                                     continuous_update=False)
         self.mode = W.ToggleButtons(options=list(VIEW_MODES), value=mode, description="mode",
-                                    tooltips=["flat, hierarchical and adaptive side by side",
-                                              "nearest neighbours over everything",
-                                              "only the classifier's top class",
-                                              "the likely classes, ranked with their probability"],
+                                    tooltips=[f"{', '.join(USER_MODES[:-1])} and {USER_MODES[-1]} side by side"]
+                                    + [MODES[m]["summary"] for m in USER_MODES],
                                     style={"button_width": "110px"})
         self.backend = W.ToggleButtons(options=backends, value=cfg.index.backend if cfg.index.backend in backends
                                        else backends[0], description="backend", style={"button_width": "110px"})
@@ -591,15 +588,15 @@ class QueryExplorer:
     def _available_backends(self, check: bool) -> tuple[list[str], str]:
         configured = self.cfg.index.backend
         if not check:
-            return [configured] + [b for b in BACKEND_NAMES if b != configured], ""
+            return [configured] + [b for b in BACKENDS if b != configured], ""
         ok, message = elasticsearch_status(self.cfg)
         if ok:
-            return list(BACKEND_NAMES), ""
+            return list(BACKENDS), ""
         from vslib.index.elasticsearch import redact
 
         where = ", ".join(redact(h) for h in self.cfg.index.elasticsearch.hosts)
         log.info("elasticsearch not offered in the explorer: %s", message)
-        return ["embedded"], f"Elasticsearch is not offered: no answer from {where}."
+        return list(BACKENDS.names(remote=False)), f"Elasticsearch is not offered: no answer from {where}."
 
     def engine(self, backend: Optional[str] = None):
         """The :class:`~vslib.search.VisualSearch` of ``backend`` (opened on first use)."""

@@ -704,7 +704,8 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
         Also written to :func:`features_path`; ``stats`` holds
         the figures of this run and ``skipped`` the images that failed to load.
     """
-    from vslib.backbones import BACKBONES, backbone_from_config, config_weights_key
+    from vslib.backbones import backbone_from_config, config_weights_key
+    from vslib.registry import BACKBONES
 
     t0 = time.perf_counter()
     if manifest is None:

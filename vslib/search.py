@@ -42,8 +42,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from vslib.config import MODES, Config, SearchConfig
+from vslib.config import Config, SearchConfig
 from vslib.errors import VisualSearchError
+from vslib.registry import MODES
 
 log = logging.getLogger(__name__)
 

@@ -11,33 +11,24 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import itertools
 import logging
 from typing import Optional
 
-from vslib.errors import IndexBackendError
 from vslib.integrity import DamagedFile
 from vslib.locks import locked
+from vslib.registry import BACKENDS
 from vslib.index.base import (BulkIndexError, Hit, IndexDimensionError, IndexMismatchError, IndexNotFoundError,
                               IndexPermissionError, IndexTimeoutError, IndexUnreachableError, VectorIndex, exact_search,
                               normalize_filter)
 
 log = logging.getLogger(__name__)
 
-#: backend name -> "module:class"; modules are imported only when their backend is used
-BACKENDS = {
-    "embedded": "vslib.index.embedded:EmbeddedIndex",
-    "elasticsearch": "vslib.index.elasticsearch:ElasticsearchIndex",
-}
-
 
 def backend_class(name: str) -> type[VectorIndex]:
-    """The :class:`VectorIndex` subclass registered as ``name``."""
-    if name not in BACKENDS:
-        raise IndexBackendError(f"Unsupported backend {name!r}. Available backends are {sorted(BACKENDS)}")
-    module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    """The :class:`VectorIndex` subclass registered as ``name`` (:data:`vslib.registry.BACKENDS`; its module is
+    imported now, only when its backend is used)."""
+    return BACKENDS.resolve(name)
 
 
 def open_index(cfg, dim: Optional[int] = None, *, create: bool = True, backend: Optional[str] = None) -> VectorIndex:
@@ -190,6 +181,6 @@ def _index_on_workers(cfg, index, ids, fields, backbone, rows_per_task, tally) -
         return False
 
 
-__all__ = ["BACKENDS", "BulkIndexError", "Hit", "IndexDimensionError", "IndexMismatchError", "IndexNotFoundError",
+__all__ = ["BulkIndexError", "Hit", "IndexDimensionError", "IndexMismatchError", "IndexNotFoundError",
            "IndexPermissionError", "IndexTimeoutError", "IndexUnreachableError",
            "VectorIndex", "backend_class", "build", "exact_search", "item_ids", "normalize_filter", "open_index"]
