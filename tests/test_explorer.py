@@ -13,7 +13,8 @@ import yaml
 
 from vslib import features, report
 from vslib.config import load_config
-from vslib.explorer import QueryExplorer, elasticsearch_status
+from vslib.explorer import QueryExplorer
+from vslib.index.elasticsearch import elasticsearch_status
 
 
 

@@ -50,6 +50,7 @@ from typing import Optional
 
 from vslib.config import Config
 from vslib.errors import VisualSearchError
+from vslib.index.elasticsearch import elasticsearch_status, redact
 from vslib.registry import BACKENDS, MODES, USER_MODES
 
 log = logging.getLogger(__name__)
@@ -208,21 +209,6 @@ export default {
   }
 };
 """
-
-
-def elasticsearch_status(cfg: Config, timeout: float = 2.0) -> tuple[bool, str]:
-    """``(answers, message)``: whether the configured Elasticsearch cluster answers within ``timeout`` s."""
-    from vslib.index.elasticsearch import connect, redact
-
-    es_cfg = dataclasses.replace(cfg.index.elasticsearch,
-                                 request_timeout=min(timeout, cfg.index.elasticsearch.request_timeout))
-    where = ", ".join(redact(h) for h in es_cfg.hosts)
-    try:
-        client = connect(es_cfg)
-    except VisualSearchError as e:
-        return False, str(e)
-    client.close()
-    return True, f"Elasticsearch at {where} answers"
 
 
 def _with_backend(cfg: Config, backend: str) -> Config:
@@ -592,8 +578,6 @@ class QueryExplorer:
         ok, message = elasticsearch_status(self.cfg)
         if ok:
             return list(BACKENDS), ""
-        from vslib.index.elasticsearch import redact
-
         where = ", ".join(redact(h) for h in self.cfg.index.elasticsearch.hosts)
         log.info("elasticsearch not offered in the explorer: %s", message)
         return list(BACKENDS.names(remote=False)), f"Elasticsearch is not offered: no answer from {where}."
@@ -775,4 +759,4 @@ class QueryExplorer:
         self.close()
 
 
-__all__ = ["QueryExplorer", "elasticsearch_status", "map_points", "render_map", "render_result", "scores_text"]
+__all__ = ["QueryExplorer", "map_points", "render_map", "render_result", "scores_text"]
