@@ -45,6 +45,7 @@ import itertools
 import logging
 import shutil
 import tempfile
+from importlib import resources
 from pathlib import Path
 from typing import Optional
 
@@ -63,152 +64,16 @@ UPLOAD_ID = "upload:"
 GOOD, BAD, NEUTRAL = "#1a9850", "#d73027", "#9a9a9a"
 _ids = itertools.count(1)
 
-CSS = """
-.vs-x{font-family:var(--jp-ui-font-family,sans-serif);font-size:13px;color:#222}
-.vs-x .vs-drop{border:2px dashed #9ab;border-radius:6px;padding:10px;margin:4px 0 8px;text-align:center;
-  color:#456;cursor:pointer;background:#f7fafc}
-.vs-x .vs-drop.vs-over{background:#e3f0fb;border-color:#2b6cb0}
-.vs-x .vs-gallery{display:flex;flex-wrap:wrap;gap:4px;max-height:236px;overflow-y:auto;padding:4px;
-  border:1px solid #ddd;border-radius:4px;background:#fafafa}
-.vs-x .vs-thumb{width:76px;cursor:pointer;border:2px solid transparent;border-radius:4px;text-align:center;
-  background:#fff}
-.vs-x .vs-thumb img{width:64px;height:64px;object-fit:contain;display:block;margin:2px auto 0}
-.vs-x .vs-thumb span{display:block;font-size:11px;line-height:13px;white-space:nowrap;overflow:hidden;
-  text-overflow:ellipsis;padding:0 2px}
-.vs-x .vs-thumb:hover{border-color:#9ab}
-.vs-x .vs-thumb.vs-selected{border-color:#2b6cb0;background:#e3f0fb}
-.vs-x .vs-empty{color:#777;padding:8px}
-.vs-x .vs-head{display:flex;gap:20px;align-items:flex-start;margin:10px 0}
-.vs-x .vs-query img{width:160px;height:160px;object-fit:contain;border:2px solid #222;border-radius:4px;
-  background:#fff}
-.vs-x .vs-query div{font-size:13px;max-width:168px;overflow-wrap:anywhere}
-.vs-x table.vs-pred{border-collapse:collapse;font-size:13px}
-.vs-x table.vs-pred td{padding:1px 8px 1px 0;white-space:nowrap}
-.vs-x .vs-bar{display:inline-block;height:10px;background:#4575b4;vertical-align:middle;margin-right:6px}
-.vs-x .vs-cols{display:flex;gap:12px;align-items:flex-start;overflow-x:auto}
-.vs-x .vs-col{flex:1 1 0;min-width:260px;border:1px solid #ddd;border-radius:6px;padding:6px;background:#fff}
-.vs-x .vs-col h4{margin:0 0 2px;font-size:15px}
-.vs-x .vs-info{font-size:12px;color:#555;margin-bottom:6px;overflow-wrap:anywhere}
-.vs-x .vs-hits{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:4px}
-.vs-x .vs-hit{display:flex;gap:8px;align-items:center;border:3px solid #999;border-radius:5px;padding:2px;
-  cursor:pointer;position:relative;background:#fff}
-.vs-x .vs-hit:hover{box-shadow:0 0 0 2px #2b6cb0}
-.vs-x .vs-hit img{width:72px;height:72px;object-fit:contain;flex:none}
-.vs-x .vs-meta{font-size:13px;line-height:17px;min-width:0}
-.vs-x .vs-meta .vs-label{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
-.vs-x .vs-meta .vs-score{font-family:var(--jp-code-font-family,monospace);font-size:12px;color:#333}
-.vs-x .vs-zoom{position:absolute;top:2px;right:4px;font-size:16px;text-decoration:none;color:#2b6cb0}
-.vs-x .vs-legend{font-size:12px;color:#555;margin:6px 0}
-.vs-x .vs-error{color:#b00020;font-weight:bold;margin:8px 0}
-.vs-x details.vs-mapbox{margin:8px 0}
-.vs-x details.vs-mapbox summary{cursor:pointer;font-weight:bold;font-size:13px}
-.vs-x .vs-map{position:relative;overflow-x:auto}
-.vs-x .vs-map svg{display:block;background:#fff;border:1px solid #ddd;border-radius:4px}
-.vs-x .vs-map .vs-pt{cursor:pointer}
-.vs-x .vs-map .vs-pt:hover{stroke:#000;stroke-width:2}
-.vs-x .vs-map text{font-family:var(--jp-ui-font-family,sans-serif);font-weight:bold;paint-order:stroke;
-  stroke:#fff;stroke-width:3px;pointer-events:none}
-.vs-x .vs-tip{position:absolute;z-index:10;background:#fff;border:1px solid #888;border-radius:4px;padding:4px;
-  font-size:12px;pointer-events:none;box-shadow:0 2px 6px rgba(0,0,0,.25);max-width:180px;overflow-wrap:anywhere}
-.vs-x .vs-tip img{width:96px;height:96px;object-fit:contain;display:block;margin:0 auto 2px}
-.vs-x .vs-big{display:none}
-.vs-x .vs-big a{color:inherit;text-decoration:none}
-.vs-x .vs-big:target,.vs-x .vs-lightbox-live:not([hidden]){display:flex;position:fixed;inset:0;z-index:1000;
-  background:rgba(0,0,0,.75);align-items:center;justify-content:center}
-.vs-x .vs-big figure,.vs-x .vs-lightbox-live figure{background:#fff;padding:10px;border-radius:6px;margin:0;
-  text-align:center;max-width:90vw}
-.vs-x .vs-big img,.vs-x .vs-lightbox-live img{width:384px;max-width:80vw;height:auto;image-rendering:auto}
-.vs-x .vs-big figcaption,.vs-x .vs-lightbox-live figcaption{font-size:13px;margin-top:6px;overflow-wrap:anywhere}
-"""
 
-# The widget's front end: draws the HTML the kernel sends, turns clicks and drops into messages.
-ESM = r"""
-export default {
-  render({ model, el }) {
-    el.classList.add("vs-x");
-    const mk = (cls, text) => { const d = document.createElement("div"); d.className = cls; if (text) d.textContent = text; return d; };
-    const drop = mk("vs-drop", "Drop an image file here (or click to choose one) to search with it");
-    const input = document.createElement("input");
-    input.type = "file"; input.accept = "image/*"; input.hidden = true;
-    const gallery = mk("vs-gallery"), panel = mk("vs-panel"), box = mk("vs-lightbox-live");
-    const mapbox = document.createElement("details"), map = mk("vs-map"), tip = mk("vs-tip");
-    mapbox.className = "vs-mapbox"; mapbox.open = true;
-    mapbox.innerHTML = "<summary>Embedding map</summary>";
-    mapbox.append(map);
-    box.hidden = true; tip.hidden = true;
-    el.append(drop, input, gallery, mapbox, panel, box);
-    const thumbs = {};
-    let tipId = "";
-    const drawTip = () => {
-      const uri = thumbs[tipId];
-      const img = tip.querySelector("img");
-      if (uri && img) img.src = uri;
-    };
-    const mark = () => {
-      const sel = model.get("selected");
-      for (const t of gallery.querySelectorAll(".vs-thumb")) t.classList.toggle("vs-selected", t.dataset.id === sel);
-    };
-    const pick = (id) => { if (id) { model.set("selected", id); model.save_changes(); } };
-    const upload = async (f) => {
-      if (!f) return;
-      drop.textContent = "reading " + f.name + " ...";
-      const buf = await f.arrayBuffer();
-      model.send({ type: "upload", name: f.name }, undefined, [buf]);
-      drop.textContent = "Drop an image file here (or click to choose one) to search with it";
-    };
-    gallery.addEventListener("click", (e) => { const t = e.target.closest(".vs-thumb"); if (t) pick(t.dataset.id); });
-    panel.addEventListener("click", (e) => {
-      const z = e.target.closest(".vs-zoom");
-      if (z) { e.preventDefault(); model.send({ type: "enlarge", id: z.dataset.id }); return; }
-      const h = e.target.closest(".vs-hit");
-      if (h) { e.preventDefault(); pick(h.dataset.id); }
-    });
-    box.addEventListener("click", () => { box.hidden = true; });
-    map.addEventListener("click", (e) => { const p = e.target.closest(".vs-pt"); if (p) pick(p.dataset.id); });
-    map.addEventListener("mouseover", (e) => {
-      const p = e.target.closest(".vs-pt");
-      if (!p) return;
-      tipId = p.dataset.id;
-      tip.innerHTML = "<img alt=''><div><b></b></div><div></div>";
-      tip.querySelector("b").textContent = p.dataset.label;
-      tip.querySelectorAll("div")[1].textContent = tipId.split("/").pop();
-      const r = map.getBoundingClientRect(), q = p.getBoundingClientRect();
-      tip.style.left = (q.right - r.left + map.scrollLeft + 8) + "px";
-      tip.style.top = Math.max(0, q.top - r.top - 40) + "px";
-      tip.hidden = false;
-      if (tipId in thumbs) drawTip(); else model.send({ type: "thumb", id: tipId });
-    });
-    map.addEventListener("mouseout", (e) => { if (e.target.closest(".vs-pt")) tip.hidden = true; });
-    drop.addEventListener("click", () => input.click());
-    input.addEventListener("change", () => { upload(input.files[0]); input.value = ""; });
-    for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("vs-over"); });
-    drop.addEventListener("dragleave", () => drop.classList.remove("vs-over"));
-    drop.addEventListener("drop", (e) => {
-      e.preventDefault(); e.stopPropagation(); drop.classList.remove("vs-over");
-      upload(e.dataTransfer && e.dataTransfer.files[0]);
-    });
-    model.on("msg:custom", (msg) => {
-      if (msg.type === "thumb") { thumbs[msg.id] = msg.uri; if (msg.id === tipId) drawTip(); return; }
-      if (msg.type !== "enlarged") return;
-      box.innerHTML = "<figure><img><figcaption></figcaption></figure>";
-      box.querySelector("img").src = msg.uri;
-      box.querySelector("figcaption").textContent = msg.caption;
-      box.hidden = false;
-    });
-    const drawGallery = () => { gallery.innerHTML = model.get("gallery_html"); mark(); };
-    const drawPanel = () => { panel.innerHTML = model.get("panel_html"); };
-    const drawMap = () => {
-      map.innerHTML = model.get("map_html"); map.append(tip); tip.hidden = true;
-      mapbox.hidden = !model.get("map_html");
-    };
-    model.on("change:map_html", drawMap);
-    model.on("change:gallery_html", drawGallery);
-    model.on("change:selected", mark);
-    model.on("change:panel_html", drawPanel);
-    drawGallery(); drawPanel(); drawMap();
-  }
-};
-"""
+def _static(name: str) -> str:
+    """A file of the widget's front end, shipped inside the package (``vslib/static/explorer/``)."""
+    return resources.files("vslib").joinpath("static", "explorer", name).read_text(encoding="utf-8")
+
+
+#: the widget's look (also inlined in the static snapshot)
+CSS = _static("explorer.css")
+#: the widget's front end: draws the HTML the kernel sends, turns clicks and drops into messages
+ESM = _static("explorer.js")
 
 
 def _with_backend(cfg: Config, backend: str) -> Config:
