@@ -36,7 +36,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from vslib import runtime as rt
+from vslib.atomic import atomic_path
+from vslib.calibration import softmax
 from vslib.errors import BackboneError
+from vslib.images import file_hash
+from vslib.paths import MODELS_DIR
+from vslib.pth import PthError, load_state_dict
 from vslib.registry import BACKBONES
 
 log = logging.getLogger(__name__)
@@ -45,8 +51,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 #: where converted weights go when no ``cache_dir`` is given
 def default_cache_dir() -> Path:
-    from vslib.paths import MODELS_DIR
-
     return MODELS_DIR / "backbones"
 
 
@@ -177,8 +181,6 @@ class Backbone:
         (default :data:`vslib.runtime.MIN_COSINE`) with the Keras model's;
         ``tflite`` raises :class:`BackboneError` instead.
         """
-        from vslib import runtime as rt
-
         if runtime not in rt.RUNTIMES:
             raise BackboneError(f"backbone.runtime {runtime!r} is not a runtime (choices: {', '.join(rt.RUNTIMES)})")
         base = dict(keras_model=self.keras_model, preprocess_fn=self.preprocess_fn,
@@ -211,8 +213,6 @@ class Backbone:
 
     def classify_imagenet(self, images: np.ndarray, top: int = 5) -> list[list[tuple[int, float]]]:
         """Top ImageNet-1k classes of each image as ``[(class_index, probability), ...]``."""
-        from vslib.calibration import softmax
-
         logits = self.imagenet_logits(images).astype(np.float64)
         # keras' ResNet50 head already ends in a softmax
         p = logits if BACKBONES[self.name]["softmax_head"] else softmax(logits)
@@ -327,8 +327,6 @@ def _port_lite_weights(model, sd: dict) -> None:
 
 
 def _load_lite(name: str, input_size: int, cache_dir: Path) -> Backbone:
-    from vslib.pth import PthError, load_state_dict
-
     pth = _pth_path(name)
     cache = Path(cache_dir) / f"{name}.weights.h5"
     try:
@@ -346,8 +344,6 @@ def _load_lite(name: str, input_size: int, cache_dir: Path) -> Backbone:
     if not loaded:
         log.info("converting %s weights from %s", name, pth)
         _port_lite_weights(full, sd)
-        from vslib.atomic import atomic_path
-
         with atomic_path(cache, suffix=".weights.h5") as tmp:
             full.save_weights(tmp)
     return Backbone(name=name, input_size=input_size, dim=int(features.output.shape[-1]), keras_model=features,
@@ -489,8 +485,6 @@ def weights_key(name: str, weights: Optional[str] = None) -> str:
         return f"{name}:{_pth_path(name).name}"
     if weights == "imagenet":
         return f"{name}:imagenet"
-    from vslib.images import file_hash
-
     path = Path(weights or "").expanduser()
     if not weights or not path.is_file():
         raise BackboneError(f"{name}: weights file {str(weights)!r} (backbone.weights) does not exist; set "

@@ -11,6 +11,7 @@ key; a wrong type or out-of-range value names the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import math
 import os
@@ -24,6 +25,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from vslib.paths import PROJ_ROOT
+from vslib.redact import redact_config, redact_es, unredact_config
 from vslib.registry import BACKBONES, BACKENDS, DATASETS, HEADS, MODES
 
 #: the names each registry declares (:mod:`vslib.registry`) are the values these settings allow
@@ -131,8 +133,6 @@ class ElasticsearchConfig:
     store_vectors_in_source: bool = False
 
     def __repr__(self) -> str:  # never shows a secret (a notebook cell that displays the config writes it into a report)
-        from vslib.redact import redact_es
-
         shown = redact_es({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         return "ElasticsearchConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
@@ -247,8 +247,6 @@ class Config:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("base_dir"), d.pop("source")
-        from vslib.redact import redact_config
-
         return redact_config(d)  # secrets become markers naming the VS_ES_* variable that supplies them
 
 
@@ -374,8 +372,6 @@ def parse_config(data: Optional[dict], *, source: str = "<dict>", base_dir: Opti
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, not {type(data).__name__}")
-    from vslib.redact import unredact_config
-
     data = unredact_config(data, env=env, source=source)  # a redacted snapshot: its secrets come from VS_ES_*
     cfg = _build(Config, data, "", source)
     cfg.source = source
@@ -478,8 +474,6 @@ def parse_value(text: str) -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    import datetime
-
     return text if isinstance(value, datetime.date) else value  # 2026-01-02 is a name here, not a date
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import html
 import io
 import itertools
@@ -49,10 +50,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
+from vslib import features
+from vslib.atomic import atomic_write_bytes
 from vslib.config import Config
 from vslib.errors import VisualSearchError
+from vslib.images import ImageError, load_image, thumbnail
 from vslib.index.elasticsearch import elasticsearch_status, redact
+from vslib.integrity import DamagedFile, audit_file, verify
+from vslib.plots import distinct_colours, umap_coords
 from vslib.registry import BACKENDS, MODES, USER_MODES
+from vslib.search import VisualSearch
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +91,6 @@ def _with_backend(cfg: Config, backend: str) -> Config:
 
 def _png_data_uri(src, size: int) -> str:
     """A thumbnail of ``src`` (path or PIL image) as a ``data:`` URI ('' when unreadable)."""
-    from vslib.images import ImageError, thumbnail
-
     try:
         img = thumbnail(src, size)
     except ImageError:
@@ -176,9 +183,6 @@ MAP_FONT = 11  # px: class names at the cluster centres (legible at the size sho
 
 def audit_umap(cfg: Config) -> list:
     """Full check of the explorer's UMAP caches beside the feature file (a damaged one is recomputed when next used)."""
-    from vslib import features
-    from vslib.integrity import audit_file
-
     folder = features.features_path(cfg).parent
     return [audit_file(p, "UMAP cache", "the explorer recomputes it when the map is next drawn")
             for p in sorted(folder.glob(f"umap-{cfg.dataset.name}-*.npy"))] if folder.is_dir() else []
@@ -191,21 +195,12 @@ def map_points(cfg: Config):
     feature set and cached next to the feature file (keyed by a hash of the vectors and paths). Loads the whole
     feature set (:func:`vslib.features.load_features`): the map is of every image.
     """
-    import hashlib
-
-    import numpy as np
-
-    from vslib import features
-    from vslib.plots import umap_coords
-
     fs = features.load_features(cfg)
     digest = hashlib.sha1(fs.vectors.tobytes())
     digest.update("\n".join(fs.table["path"].astype(str)).encode())
     cache = features.features_path(cfg).with_name(f"umap-{cfg.dataset.name}-{digest.hexdigest()[:16]}.npy")
     xy = None
     if cache.exists():
-        from vslib.integrity import DamagedFile, verify
-
         try:
             verify(cache, full=True, redo="recomputed now")
             xy = np.load(cache, allow_pickle=False)
@@ -217,8 +212,6 @@ def map_points(cfg: Config):
     if xy is None:
         log.info("computing the UMAP of %d embeddings for the explorer's map (cached in %s)", len(fs), cache)
         xy = np.asarray(umap_coords(fs.vectors), dtype=np.float64)
-        from vslib.atomic import atomic_write_bytes
-
         buf = io.BytesIO()
         np.save(buf, xy)
         atomic_write_bytes(cache, buf.getvalue(), verified=True)
@@ -249,10 +242,6 @@ def render_map(points, *, query: Optional[str] = None, hits=(), mode: str = "", 
     """The embedding map as an SVG scatter (HTML): points coloured by class, class names at the class centres,
     the ``query`` and its ``hits`` (paths) ringed and joined. ``static`` adds a native tooltip to each point
     (label and file name) for exported pages; the live widget draws its own, with the thumbnail."""
-    import numpy as np
-
-    from vslib.plots import distinct_colours
-
     def hexc(c):
         return c if isinstance(c, str) else "#%02x%02x%02x" % tuple(round(255 * v) for v in c)
 
@@ -376,8 +365,6 @@ class QueryExplorer:
                  k: Optional[int] = None, mode: str = COMPARE, thumb: int = 72, embedding_map: bool = True):
         import ipywidgets as W
 
-        from vslib import features
-
         if mode not in VIEW_MODES:
             raise VisualSearchError(f"explorer mode {mode!r} is not offered (choices: {', '.join(VIEW_MODES)})")
         self.cfg = cfg
@@ -449,8 +436,6 @@ class QueryExplorer:
 
     def engine(self, backend: Optional[str] = None):
         """The :class:`~vslib.search.VisualSearch` of ``backend`` (opened on first use)."""
-        from vslib.search import VisualSearch
-
         backend = backend or self.backend.value
         if backend not in self._engines:
             self._engines[backend] = VisualSearch.from_config(_with_backend(self.cfg, backend))
@@ -511,8 +496,6 @@ class QueryExplorer:
 
     def upload_bytes(self, name: str, content: bytes):
         """Use an uploaded file as the query (what a drop on the drop zone does); returns the result."""
-        from vslib.images import ImageError, load_image
-
         self._upload_name = name
         self._upload_image = None
         self._upload_error = None
@@ -542,8 +525,6 @@ class QueryExplorer:
 
         The main mode is the one picked, or ``adaptive`` when comparing; ``last_results`` holds every mode's.
         """
-        from vslib.images import ImageError
-
         if self._busy:
             return self.last_result
         self._busy = True

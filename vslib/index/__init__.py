@@ -15,9 +15,11 @@ import itertools
 import logging
 from typing import Optional
 
+from vslib.features import TABLE_COLUMNS, FeatureSet, feature_columns, features_path, iter_features, npz_member
 from vslib.integrity import DamagedFile
 from vslib.locks import locked
 from vslib.registry import BACKENDS
+from vslib.index import embedded
 from vslib.index.base import (BulkIndexError, Hit, IndexDimensionError, IndexMismatchError, IndexNotFoundError,
                               IndexPermissionError, IndexTimeoutError, IndexUnreachableError, VectorIndex, exact_search,
                               normalize_filter)
@@ -89,8 +91,6 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
 
     import pandas as pd
 
-    from vslib.features import TABLE_COLUMNS, FeatureSet, feature_columns, features_path, iter_features, npz_member
-
     # ids need the whole split's hashes and paths (to tell duplicates apart), not its vectors
     ids = item_ids(feature_columns(cfg, ["content_hash", "path"], split="index"))
     batches = iter_features(cfg, split="index", batch_size=batch_size)  # out of core: one batch in memory
@@ -102,8 +102,6 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
     fields = [c for c in ("label", "path", "split", "content_hash", "predicted_label") if c in first.table.columns]
     dim = int(first.dim)
     if cfg.index.backend == "embedded":
-        from vslib.index import embedded
-
         embedded.check_factory(cfg.index.embedded.factory, len(ids), dim)  # before any work is done or undone
         embedded.remove_debris(cfg.index_dir)  # what a killed build left (this build holds the folder's lock)
     if not rebuild:
