@@ -112,7 +112,7 @@ def test_resnet50_offline_fails_fast_naming_both_options(monkeypatch, tmp_path):
         pytest.skip("online: the download would succeed")
     t = time.perf_counter()
     with pytest.raises(BackboneError) as e:
-        backbones._load_resnet50("imagenet", tmp_path)
+        backbones.load_resnet50("resnet50", "imagenet", tmp_path)
     assert time.perf_counter() - t < 15
     msg = str(e.value)
     assert "weights: imagenet" in msg and "weights: /path/to/resnet50_weights.h5" in msg
@@ -129,7 +129,7 @@ def test_resnet50_local_weights_file(tmp_path):
 
     path = tmp_path / "resnet50.weights.h5"
     keras.applications.ResNet50(include_top=True, weights=None).save_weights(path)  # random, but a real file
-    bb = backbones._load_resnet50(str(path), tmp_path)
+    bb = backbones.load_resnet50("resnet50", str(path), tmp_path)
     assert bb.dim == 2048 and bb.input_size == 224 and bb.has_classifier
     e = bb.embed(_photos(224))
     assert e.shape == (2, 2048) and e.dtype == np.float32

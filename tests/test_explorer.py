@@ -13,7 +13,8 @@ import yaml
 
 from vslib import features, report
 from vslib.config import load_config
-from vslib.explorer import QueryExplorer, elasticsearch_status
+from vslib.explorer import QueryExplorer
+from vslib.index.elasticsearch import elasticsearch_status
 
 
 
@@ -209,6 +210,14 @@ def test_clicking_a_map_point_makes_it_the_query_and_rings_its_hits(explorer, mo
     explorer._on_view_msg(explorer.view, {"type": "thumb", "id": point}, [])
     explorer._on_view_msg(explorer.view, {"type": "thumb", "id": "/etc/passwd"}, [])
     assert len(sent) == 1 and sent[0]["id"] == point and sent[0]["uri"].startswith("data:image/png;base64,")
+
+
+def test_the_front_end_is_read_from_the_package_data():
+    from vslib.explorer import CSS, ESM, _view_class
+
+    assert CSS.startswith(".vs-x{") and ESM.startswith("export default {") and ESM.rstrip().endswith("};")
+    view = _view_class()
+    assert view._esm == ESM and view._css == CSS
 
 
 def test_rank_score_is_shown_beside_the_similarity_when_the_engine_ranks_by_it():

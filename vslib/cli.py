@@ -20,17 +20,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import signal
 import sys
+import traceback
 
 # Arrow's default allocator (mimalloc) keeps the pages it frees: after reading the manifest of 60,000 images the
 # process held ~40 MB more than with the system allocator (issue 17: the client's memory must follow what it
 # holds, not the collection). Set before pyarrow is first imported; an ARROW_DEFAULT_MEMORY_POOL given wins.
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
+from vslib import (check, classifier, datasets, evaluate, experiments, extraction, index, pipeline,  # noqa: E402
+                   report)
+from vslib.atomic import strict_json  # noqa: E402
+from vslib.config import ConfigError, load_config  # noqa: E402
+from vslib.errors import EnvironmentFault, VisualSearchError, environment_fault  # noqa: E402
+from vslib.embedding import QueryImageError  # noqa: E402
+from vslib.images import not_an_image_file  # noqa: E402
 from vslib.paths import DEFAULT_CONFIG  # noqa: E402
+from vslib.registry import BACKENDS, USER_MODES  # noqa: E402
+from vslib.search import VisualSearch  # noqa: E402
 
 log = logging.getLogger("vslib")
 
@@ -65,14 +74,10 @@ def _positive_int(text: str) -> int:
 
 def dumps(obj) -> str:
     """The CLI's JSON: indented, strict (never NaN or Infinity)."""
-    from vslib.atomic import strict_json
-
     return json.dumps(strict_json(obj), indent=2, allow_nan=False)
 
 
 def _config(args):
-    from vslib.config import load_config
-
     overrides = {}
     if getattr(args, "backend", None):
         overrides["index"] = {"backend": args.backend}
@@ -80,43 +85,31 @@ def _config(args):
 
 
 def cmd_prepare(args) -> int:
-    from vslib import datasets
-
     datasets.prepare(_config(args), force=args.force)
     return 0
 
 
 def cmd_install(args) -> int:
-    from vslib import datasets
-
     datasets.install_system_datasets()
     return 0
 
 
 def cmd_extract(args) -> int:
-    from vslib import extraction
-
     extraction.extract(_config(args))
     return 0
 
 
 def cmd_train(args) -> int:
-    from vslib import classifier
-
     classifier.train(_config(args))
     return 0
 
 
 def cmd_index(args) -> int:
-    from vslib import index
-
     index.build(_config(args), rebuild=args.rebuild)
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from vslib import evaluate
-
     # with --json, stdout holds the JSON alone; the table goes to stderr
     echo = (lambda m: print(m, file=sys.stderr)) if args.json else print
     result = evaluate.evaluate(_config(args), seeds=args.seeds, echo=echo)
@@ -126,10 +119,6 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from vslib.embedding import QueryImageError
-    from vslib.images import not_an_image_file
-    from vslib.search import VisualSearch
-
     cfg = _config(args)
     why = not_an_image_file(args.image)  # before the model loads: a bad path is one line at once, a FIFO never blocks
     if why:
@@ -145,28 +134,20 @@ def cmd_search(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from vslib import pipeline
-
     pipeline.run(_config(args), report=args.report)
     return 0
 
 
 def cmd_report(args) -> int:
-    from vslib import report
-
     report.run_notebooks(_config(args))
     return 0
 
 
 def cmd_check(args) -> int:
-    from vslib import check
-
     return check.run(_config(args), as_json=args.json, verbose=args.verbose)
 
 
 def cmd_experiment(args) -> int:
-    from vslib import experiments
-
     runs = experiments.plan(args.config, args.param or [], args.grid)
     if args.dry_run:
         root = experiments.runs_dir(runs[0].config)
@@ -205,11 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("extract", cmd_extract, "compute (or reuse cached) feature vectors for every image")
     add("train", cmd_train, "train and calibrate the classifier on the index split")
     sp = add("index", cmd_index, "index the feature vectors of the index split")
-    sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
+    sp.add_argument("--backend", choices=BACKENDS.names(), help="override index.backend")
     sp.add_argument("--rebuild", action="store_true",
                     help="delete the existing index first (needed after changing the backbone)")
     sp = add("evaluate", cmd_evaluate, "precision@k / mAP of every search mode on the query split")
-    sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
+    sp.add_argument("--backend", choices=BACKENDS.names(), help="override index.backend")
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
     sp.add_argument("--seeds", type=_positive_int, default=1, metavar="N",
                     help="also repeat split, training, tuning and search in memory on N seeded splits "
@@ -217,11 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("search", cmd_search, "find the images that look like IMAGE")
     sp.add_argument("image", help="query image file")
     sp.add_argument("-k", type=_positive_int, default=None, help="number of hits, >= 1 (default: search.k)")
-    sp.add_argument("--mode", choices=["flat", "hierarchical", "adaptive"], default=None)
-    sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
+    sp.add_argument("--mode", choices=USER_MODES, default=None)
+    sp.add_argument("--backend", choices=BACKENDS.names(), help="override index.backend")
     sp.add_argument("--json", action="store_true", help="print the result as JSON")
     sp = add("run", cmd_run, "prepare, extract, train, index and evaluate, skipping work already done")
-    sp.add_argument("--backend", choices=["embedded", "elasticsearch"], help="override index.backend")
+    sp.add_argument("--backend", choices=BACKENDS.names(), help="override index.backend")
     sp.add_argument("--report", action="store_true", help="also run the notebooks into HTML reports")
     sp = add("check", cmd_check, "verify every stored artifact of the config's dataset and backbone (checksums, "
                                  "vectors, index state); list what is damaged and what the next run redoes; "
@@ -264,9 +245,6 @@ def main(argv=None) -> int:
     if not args.verbose:
         logging.getLogger("faiss").setLevel(logging.WARNING)  # "could not load AVX512 ..." probing
         logging.getLogger("elastic_transport").setLevel(logging.ERROR)  # per-request lines; errors say it all
-    from vslib.config import ConfigError
-    from vslib.errors import EnvironmentFault, VisualSearchError, environment_fault
-
     try:
         return args.func(args)
     except EnvironmentFault as e:
@@ -287,8 +265,6 @@ def main(argv=None) -> int:
 
 def _fault(fault, verbose: bool, cause: BaseException | None = None) -> int:
     if verbose:
-        import traceback
-
         traceback.print_exception(cause or fault, file=sys.stderr)
     print(f"error: {fault}", file=sys.stderr)
     return fault.exit_code

@@ -11,6 +11,7 @@ key; a wrong type or out-of-range value names the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import math
 import os
@@ -24,12 +25,18 @@ from typing import Any, Literal, Optional
 import yaml
 
 from vslib.paths import PROJ_ROOT
+from vslib.redact import redact_config, redact_es, unredact_config
+from vslib.registry import BACKBONES, BACKENDS, DATASETS, HEADS, MODES
 
-
-#: search modes, in the order reports list them
-MODES = ("flat", "hierarchical", "adaptive", "oracle")
 #: the settings that decide how adaptive search ranks (fields of :class:`SearchConfig`, tuned together)
 ADAPTIVE_SETTINGS = ("mass", "min_confidence", "max_classes", "class_weight")
+
+#: the names each registry declares (:mod:`vslib.registry`) are the values these settings allow
+DatasetName = Literal[DATASETS.names()]
+BackboneName = Literal[BACKBONES.names()]
+HeadName = Literal[HEADS.names(configurable=True)]
+BackendName = Literal[BACKENDS.names()]
+ModeName = Literal[MODES.names()]
 
 
 class ConfigError(ValueError):
@@ -55,7 +62,7 @@ class SplitConfig:
 
 @dataclass
 class DatasetConfig:
-    name: Literal["tuxpaint", "folder", "fashion-mnist", "caltech101"] = "tuxpaint"
+    name: DatasetName = "tuxpaint"
     root: Optional[str] = _f(None, help="folder/caltech101: the images; tuxpaint/fashion-mnist: override the system location")
     min_per_class: int = _f(5, min=1, help="drop classes with fewer usable images")
     max_per_class: Optional[int] = _f(None, min=1, help="cap images per class (deterministic sample)")
@@ -66,7 +73,7 @@ class DatasetConfig:
 
 @dataclass
 class BackboneConfig:
-    name: Literal["efficientnet_lite0", "efficientnet_lite2", "resnet50"] = "efficientnet_lite0"
+    name: BackboneName = "efficientnet_lite0"
     weights: Optional[str] = _f(None, help="resnet50: 'imagenet' or a local .h5/.keras weights file")
     batch_size: int = _f(32, min=1, max=4096)
     workers: int = _f(0, min=0, help="decode threads; 0 = number of CPU cores")
@@ -76,7 +83,7 @@ class BackboneConfig:
 
 @dataclass
 class ClassifierConfig:
-    head: Literal["ensemble", "linear", "knn", "mlp"] = _f(
+    head: HeadName = _f(
         "ensemble", help="ensemble | linear | knn (cross-fitted on the whole index split) | mlp (Keras)")
     folds: int = _f(5, min=2, max=20, help="cross-fitting folds for choosing settings and the temperature")
     C: Optional[float] = _f(None, min=1e-6, help="linear/ensemble: inverse regularisation; null = chosen out of fold")
@@ -129,15 +136,13 @@ class ElasticsearchConfig:
     store_vectors_in_source: bool = False
 
     def __repr__(self) -> str:  # never shows a secret (a notebook cell that displays the config writes it into a report)
-        from vslib.redact import redact_es
-
         shown = redact_es({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         return "ElasticsearchConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
 @dataclass
 class IndexConfig:
-    backend: Literal["embedded", "elasticsearch"] = "embedded"
+    backend: BackendName = "embedded"
     embedded: EmbeddedIndexConfig = _f(EmbeddedIndexConfig)
     elasticsearch: ElasticsearchConfig = _f(ElasticsearchConfig)
 
@@ -145,7 +150,7 @@ class IndexConfig:
 @dataclass
 class SearchConfig:
     k: int = _f(10, min=1, max=10000)
-    mode: Literal["flat", "hierarchical", "adaptive", "oracle"] = "adaptive"
+    mode: ModeName = "adaptive"
     mass: float = _f(0.9, min=0.0, max=1.0, help="adaptive: probability mass of the classes searched")
     min_confidence: float = _f(0.2, min=0.0, max=1.0, help="adaptive: below this top probability, search flat")
     max_classes: int = _f(5, min=1, help="adaptive: at most this many classes")
@@ -157,7 +162,7 @@ class SearchConfig:
 @dataclass
 class EvaluationConfig:
     ks: list[int] = _f(lambda: [1, 5, 10])
-    modes: list[str] = _f(lambda: ["flat", "hierarchical", "adaptive", "oracle"])
+    modes: list[str] = _f(lambda: list(MODES))
     max_queries: Optional[int] = _f(None, min=1)
     grid_queries: int = _f(6, min=0, help="queries drawn in the result-grid figures")
 
@@ -245,8 +250,6 @@ class Config:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("base_dir"), d.pop("source")
-        from vslib.redact import redact_config
-
         return redact_config(d)  # secrets become markers naming the VS_ES_* variable that supplies them
 
 
@@ -372,8 +375,6 @@ def parse_config(data: Optional[dict], *, source: str = "<dict>", base_dir: Opti
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, not {type(data).__name__}")
-    from vslib.redact import unredact_config
-
     data = unredact_config(data, env=env, source=source)  # a redacted snapshot: its secrets come from VS_ES_*
     cfg = _build(Config, data, "", source)
     cfg.source = source
@@ -401,11 +402,11 @@ def _validate(cfg: Config, source: str) -> None:
     for i, k in enumerate(cfg.evaluation.ks):
         if k < 1:
             raise ConfigError(f"{source}: evaluation.ks[{i}] is {k}; allowed values are >= 1")
-    if cfg.dataset.name in ("folder", "caltech101") and not cfg.dataset.root:
+    if DATASETS[cfg.dataset.name]["needs_root"] and not cfg.dataset.root:
         raise ConfigError(f"{source}: dataset.root is required when dataset.name is {cfg.dataset.name!r} "
                           "(the folder that holds the images)")
-    if cfg.backbone.name == "resnet50" and not cfg.backbone.weights:
-        raise ConfigError(f"{source}: backbone.weights is required for resnet50: 'imagenet' (downloads "
+    if not BACKBONES[cfg.backbone.name]["weights_package"] and not cfg.backbone.weights:
+        raise ConfigError(f"{source}: backbone.weights is required for {cfg.backbone.name}: 'imagenet' (downloads "
                           "the weights; needs internet) or the path of a local weights file")
     for key in ("data", "models", "reports"):
         where = cfg.path(getattr(cfg.paths, key))
@@ -476,8 +477,6 @@ def parse_value(text: str) -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    import datetime
-
     return text if isinstance(value, datetime.date) else value  # 2026-01-02 is a name here, not a date
 
 

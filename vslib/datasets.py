@@ -45,6 +45,7 @@ from vslib.errors import MACHINE_ERRNOS, DatasetError, environment_fault
 from vslib.integrity import DamagedFile, Finding, audit_file, set_aside, verify
 from vslib.locks import locked
 from vslib.images import ImageError, file_hash, load_image
+from vslib.registry import DATASETS
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,8 @@ SPLITS = ("index", "query")
 
 
 class Dataset:
-    """A source of ``(path, label)`` pairs. Subclasses set ``name`` and implement :meth:`items`."""
-
-    name = ""
+    """A source of ``(path, label)`` pairs. Subclasses implement :meth:`items`; :data:`vslib.registry.DATASETS`
+    names them (``dataset.name``)."""
 
     def __init__(self, cfg: DatasetConfig, work_dir: Path):
         self.cfg = cfg
@@ -105,7 +105,7 @@ def folder_items(root: Path, *, drop: tuple[str, ...] = ()) -> list[tuple[str, s
 
 
 class FolderDataset(Dataset):
-    name = "folder"
+    """Any ``root/<class>/<image>`` tree (``dataset.root``)."""
 
     def items(self):
         return folder_items(Path(self.cfg.root).expanduser())
@@ -137,8 +137,6 @@ def apt_install(package: str, what: str) -> None:
 
 class TuxPaintDataset(Dataset):
     """Tux Paint stamps; class = ``<group>/<category>`` (files directly in a group: ``<group>``)."""
-
-    name = "tuxpaint"
 
     def root(self) -> Path:
         root = Path(self.cfg.root).expanduser() if self.cfg.root else TUXPAINT_ROOT
@@ -229,8 +227,6 @@ class FashionMnistDataset(Dataset):
     (only those kept after ``max_per_class``), so every stage reads real files.
     """
 
-    name = "fashion-mnist"
-
     def raw_dir(self) -> Path:
         candidates = [Path(self.cfg.root).expanduser()] if self.cfg.root else [FASHION_MNIST_ROOT, self.work_dir / "raw"]
         for d in candidates:
@@ -298,8 +294,6 @@ def find_caltech101(root: Path) -> Optional[Path]:
 class Caltech101Dataset(Dataset):
     """Caltech-101 in its official layout; ``BACKGROUND_Google`` (clutter, not a class) is dropped."""
 
-    name = "caltech101"
-
     def items(self):
         root = Path(self.cfg.root).expanduser()
         found = find_caltech101(root)
@@ -337,21 +331,9 @@ def install_system_datasets(echo: Callable[[str], None] = print) -> None:
             echo(f"{package}: installed ({root})")
 
 
-#: registry: ``dataset.name`` -> class
-DATASETS: dict[str, type[Dataset]] = {
-    "tuxpaint": TuxPaintDataset,
-    "folder": FolderDataset,
-    "fashion-mnist": FashionMnistDataset,
-    "caltech101": Caltech101Dataset,
-}
-
-
 def get_dataset(cfg: Config) -> Dataset:
-    try:
-        cls = DATASETS[cfg.dataset.name]
-    except KeyError:
-        raise DatasetError(f"Unsupported dataset {cfg.dataset.name!r}. Available datasets are {list(DATASETS)}") from None
-    return cls(cfg.dataset, cfg.dataset_dir)
+    """The dataset ``cfg.dataset.name`` names (its class: :data:`vslib.registry.DATASETS`)."""
+    return DATASETS.resolve(cfg.dataset.name)(cfg.dataset, cfg.dataset_dir)
 
 
 # ---------------------------------------------------------------------------

@@ -34,7 +34,8 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from vslib.config import ADAPTIVE_SETTINGS, MODES, Config
+from vslib.config import ADAPTIVE_SETTINGS, Config
+from vslib.registry import MODES
 
 log = logging.getLogger(__name__)
 

@@ -39,191 +39,50 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import html
 import io
 import itertools
 import logging
 import shutil
 import tempfile
+from importlib import resources
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
+from vslib import features
+from vslib.atomic import atomic_write_bytes
 from vslib.config import Config
 from vslib.errors import VisualSearchError
+from vslib.images import ImageError, load_image, thumbnail
+from vslib.index.elasticsearch import elasticsearch_status, redact
+from vslib.integrity import DamagedFile, audit_file, verify
+from vslib.plots import distinct_colours, umap_coords
+from vslib.registry import BACKENDS, MODES, USER_MODES
+from vslib.search import VisualSearch
 
 log = logging.getLogger(__name__)
 
-#: modes a user can pick (``oracle`` needs the true label: evaluation only)
-USER_MODES = ("flat", "hierarchical", "adaptive")
+#: the user's modes (:data:`vslib.registry.USER_MODES`: ``oracle`` needs the true label) side by side, or one
 COMPARE = "compare"
 VIEW_MODES = (COMPARE,) + USER_MODES
-BACKEND_NAMES = ("embedded", "elasticsearch")
 ALL_CLASSES = "all classes"
 UPLOAD_ID = "upload:"
 GOOD, BAD, NEUTRAL = "#1a9850", "#d73027", "#9a9a9a"
 _ids = itertools.count(1)
 
-CSS = """
-.vs-x{font-family:var(--jp-ui-font-family,sans-serif);font-size:13px;color:#222}
-.vs-x .vs-drop{border:2px dashed #9ab;border-radius:6px;padding:10px;margin:4px 0 8px;text-align:center;
-  color:#456;cursor:pointer;background:#f7fafc}
-.vs-x .vs-drop.vs-over{background:#e3f0fb;border-color:#2b6cb0}
-.vs-x .vs-gallery{display:flex;flex-wrap:wrap;gap:4px;max-height:236px;overflow-y:auto;padding:4px;
-  border:1px solid #ddd;border-radius:4px;background:#fafafa}
-.vs-x .vs-thumb{width:76px;cursor:pointer;border:2px solid transparent;border-radius:4px;text-align:center;
-  background:#fff}
-.vs-x .vs-thumb img{width:64px;height:64px;object-fit:contain;display:block;margin:2px auto 0}
-.vs-x .vs-thumb span{display:block;font-size:11px;line-height:13px;white-space:nowrap;overflow:hidden;
-  text-overflow:ellipsis;padding:0 2px}
-.vs-x .vs-thumb:hover{border-color:#9ab}
-.vs-x .vs-thumb.vs-selected{border-color:#2b6cb0;background:#e3f0fb}
-.vs-x .vs-empty{color:#777;padding:8px}
-.vs-x .vs-head{display:flex;gap:20px;align-items:flex-start;margin:10px 0}
-.vs-x .vs-query img{width:160px;height:160px;object-fit:contain;border:2px solid #222;border-radius:4px;
-  background:#fff}
-.vs-x .vs-query div{font-size:13px;max-width:168px;overflow-wrap:anywhere}
-.vs-x table.vs-pred{border-collapse:collapse;font-size:13px}
-.vs-x table.vs-pred td{padding:1px 8px 1px 0;white-space:nowrap}
-.vs-x .vs-bar{display:inline-block;height:10px;background:#4575b4;vertical-align:middle;margin-right:6px}
-.vs-x .vs-cols{display:flex;gap:12px;align-items:flex-start;overflow-x:auto}
-.vs-x .vs-col{flex:1 1 0;min-width:260px;border:1px solid #ddd;border-radius:6px;padding:6px;background:#fff}
-.vs-x .vs-col h4{margin:0 0 2px;font-size:15px}
-.vs-x .vs-info{font-size:12px;color:#555;margin-bottom:6px;overflow-wrap:anywhere}
-.vs-x .vs-hits{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:4px}
-.vs-x .vs-hit{display:flex;gap:8px;align-items:center;border:3px solid #999;border-radius:5px;padding:2px;
-  cursor:pointer;position:relative;background:#fff}
-.vs-x .vs-hit:hover{box-shadow:0 0 0 2px #2b6cb0}
-.vs-x .vs-hit img{width:72px;height:72px;object-fit:contain;flex:none}
-.vs-x .vs-meta{font-size:13px;line-height:17px;min-width:0}
-.vs-x .vs-meta .vs-label{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
-.vs-x .vs-meta .vs-score{font-family:var(--jp-code-font-family,monospace);font-size:12px;color:#333}
-.vs-x .vs-zoom{position:absolute;top:2px;right:4px;font-size:16px;text-decoration:none;color:#2b6cb0}
-.vs-x .vs-legend{font-size:12px;color:#555;margin:6px 0}
-.vs-x .vs-error{color:#b00020;font-weight:bold;margin:8px 0}
-.vs-x details.vs-mapbox{margin:8px 0}
-.vs-x details.vs-mapbox summary{cursor:pointer;font-weight:bold;font-size:13px}
-.vs-x .vs-map{position:relative;overflow-x:auto}
-.vs-x .vs-map svg{display:block;background:#fff;border:1px solid #ddd;border-radius:4px}
-.vs-x .vs-map .vs-pt{cursor:pointer}
-.vs-x .vs-map .vs-pt:hover{stroke:#000;stroke-width:2}
-.vs-x .vs-map text{font-family:var(--jp-ui-font-family,sans-serif);font-weight:bold;paint-order:stroke;
-  stroke:#fff;stroke-width:3px;pointer-events:none}
-.vs-x .vs-tip{position:absolute;z-index:10;background:#fff;border:1px solid #888;border-radius:4px;padding:4px;
-  font-size:12px;pointer-events:none;box-shadow:0 2px 6px rgba(0,0,0,.25);max-width:180px;overflow-wrap:anywhere}
-.vs-x .vs-tip img{width:96px;height:96px;object-fit:contain;display:block;margin:0 auto 2px}
-.vs-x .vs-big{display:none}
-.vs-x .vs-big a{color:inherit;text-decoration:none}
-.vs-x .vs-big:target,.vs-x .vs-lightbox-live:not([hidden]){display:flex;position:fixed;inset:0;z-index:1000;
-  background:rgba(0,0,0,.75);align-items:center;justify-content:center}
-.vs-x .vs-big figure,.vs-x .vs-lightbox-live figure{background:#fff;padding:10px;border-radius:6px;margin:0;
-  text-align:center;max-width:90vw}
-.vs-x .vs-big img,.vs-x .vs-lightbox-live img{width:384px;max-width:80vw;height:auto;image-rendering:auto}
-.vs-x .vs-big figcaption,.vs-x .vs-lightbox-live figcaption{font-size:13px;margin-top:6px;overflow-wrap:anywhere}
-"""
 
-# The widget's front end: draws the HTML the kernel sends, turns clicks and drops into messages.
-ESM = r"""
-export default {
-  render({ model, el }) {
-    el.classList.add("vs-x");
-    const mk = (cls, text) => { const d = document.createElement("div"); d.className = cls; if (text) d.textContent = text; return d; };
-    const drop = mk("vs-drop", "Drop an image file here (or click to choose one) to search with it");
-    const input = document.createElement("input");
-    input.type = "file"; input.accept = "image/*"; input.hidden = true;
-    const gallery = mk("vs-gallery"), panel = mk("vs-panel"), box = mk("vs-lightbox-live");
-    const mapbox = document.createElement("details"), map = mk("vs-map"), tip = mk("vs-tip");
-    mapbox.className = "vs-mapbox"; mapbox.open = true;
-    mapbox.innerHTML = "<summary>Embedding map</summary>";
-    mapbox.append(map);
-    box.hidden = true; tip.hidden = true;
-    el.append(drop, input, gallery, mapbox, panel, box);
-    const thumbs = {};
-    let tipId = "";
-    const drawTip = () => {
-      const uri = thumbs[tipId];
-      const img = tip.querySelector("img");
-      if (uri && img) img.src = uri;
-    };
-    const mark = () => {
-      const sel = model.get("selected");
-      for (const t of gallery.querySelectorAll(".vs-thumb")) t.classList.toggle("vs-selected", t.dataset.id === sel);
-    };
-    const pick = (id) => { if (id) { model.set("selected", id); model.save_changes(); } };
-    const upload = async (f) => {
-      if (!f) return;
-      drop.textContent = "reading " + f.name + " ...";
-      const buf = await f.arrayBuffer();
-      model.send({ type: "upload", name: f.name }, undefined, [buf]);
-      drop.textContent = "Drop an image file here (or click to choose one) to search with it";
-    };
-    gallery.addEventListener("click", (e) => { const t = e.target.closest(".vs-thumb"); if (t) pick(t.dataset.id); });
-    panel.addEventListener("click", (e) => {
-      const z = e.target.closest(".vs-zoom");
-      if (z) { e.preventDefault(); model.send({ type: "enlarge", id: z.dataset.id }); return; }
-      const h = e.target.closest(".vs-hit");
-      if (h) { e.preventDefault(); pick(h.dataset.id); }
-    });
-    box.addEventListener("click", () => { box.hidden = true; });
-    map.addEventListener("click", (e) => { const p = e.target.closest(".vs-pt"); if (p) pick(p.dataset.id); });
-    map.addEventListener("mouseover", (e) => {
-      const p = e.target.closest(".vs-pt");
-      if (!p) return;
-      tipId = p.dataset.id;
-      tip.innerHTML = "<img alt=''><div><b></b></div><div></div>";
-      tip.querySelector("b").textContent = p.dataset.label;
-      tip.querySelectorAll("div")[1].textContent = tipId.split("/").pop();
-      const r = map.getBoundingClientRect(), q = p.getBoundingClientRect();
-      tip.style.left = (q.right - r.left + map.scrollLeft + 8) + "px";
-      tip.style.top = Math.max(0, q.top - r.top - 40) + "px";
-      tip.hidden = false;
-      if (tipId in thumbs) drawTip(); else model.send({ type: "thumb", id: tipId });
-    });
-    map.addEventListener("mouseout", (e) => { if (e.target.closest(".vs-pt")) tip.hidden = true; });
-    drop.addEventListener("click", () => input.click());
-    input.addEventListener("change", () => { upload(input.files[0]); input.value = ""; });
-    for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("vs-over"); });
-    drop.addEventListener("dragleave", () => drop.classList.remove("vs-over"));
-    drop.addEventListener("drop", (e) => {
-      e.preventDefault(); e.stopPropagation(); drop.classList.remove("vs-over");
-      upload(e.dataTransfer && e.dataTransfer.files[0]);
-    });
-    model.on("msg:custom", (msg) => {
-      if (msg.type === "thumb") { thumbs[msg.id] = msg.uri; if (msg.id === tipId) drawTip(); return; }
-      if (msg.type !== "enlarged") return;
-      box.innerHTML = "<figure><img><figcaption></figcaption></figure>";
-      box.querySelector("img").src = msg.uri;
-      box.querySelector("figcaption").textContent = msg.caption;
-      box.hidden = false;
-    });
-    const drawGallery = () => { gallery.innerHTML = model.get("gallery_html"); mark(); };
-    const drawPanel = () => { panel.innerHTML = model.get("panel_html"); };
-    const drawMap = () => {
-      map.innerHTML = model.get("map_html"); map.append(tip); tip.hidden = true;
-      mapbox.hidden = !model.get("map_html");
-    };
-    model.on("change:map_html", drawMap);
-    model.on("change:gallery_html", drawGallery);
-    model.on("change:selected", mark);
-    model.on("change:panel_html", drawPanel);
-    drawGallery(); drawPanel(); drawMap();
-  }
-};
-"""
+def _static(name: str) -> str:
+    """A file of the widget's front end, shipped inside the package (``vslib/static/explorer/``)."""
+    return resources.files("vslib").joinpath("static", "explorer", name).read_text(encoding="utf-8")
 
 
-def elasticsearch_status(cfg: Config, timeout: float = 2.0) -> tuple[bool, str]:
-    """``(answers, message)``: whether the configured Elasticsearch cluster answers within ``timeout`` s."""
-    from vslib.index.elasticsearch import connect, redact
-
-    es_cfg = dataclasses.replace(cfg.index.elasticsearch,
-                                 request_timeout=min(timeout, cfg.index.elasticsearch.request_timeout))
-    where = ", ".join(redact(h) for h in es_cfg.hosts)
-    try:
-        client = connect(es_cfg)
-    except VisualSearchError as e:
-        return False, str(e)
-    client.close()
-    return True, f"Elasticsearch at {where} answers"
+#: the widget's look (also inlined in the static snapshot)
+CSS = _static("explorer.css")
+#: the widget's front end: draws the HTML the kernel sends, turns clicks and drops into messages
+ESM = _static("explorer.js")
 
 
 def _with_backend(cfg: Config, backend: str) -> Config:
@@ -232,8 +91,6 @@ def _with_backend(cfg: Config, backend: str) -> Config:
 
 def _png_data_uri(src, size: int) -> str:
     """A thumbnail of ``src`` (path or PIL image) as a ``data:`` URI ('' when unreadable)."""
-    from vslib.images import ImageError, thumbnail
-
     try:
         img = thumbnail(src, size)
     except ImageError:
@@ -326,9 +183,6 @@ MAP_FONT = 11  # px: class names at the cluster centres (legible at the size sho
 
 def audit_umap(cfg: Config) -> list:
     """Full check of the explorer's UMAP caches beside the feature file (a damaged one is recomputed when next used)."""
-    from vslib import features
-    from vslib.integrity import audit_file
-
     folder = features.features_path(cfg).parent
     return [audit_file(p, "UMAP cache", "the explorer recomputes it when the map is next drawn")
             for p in sorted(folder.glob(f"umap-{cfg.dataset.name}-*.npy"))] if folder.is_dir() else []
@@ -341,21 +195,12 @@ def map_points(cfg: Config):
     feature set and cached next to the feature file (keyed by a hash of the vectors and paths). Loads the whole
     feature set (:func:`vslib.features.load_features`): the map is of every image.
     """
-    import hashlib
-
-    import numpy as np
-
-    from vslib import features
-    from vslib.plots import umap_coords
-
     fs = features.load_features(cfg)
     digest = hashlib.sha1(fs.vectors.tobytes())
     digest.update("\n".join(fs.table["path"].astype(str)).encode())
     cache = features.features_path(cfg).with_name(f"umap-{cfg.dataset.name}-{digest.hexdigest()[:16]}.npy")
     xy = None
     if cache.exists():
-        from vslib.integrity import DamagedFile, verify
-
         try:
             verify(cache, full=True, redo="recomputed now")
             xy = np.load(cache, allow_pickle=False)
@@ -367,8 +212,6 @@ def map_points(cfg: Config):
     if xy is None:
         log.info("computing the UMAP of %d embeddings for the explorer's map (cached in %s)", len(fs), cache)
         xy = np.asarray(umap_coords(fs.vectors), dtype=np.float64)
-        from vslib.atomic import atomic_write_bytes
-
         buf = io.BytesIO()
         np.save(buf, xy)
         atomic_write_bytes(cache, buf.getvalue(), verified=True)
@@ -399,10 +242,6 @@ def render_map(points, *, query: Optional[str] = None, hits=(), mode: str = "", 
     """The embedding map as an SVG scatter (HTML): points coloured by class, class names at the class centres,
     the ``query`` and its ``hits`` (paths) ringed and joined. ``static`` adds a native tooltip to each point
     (label and file name) for exported pages; the live widget draws its own, with the thumbnail."""
-    import numpy as np
-
-    from vslib.plots import distinct_colours
-
     def hexc(c):
         return c if isinstance(c, str) else "#%02x%02x%02x" % tuple(round(255 * v) for v in c)
 
@@ -526,8 +365,6 @@ class QueryExplorer:
                  k: Optional[int] = None, mode: str = COMPARE, thumb: int = 72, embedding_map: bool = True):
         import ipywidgets as W
 
-        from vslib import features
-
         if mode not in VIEW_MODES:
             raise VisualSearchError(f"explorer mode {mode!r} is not offered (choices: {', '.join(VIEW_MODES)})")
         self.cfg = cfg
@@ -564,10 +401,8 @@ class QueryExplorer:
         self.k_slider = W.IntSlider(value=min(k or cfg.search.k, 50), min=1, max=50, description="k",
                                     continuous_update=False)
         self.mode = W.ToggleButtons(options=list(VIEW_MODES), value=mode, description="mode",
-                                    tooltips=["flat, hierarchical and adaptive side by side",
-                                              "nearest neighbours over everything",
-                                              "only the classifier's top class",
-                                              "the likely classes, ranked with their probability"],
+                                    tooltips=[f"{', '.join(USER_MODES[:-1])} and {USER_MODES[-1]} side by side"]
+                                    + [MODES[m]["summary"] for m in USER_MODES],
                                     style={"button_width": "110px"})
         self.backend = W.ToggleButtons(options=backends, value=cfg.index.backend if cfg.index.backend in backends
                                        else backends[0], description="backend", style={"button_width": "110px"})
@@ -591,20 +426,16 @@ class QueryExplorer:
     def _available_backends(self, check: bool) -> tuple[list[str], str]:
         configured = self.cfg.index.backend
         if not check:
-            return [configured] + [b for b in BACKEND_NAMES if b != configured], ""
+            return [configured] + [b for b in BACKENDS if b != configured], ""
         ok, message = elasticsearch_status(self.cfg)
         if ok:
-            return list(BACKEND_NAMES), ""
-        from vslib.index.elasticsearch import redact
-
+            return list(BACKENDS), ""
         where = ", ".join(redact(h) for h in self.cfg.index.elasticsearch.hosts)
         log.info("elasticsearch not offered in the explorer: %s", message)
-        return ["embedded"], f"Elasticsearch is not offered: no answer from {where}."
+        return list(BACKENDS.names(remote=False)), f"Elasticsearch is not offered: no answer from {where}."
 
     def engine(self, backend: Optional[str] = None):
         """The :class:`~vslib.search.VisualSearch` of ``backend`` (opened on first use)."""
-        from vslib.search import VisualSearch
-
         backend = backend or self.backend.value
         if backend not in self._engines:
             self._engines[backend] = VisualSearch.from_config(_with_backend(self.cfg, backend))
@@ -665,8 +496,6 @@ class QueryExplorer:
 
     def upload_bytes(self, name: str, content: bytes):
         """Use an uploaded file as the query (what a drop on the drop zone does); returns the result."""
-        from vslib.images import ImageError, load_image
-
         self._upload_name = name
         self._upload_image = None
         self._upload_error = None
@@ -696,8 +525,6 @@ class QueryExplorer:
 
         The main mode is the one picked, or ``adaptive`` when comparing; ``last_results`` holds every mode's.
         """
-        from vslib.images import ImageError
-
         if self._busy:
             return self.last_result
         self._busy = True
@@ -778,4 +605,4 @@ class QueryExplorer:
         self.close()
 
 
-__all__ = ["QueryExplorer", "elasticsearch_status", "map_points", "render_map", "render_result", "scores_text"]
+__all__ = ["QueryExplorer", "map_points", "render_map", "render_result", "scores_text"]

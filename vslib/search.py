@@ -43,8 +43,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from vslib import ranking
-from vslib.config import ADAPTIVE_SETTINGS, MODES, Config, SearchConfig
+from vslib.config import ADAPTIVE_SETTINGS, Config, SearchConfig
 from vslib.errors import VisualSearchError
+from vslib.registry import MODES
 
 log = logging.getLogger(__name__)
 

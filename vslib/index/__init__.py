@@ -11,33 +11,27 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import itertools
 import logging
 from typing import Optional
 
-from vslib.errors import IndexBackendError
+from vslib.features import TABLE_COLUMNS, FeatureSet, feature_columns, features_path, iter_features
+from vslib.npzfile import npz_member
 from vslib.integrity import DamagedFile
 from vslib.locks import locked
+from vslib.registry import BACKENDS
+from vslib.index import embedded
 from vslib.index.base import (BulkIndexError, Hit, IndexDimensionError, IndexMismatchError, IndexNotFoundError,
                               IndexPermissionError, IndexTimeoutError, IndexUnreachableError, VectorIndex, exact_search,
                               normalize_filter)
 
 log = logging.getLogger(__name__)
 
-#: backend name -> "module:class"; modules are imported only when their backend is used
-BACKENDS = {
-    "embedded": "vslib.index.embedded:EmbeddedIndex",
-    "elasticsearch": "vslib.index.elasticsearch:ElasticsearchIndex",
-}
-
 
 def backend_class(name: str) -> type[VectorIndex]:
-    """The :class:`VectorIndex` subclass registered as ``name``."""
-    if name not in BACKENDS:
-        raise IndexBackendError(f"Unsupported backend {name!r}. Available backends are {sorted(BACKENDS)}")
-    module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    """The :class:`VectorIndex` subclass registered as ``name`` (:data:`vslib.registry.BACKENDS`; its module is
+    imported now, only when its backend is used)."""
+    return BACKENDS.resolve(name)
 
 
 def open_index(cfg, dim: Optional[int] = None, *, create: bool = True, backend: Optional[str] = None) -> VectorIndex:
@@ -98,9 +92,6 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
 
     import pandas as pd
 
-    from vslib.features import TABLE_COLUMNS, FeatureSet, feature_columns, features_path, iter_features
-    from vslib.npzfile import npz_member
-
     # ids need the whole split's hashes and paths (to tell duplicates apart), not its vectors
     ids = item_ids(feature_columns(cfg, ["content_hash", "path"], split="index"))
     batches = iter_features(cfg, split="index", batch_size=batch_size)  # out of core: one batch in memory
@@ -112,8 +103,6 @@ def build(cfg, *, rebuild: bool = False, batch_size: int = 1000, progress: bool 
     fields = [c for c in ("label", "path", "split", "content_hash", "predicted_label") if c in first.table.columns]
     dim = int(first.dim)
     if cfg.index.backend == "embedded":
-        from vslib.index import embedded
-
         embedded.check_factory(cfg.index.embedded.factory, len(ids), dim)  # before any work is done or undone
         embedded.remove_debris(cfg.index_dir)  # what a killed build left (this build holds the folder's lock)
     if not rebuild:
@@ -192,6 +181,6 @@ def _index_on_workers(cfg, index, ids, fields, backbone, rows_per_task, tally) -
         return False
 
 
-__all__ = ["BACKENDS", "BulkIndexError", "Hit", "IndexDimensionError", "IndexMismatchError", "IndexNotFoundError",
+__all__ = ["BulkIndexError", "Hit", "IndexDimensionError", "IndexMismatchError", "IndexNotFoundError",
            "IndexPermissionError", "IndexTimeoutError", "IndexUnreachableError",
            "VectorIndex", "backend_class", "build", "exact_search", "item_ids", "normalize_filter", "open_index"]

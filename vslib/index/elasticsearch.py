@@ -42,6 +42,7 @@ application.yaml (and the ``VS_ES_*`` environment variables).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -51,6 +52,7 @@ import time
 import uuid
 from typing import Optional
 
+from vslib.errors import VisualSearchError
 from vslib.index.base import (Hit, IndexBackendError, IndexDimensionError, IndexMismatchError, IndexNotFoundError,
                               IndexPermissionError, IndexTimeoutError, IndexUnreachableError, VectorIndex,
                               normalize_filter)
@@ -254,6 +256,19 @@ def connect(es_cfg):
         raise
     client.server_version = info["version"]["number"]  # noqa: B010 - remembered for info()
     return client
+
+
+def elasticsearch_status(cfg, timeout: float = 2.0) -> tuple[bool, str]:
+    """``(answers, message)``: whether the configured Elasticsearch cluster answers within ``timeout`` s."""
+    es_cfg = dataclasses.replace(cfg.index.elasticsearch,
+                                 request_timeout=min(timeout, cfg.index.elasticsearch.request_timeout))
+    where = ", ".join(redact(h) for h in es_cfg.hosts)
+    try:
+        client = connect(es_cfg)
+    except VisualSearchError as e:
+        return False, str(e)
+    client.close()
+    return True, f"Elasticsearch at {where} answers"
 
 
 def alias_name(template: str, dataset: Optional[str] = None, backbone: Optional[str] = None) -> str:
@@ -957,4 +972,4 @@ def audit(cfg) -> list:
 
 
 __all__ = ["CLIENT_REQUIREMENT", "PRIVILEGES", "ElasticsearchIndex", "alias_name", "check_compatibility",
-           "audit", "client_version", "connect", "redact", "translate"]
+           "audit", "client_version", "connect", "elasticsearch_status", "redact", "translate"]
