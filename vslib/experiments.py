@@ -52,6 +52,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
+from vslib import stages
 from vslib.atomic import atomic_write_json, atomic_write_text
 from vslib.config import Config, ConfigError, apply_overrides, parse_value
 from vslib.integrity import DamagedFile, audit_file, verify
@@ -69,7 +70,7 @@ COMPARISON_PAGE = "index.html"
 COMPARISON_FIGURE = "precision_at_k_by_mode.png"
 COMPARE_NOTEBOOK = "06_compare_runs.ipynb"
 #: stages of one run, in order (``notebooks`` only when asked for)
-STAGES = ("prepare", "extract", "train", "index", "evaluate", "notebooks")
+STAGES = (*stages.STAGES, "notebooks")
 #: ``-p notebook.NAME=value`` sets the notebooks' own parameter NAME
 NOTEBOOK_PREFIX = "notebook."
 #: notebook parameters every run derives from its config (set them through the config's keys)
@@ -501,51 +502,36 @@ def execute(cfg: Config, *, notebooks: bool = True, echo: Callable[[str], None] 
     """Run the pipeline (and the numbered notebooks) on one run's config; return the evaluation results.
 
     ``timings`` is filled with seconds per stage as they finish (so a failure keeps the finished ones).
+    The index folder is keyed by dataset, backbone and index settings, so an index holding as many items as
+    the index split is reused (:func:`vslib.stages.index_action`).
     """
-    from vslib import classifier, datasets, evaluate, features
-    from vslib import index as index_mod
+    from vslib import classifier
 
-    timings = {} if timings is None else timings
+    runner = stages.Runner(cfg, echo=echo, header="-- {name}", progress=False, timings=timings, digits=3,
+                           skip_done=("index",))
 
-    def stage(name, fn):
-        echo(f"-- {name}")
-        t = time.perf_counter()
-        out = fn()
-        timings[name] = round(time.perf_counter() - t, 3)
-        return out
+    def after(stage, out):
+        # a reused classifier wrote its metrics into another run's folder: give this run its own copy
+        if stage == "train" and not (cfg.reports_dir / classifier.METRICS_FILE).exists():
+            _, metrics = out
+            _write_json(cfg.reports_dir / classifier.METRICS_FILE, metrics)
+            if "confusion_matrix" in metrics:
+                classifier.save_confusion_figure(metrics["confusion_matrix"],
+                                                 cfg.figures_dir / classifier.CONFUSION_FIGURE,
+                                                 title=f"Classifier ({cfg.dataset.name}, {cfg.backbone.name}, "
+                                                       f"{cfg.classifier.head} head), out of fold")
 
-    # the summary line, not the list of skipped files (the manifest keeps it; every run would repeat it)
-    stage("prepare", lambda: datasets.prepare(cfg, progress=False, echo=lambda m: echo(
-        "\n".join(line for line in str(m).splitlines() if not line.startswith("  ")))))
-    fs = stage("extract", lambda: features.extract(cfg, progress=False))
-    _, metrics = stage("train", lambda: classifier.train(cfg))
-    # a reused classifier wrote its metrics into another run's folder: give this run its own copy
-    if not (cfg.reports_dir / classifier.METRICS_FILE).exists():
-        _write_json(cfg.reports_dir / classifier.METRICS_FILE, metrics)
-        if "confusion_matrix" in metrics:
-            classifier.save_confusion_figure(metrics["confusion_matrix"], cfg.figures_dir / classifier.CONFUSION_FIGURE,
-                                             title=f"Classifier ({cfg.dataset.name}, {cfg.backbone.name}, "
-                                                   f"{cfg.classifier.head} head), out of fold")
-
-    def build_index():
-        want = len(fs.split("index"))
-        try:
-            with index_mod.open_index(cfg, create=False) as idx:
-                have = idx.count()
-        except (index_mod.IndexNotFoundError, DamagedFile):  # a damaged index is rebuilt by index.build
-            have = -1
-        if have != want:  # the folder is keyed by dataset, backbone and index settings: a count check suffices
-            index_mod.build(cfg, rebuild=have > 0, progress=False)
-
-    stage("index", build_index)
-    results = stage("evaluate", lambda: evaluate.evaluate(cfg, echo=lambda m: None))
+    # the prepare summary line, not the list of skipped files (the manifest keeps it; every run would repeat it)
+    results = runner.run("evaluate", after=after, evaluate_echo=lambda m: None, prepare_echo=lambda m: echo(
+        "\n".join(line for line in str(m).splitlines() if not line.startswith("  "))))["evaluate"]
     if "matplotlib.pyplot" in sys.modules:  # the evaluation's figures are saved; free them before the next run
         sys.modules["matplotlib.pyplot"].close("all")
     if notebooks:
         from vslib import report
 
         names = [p.name for p in report.list_notebooks() if p.name != COMPARE_NOTEBOOK]
-        stage("notebooks", lambda: report.run_notebooks(cfg, names, parameters=notebook_parameters, echo=echo))
+        runner.stage("notebooks", lambda: report.run_notebooks(cfg, names, parameters=notebook_parameters,
+                                                               echo=echo))
     return results
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from vslib.integrity import DamagedFile
+from vslib import stages
 from vslib.config import Config, load_config
 from vslib.errors import VisualSearchError
 from vslib.paths import NOTEBOOKS_DIR
@@ -34,8 +34,8 @@ from vslib.redact import redact_text
 
 log = logging.getLogger(__name__)
 
-#: stages :func:`ensure` knows, in pipeline order
-STAGES = ("prepare", "extract", "train", "index")
+#: stages :func:`ensure` knows, in pipeline order (those of :data:`vslib.stages.STAGES` before ``evaluate``)
+STAGES = stages.STAGES[: stages.STAGES.index("index") + 1]
 INDEX_PAGE = "index.html"
 EXECUTED_DIR = "notebooks"
 
@@ -110,41 +110,15 @@ def ensure(cfg: Config, upto: str = "index", *, echo: Callable[[str], None] = pr
 
     The manifest is reused when present, the feature cache and the classifier
     are reused by their own checks, and the index is built only when it is
-    missing or holds another number of items than the index split.
-    Returns ``{stage: seconds}``.
+    missing or holds another number of items than the index split
+    (:func:`vslib.stages.index_action`). Returns ``{stage: seconds}``.
     """
-    from vslib import classifier, datasets, features
-    from vslib import index as index_mod
-
     if upto not in STAGES:
         raise ValueError(f"upto={upto!r} is not a stage (choices: {', '.join(STAGES)})")
-    todo = STAGES[: STAGES.index(upto) + 1]
-    timings = {}
-    t = time.perf_counter()
-    if not cfg.manifest_path.exists():
-        datasets.prepare(cfg, progress=False, echo=echo)
-    timings["prepare"] = time.perf_counter() - t
-    if "extract" in todo:
-        t = time.perf_counter()
-        fs = features.extract(cfg, progress=False)
-        timings["extract"] = time.perf_counter() - t
-    if "train" in todo:
-        t = time.perf_counter()
-        classifier.train(cfg)
-        timings["train"] = time.perf_counter() - t
-    if "index" in todo:
-        t = time.perf_counter()
-        want = len(fs.split("index"))
-        try:
-            with index_mod.open_index(cfg, create=False) as idx:
-                have = idx.count()
-        except (index_mod.IndexNotFoundError, DamagedFile):  # a damaged index is rebuilt by index.build
-            have = -1
-        if have != want:
-            index_mod.build(cfg, rebuild=have > want, progress=False)
-        timings["index"] = time.perf_counter() - t
-    echo("ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-    return timings
+    runner = stages.Runner(cfg, echo=echo, progress=False, skip_done=("prepare", "index"))
+    runner.run(upto)
+    echo("ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in runner.timings.items()))
+    return runner.timings
 
 
 # ---------------------------------------------------------------------------
