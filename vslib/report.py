@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from vslib import stages
-from vslib.config import Config, load_config
+from vslib.config import Config, load_config, merge
 from vslib.errors import VisualSearchError
+from vslib.evaluate import RESULTS_JSON, fmt_number, load_results
 from vslib.paths import NOTEBOOKS_DIR
-from vslib.redact import redact_text
+from vslib.redact import redact_text, secret_env
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,6 @@ def notebook_config(config_path: str | os.PathLike, *, dataset: Optional[str] = 
     ``None`` keeps the value of the config file; anything else overrides it.
     ``overrides`` is a nested mapping for settings without a parameter of their own.
     """
-    from vslib.config import merge
-
     over: dict = {}
 
     def put(section: str, key: str, value) -> None:
@@ -270,8 +269,6 @@ def _kernel_secrets(cfg: Config):
     """The config's Elasticsearch secrets in the environment the kernels inherit, for the run only: a notebook
     reading a redacted config (an experiment run's ``config.yaml``) takes them from ``VS_ES_*``, as the CLI
     would, and they are never written into a notebook's parameters or a file."""
-    from vslib.redact import secret_env
-
     added = {k: v for k, v in secret_env(cfg).items() if not os.environ.get(k)}
     os.environ.update(added)
     try:
@@ -397,8 +394,6 @@ def write_index(cfg: Config, runs: Sequence[dict], *, total: Optional[float] = N
 
 
 def _evaluation_section(cfg: Config) -> list[str]:
-    from vslib.evaluate import RESULTS_JSON, fmt_number, load_results
-
     try:
         res = load_results(cfg)
         modes = res["modes"]

@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from vslib import report
 from vslib.config import Config, ConfigError, apply_overrides, parse_value
 from vslib.redact import SECRET_KEYS, is_marker, redact_text, strip_userinfo
 
@@ -144,8 +145,6 @@ def run_id(parameters: dict, cfg: Config) -> str:
 def notebook_parameter_names() -> dict[str, str]:
     """``{name: notebook}`` of the parameters the numbered notebooks 01-05 declare (the first notebook naming each)."""
     import papermill as pm
-
-    from vslib import report
 
     out: dict[str, str] = {}
     for path in report.list_notebooks():

@@ -18,9 +18,9 @@ from typing import Callable, Optional, Sequence
 
 import yaml
 
-from vslib import stages
+from vslib import classifier, report, stages
 from vslib.atomic import atomic_write_text
-from vslib.config import Config, ConfigError
+from vslib.config import Config, ConfigError, load_config, merge, nested
 from vslib.experiments.compare import metric_columns, metric_value, write_comparison
 from vslib.experiments.plan import (COMPARE_NOTEBOOK, Run, fmt_value, hashed_settings, run_hash, settings_hash,
                                     short_hash)
@@ -72,8 +72,6 @@ def materialise(run: Run, root: Path) -> Config:
     the keyed cache folders, linked to the shared features, dataset folder and
     backbone weights of the base config.
     """
-    from vslib.config import load_config, merge, nested
-
     base = run.config
     keys = cache_keys(base)
     shared_data, shared_models = base.data_dir.resolve(), base.models_dir.resolve()
@@ -165,8 +163,6 @@ def execute(cfg: Config, *, notebooks: bool = True, echo: Callable[[str], None] 
     The index folder is keyed by dataset, backbone and index settings, so an index holding as many items as
     the index split is reused (:func:`vslib.stages.index_action`).
     """
-    from vslib import classifier
-
     runner = stages.Runner(cfg, echo=echo, header="-- {name}", progress=False, timings=timings, digits=3,
                            skip_done=("index",))
 
@@ -187,8 +183,6 @@ def execute(cfg: Config, *, notebooks: bool = True, echo: Callable[[str], None] 
     if "matplotlib.pyplot" in sys.modules:  # the evaluation's figures are saved; free them before the next run
         sys.modules["matplotlib.pyplot"].close("all")
     if notebooks:
-        from vslib import report
-
         names = [p.name for p in report.list_notebooks() if p.name != COMPARE_NOTEBOOK]
         runner.stage("notebooks", lambda: report.run_notebooks(cfg, names, parameters=notebook_parameters,
                                                                echo=echo))
