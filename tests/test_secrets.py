@@ -174,7 +174,7 @@ def test_a_damaged_run_record_is_one_line_and_the_next_experiment_reruns_it(used
         snap.write_bytes(saved.replace(b"search:", b"sEarch:", 1))  # an edit of the snapshot, same size
         found = [f for f in experiments.audit(load_config(project)) if f.bad]
         assert [f.path for f in found] == [str(snap)] and "reruns this run" in found[0].line()
-        assert experiments.read_record(folder) is not None and not experiments._snapshot_intact(folder)
+        assert experiments.read_record(folder) is not None and not experiments.records.snapshot_intact(folder)
     finally:
         snap.write_bytes(saved)
 

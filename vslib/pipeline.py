@@ -2,43 +2,38 @@
 
 Each stage reuses what an earlier run left behind (manifest checks, the
 feature cache, a classifier trained on the same features and settings), so a
-second run is fast and an interrupted one resumes.
+second run is fast and an interrupted one resumes. The stages run through
+:class:`vslib.stages.Runner`, as a notebook's :func:`vslib.report.ensure` and
+an experiment's runs do; ``run`` loads the index split into the index every
+time (refreshing items whose vectors changed), rebuilding it when it holds
+another number of items (:func:`vslib.stages.index_action`).
 """
 from __future__ import annotations
 
 import logging
-import time
 
+from vslib import report as report_mod
 from vslib.config import Config
+from vslib.stages import Runner
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: Config, *, report: bool = False, echo=print) -> dict:
     """Run every stage on ``cfg``; return the evaluation results."""
-    from vslib import classifier, datasets, evaluate, extraction, index
+    runner = Runner(cfg, echo=echo, header="\n== {name} ==")
 
-    timings = {}
+    def after(stage, out):
+        if stage == "train":
+            _, metrics = out
+            where = "out-of-fold" if cfg.classifier.head != "mlp" else "validation"
+            echo(f"classifier ({cfg.classifier.head} head): {where} accuracy {metrics['accuracy']:.3f}, top-3 "
+                 f"{metrics.get('top3_accuracy', float('nan')):.3f}, "
+                 f"ECE {metrics['ece_before']:.3f} -> {metrics['ece_after']:.3f} after calibration")
 
-    def stage(name, fn):
-        echo(f"\n== {name} ==")
-        t = time.perf_counter()
-        out = fn()
-        timings[name] = time.perf_counter() - t
-        return out
-
-    stage("prepare", lambda: datasets.prepare(cfg, echo=echo))
-    stage("extract", lambda: extraction.extract(cfg))
-    _, metrics = stage("train", lambda: classifier.train(cfg))
-    where = "out-of-fold" if cfg.classifier.head != "mlp" else "validation"
-    echo(f"classifier ({cfg.classifier.head} head): {where} accuracy {metrics['accuracy']:.3f}, top-3 {metrics.get('top3_accuracy', float('nan')):.3f}, "
-         f"ECE {metrics['ece_before']:.3f} -> {metrics['ece_after']:.3f} after calibration")
-    stage("index", lambda: index.build(cfg))
-    results = stage("evaluate", lambda: evaluate.evaluate(cfg, echo=echo))
+    results = runner.run("evaluate", after=after)["evaluate"]
     if report:
-        from vslib import report as report_mod
-
-        stage("report", lambda: report_mod.run_notebooks(cfg))
-    echo("\n" + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
+        runner.stage("report", lambda: report_mod.run_notebooks(cfg))
+    echo("\n" + ", ".join(f"{k} {v:.1f}s" for k, v in runner.timings.items())
          + f"; results in {cfg.reports_dir}")
     return results

@@ -26,16 +26,17 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from vslib.integrity import DamagedFile
-from vslib.config import Config, load_config
+from vslib import stages
+from vslib.config import Config, load_config, merge
 from vslib.errors import VisualSearchError
+from vslib.evaluate import RESULTS_JSON, fmt_number, load_results
 from vslib.paths import NOTEBOOKS_DIR
-from vslib.redact import redact_text
+from vslib.redact import redact_text, secret_env
 
 log = logging.getLogger(__name__)
 
-#: stages :func:`ensure` knows, in pipeline order
-STAGES = ("prepare", "extract", "train", "index")
+#: stages :func:`ensure` knows, in pipeline order (those of :data:`vslib.stages.STAGES` before ``evaluate``)
+STAGES = stages.STAGES[: stages.STAGES.index("index") + 1]
 INDEX_PAGE = "index.html"
 EXECUTED_DIR = "notebooks"
 
@@ -65,8 +66,6 @@ def notebook_config(config_path: str | os.PathLike, *, dataset: Optional[str] = 
     ``None`` keeps the value of the config file; anything else overrides it.
     ``overrides`` is a nested mapping for settings without a parameter of their own.
     """
-    from vslib.config import merge
-
     over: dict = {}
 
     def put(section: str, key: str, value) -> None:
@@ -110,41 +109,15 @@ def ensure(cfg: Config, upto: str = "index", *, echo: Callable[[str], None] = pr
 
     The manifest is reused when present, the feature cache and the classifier
     are reused by their own checks, and the index is built only when it is
-    missing or holds another number of items than the index split.
-    Returns ``{stage: seconds}``.
+    missing or holds another number of items than the index split
+    (:func:`vslib.stages.index_action`). Returns ``{stage: seconds}``.
     """
-    from vslib import classifier, datasets, extraction
-    from vslib import index as index_mod
-
     if upto not in STAGES:
         raise ValueError(f"upto={upto!r} is not a stage (choices: {', '.join(STAGES)})")
-    todo = STAGES[: STAGES.index(upto) + 1]
-    timings = {}
-    t = time.perf_counter()
-    if not cfg.manifest_path.exists():
-        datasets.prepare(cfg, progress=False, echo=echo)
-    timings["prepare"] = time.perf_counter() - t
-    if "extract" in todo:
-        t = time.perf_counter()
-        fs = extraction.extract(cfg, progress=False)
-        timings["extract"] = time.perf_counter() - t
-    if "train" in todo:
-        t = time.perf_counter()
-        classifier.train(cfg)
-        timings["train"] = time.perf_counter() - t
-    if "index" in todo:
-        t = time.perf_counter()
-        want = len(fs.split("index"))
-        try:
-            with index_mod.open_index(cfg, create=False) as idx:
-                have = idx.count()
-        except (index_mod.IndexNotFoundError, DamagedFile):  # a damaged index is rebuilt by index.build
-            have = -1
-        if have != want:
-            index_mod.build(cfg, rebuild=have > want, progress=False)
-        timings["index"] = time.perf_counter() - t
-    echo("ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-    return timings
+    runner = stages.Runner(cfg, echo=echo, progress=False, skip_done=("prepare", "index"))
+    runner.run(upto)
+    echo("ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in runner.timings.items()))
+    return runner.timings
 
 
 # ---------------------------------------------------------------------------
@@ -296,8 +269,6 @@ def _kernel_secrets(cfg: Config):
     """The config's Elasticsearch secrets in the environment the kernels inherit, for the run only: a notebook
     reading a redacted config (an experiment run's ``config.yaml``) takes them from ``VS_ES_*``, as the CLI
     would, and they are never written into a notebook's parameters or a file."""
-    from vslib.redact import secret_env
-
     added = {k: v for k, v in secret_env(cfg).items() if not os.environ.get(k)}
     os.environ.update(added)
     try:
@@ -423,8 +394,6 @@ def write_index(cfg: Config, runs: Sequence[dict], *, total: Optional[float] = N
 
 
 def _evaluation_section(cfg: Config) -> list[str]:
-    from vslib.evaluate import RESULTS_JSON, fmt_number, load_results
-
     try:
         res = load_results(cfg)
         modes = res["modes"]
