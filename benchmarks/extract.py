@@ -34,7 +34,6 @@ TensorFlow Lite alone. Prints a table and writes ``reports/benchmarks/extract.js
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -50,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from benchmarks.common import interleaved_rounds, round_ratio, write_report  # noqa: E402
 from vslib.config import load_config, parse_config  # noqa: E402
 from vslib.paths import DEFAULT_CONFIG  # noqa: E402
 
@@ -217,21 +217,17 @@ def main(argv=None) -> dict:
     if client is not None:
         runs[dask_name] = pipeline_dask
     names = list(runs)
-    ips = {k: [] for k in names}
-    cpu_ms = {k: [] for k in names}  # this process's CPU time (all threads) per image: less disturbed by others
-    for r in range(args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for k in order:
-            t, c = time.perf_counter(), time.process_time()
-            runs[k]()
-            ips[k].append(n / (time.perf_counter() - t))
-            cpu_ms[k].append((time.process_time() - c) / n * 1e3)
-        print(f"round {r + 1}: " + ", ".join(f"{k} {ips[k][-1]:.1f}" for k in names) + " images/s", flush=True)
+
+    def print_round(r, wall, cpu):
+        print(f"round {r + 1}: " + ", ".join(f"{k} {n / wall[k][-1]:.1f}" for k in names) + " images/s", flush=True)
+
+    wall, cpu = interleaved_rounds(runs, args.rounds, rotate=True, after_round=print_round)
+    ips = {k: [n / t for t in v] for k, v in wall.items()}
+    # this process's CPU time (all threads) per image: less disturbed by others
+    cpu_ms = {k: [c / n * 1e3 for c in v] for k, v in cpu.items()}
 
     def ratio(a, b):
-        per_round = [x / y for x, y in zip(ips[a], ips[b])]
-        return {"median": round(statistics.median(per_round), 3), "min": round(min(per_round), 3),
-                "max": round(max(per_round), 3)}
+        return round_ratio(ips[a], ips[b])
 
     ratios = {
         "pipeline_vs_todays_pipeline": ratio("pipeline, TensorFlow Lite", "pipeline, tf.function"),
@@ -303,11 +299,8 @@ def main(argv=None) -> dict:
     text = "\n".join(md)
     print()
     print(text)
-    out = cfg.reports_dir / "benchmarks"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "extract.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "extract.md").write_text(text)
-    print(f"wrote {out / 'extract.json'} and {out / 'extract.md'}")
+    json_path, md_path = write_report(cfg.reports_dir / "benchmarks", "extract", result, text)
+    print(f"wrote {json_path} and {md_path}")
     return result
 
 

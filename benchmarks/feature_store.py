@@ -29,6 +29,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import REPORT_DIR, write_report  # noqa: E402
 
 CHILD = r'''
 import json, sys, time
@@ -39,11 +42,9 @@ kind, path, batch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 import pandas as pd, pyarrow.parquet as pq
 from vslib import features as F
 import vslib.datasets  # imported by read_split (its split names): not the reader's memory
+from benchmarks.common import proc_status
 def status(key):  # MB, from /proc/self/status
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return proc_status(key, float("nan")) / 2**20
 try:  # reset the peak (VmHWM) so that the imports' peak does not hide the reader's
     open("/proc/self/clear_refs", "w").write("5")
 except OSError:
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1,
                    help="tile the file's rows this many times into a temporary feature file (paths made unique), "
                         "to see what grows with the collection")
-    p.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks")
+    p.add_argument("--out", type=Path, default=REPORT_DIR)
     a = p.parse_args(argv)
     path = a.features or max((ROOT / "data" / "features").glob("*/features-*.npz"), key=lambda q: q.stat().st_size,
                              default=None)
@@ -166,10 +167,8 @@ def main(argv=None) -> int:
                      f"| {r['anon_rss_above_imports_mb']} |")
     md = "\n".join(lines) + "\n"
     print(md)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "feature_store.json").write_text(json.dumps(result, indent=2) + "\n")
-    (a.out / "feature_store.md").write_text(md)
-    print(f"wrote {a.out / 'feature_store.json'} and {a.out / 'feature_store.md'}")
+    json_path, md_path = write_report(a.out, "feature_store", result, md)
+    print(f"wrote {json_path} and {md_path}")
     return 0
 
 

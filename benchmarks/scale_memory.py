@@ -36,17 +36,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from benchmarks.common import REPORT_DIR, command_line, write_report  # noqa: E402
+
 TARGET_MB = 100.0
 CLASSES = 10  # Fashion-MNIST
 
 #: run one CLI command in this process and print the process's memory figures as JSON (last line)
 CHILD = r'''
 import json, os, sys, time
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from benchmarks.common import proc_status
+def status(key):  # MB, from /proc/self/status
+    return proc_status(key, float("nan")) / 2**20
 from vslib.cli import main
 t0 = time.perf_counter()
 rc = main(sys.argv[1:])
@@ -97,13 +97,13 @@ def main(argv=None) -> dict:
     p.add_argument("--es-url", default=None, help="an Elasticsearch URL instead of starting the emulator")
     p.add_argument("--work", type=Path, default=ROOT / "data" / "interim" / "scale",
                    help="where each size's dataset, features and logs go (kept for reruns)")
-    p.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks")
+    p.add_argument("--out", type=Path, default=REPORT_DIR)
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     steps = args.steps.split(",")
     args.work.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
-    report = {"command": "python benchmarks/scale_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    report = {"command": command_line("scale_memory.py", argv),
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "scheduler": args.scheduler,
               "workers": args.workers if args.scheduler == "dask" else 0,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_start": load},
@@ -176,8 +176,6 @@ def main(argv=None) -> dict:
 
 
 def write(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scale_memory.json").write_text(json.dumps(report, indent=2))
     lines = [f"# Client memory against collection size ({report['scheduler']}"
              + (f", {report['workers']} workers" if report["workers"] else "") + ")", "",
              f"`{report['command']}`, {report['started']}, {report['machine']['cpus']} CPUs, load average at start "
@@ -196,7 +194,7 @@ def write(report: dict, out: Path) -> None:
     for step, g in report.get("growth", {}).items():
         lines.append(f"\n{step}: growth of the client's peak RSS {g['mb']:+.0f} MB "
                      f"({'PASS' if g['pass'] else 'FAIL'}: target <= {report['target_mb']:.0f} MB)")
-    (out / "scale_memory.md").write_text("\n".join(lines) + "\n")
+    write_report(out, "scale_memory", report, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

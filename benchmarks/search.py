@@ -50,14 +50,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import sys
-import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -68,7 +65,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from vslib.paths import DATA_DIR, REPORTS_DIR  # noqa: E402
+from benchmarks.common import REPORT_DIR, PeakMemory, command_line, normalise, rss_anon, write_report  # noqa: E402
+from vslib.paths import DATA_DIR  # noqa: E402
 
 K = 10
 N_LABELS = 20
@@ -161,69 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--es-url", default=None, help="an Elasticsearch URL to use instead of starting the emulator")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="do not cache generated collections under data/")
-    p.add_argument("--out", type=Path, default=REPORTS_DIR / "benchmarks", help="where search.{json,md} go")
+    p.add_argument("--out", type=Path, default=REPORT_DIR, help="where search.{json,md} go")
     return p
 
 
 # -- memory measurement -------------------------------------------------------------------------------------------
-def _status(field: str) -> int:
-    """A field of /proc/self/status in bytes (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def rss() -> int:
-    return _status("VmRSS")
-
-
-def rss_anon() -> int:
-    """Anonymous resident memory: excludes memory-mapped input files, so it counts what an index allocates."""
-    return _status("RssAnon") or rss()
-
-
-class PeakMemory:
-    """Peak RSS (and anonymous RSS) of this process while the block runs, sampled every 20 ms.
-
-    The kernel's own high-water mark (VmHWM) is reset first where Linux allows
-    it, and the larger of it and the sampled peak is reported.
-    """
-
-    def __init__(self, interval: float = 0.02):
-        self.interval = interval
-        self.peak = self.peak_anon = 0
-
-    def __enter__(self):
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM
-            self._hwm = True
-        except OSError:
-            self._hwm = False
-        self._stop = threading.Event()
-        self.peak, self.peak_anon = rss(), rss_anon()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, rss())
-            self.peak_anon = max(self.peak_anon, rss_anon())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss())
-        if self._hwm:
-            self.peak = max(self.peak, _status("VmHWM"))
-
-
 def server_rss(pid: Optional[int]) -> int:
     """RSS of the Elasticsearch test server and its children (0 when unknown)."""
     if pid is None:
@@ -249,11 +189,6 @@ class Collection:
     @property
     def raw_bytes(self) -> int:
         return int(self.vectors.shape[0]) * int(self.vectors.shape[1]) * 4
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
-    return x
 
 
 @dataclass(frozen=True)
@@ -314,7 +249,7 @@ def synthetic(n: int, nq: int, dim: int, seed: int, cache_dir: Optional[Path], p
         except (OSError, ValueError) as e:
             print(f"  cached collection {key} unreadable ({e}); regenerating", file=sys.stderr)
     rng = np.random.default_rng(seed)
-    centres = _normalise(rng.standard_normal((n_clusters, dim), dtype=np.float32))
+    centres = normalise(rng.standard_normal((n_clusters, dim), dtype=np.float32))
     cluster = rng.integers(0, n_clusters, n)
     q_cluster = rng.integers(0, n_clusters, nq)
     tmp = None
@@ -340,7 +275,7 @@ def synthetic(n: int, nq: int, dim: int, seed: int, cache_dir: Optional[Path], p
             pts = (centres[c]
                    + (p.spread / np.sqrt(p.rank)) * (crng.standard_normal((m, p.rank), dtype=np.float32) @ basis)
                    + p.noise * crng.standard_normal((m, dim), dtype=np.float32) / np.sqrt(dim))
-            target[np.sort(idx)] = _normalise(pts)
+            target[np.sort(idx)] = normalise(pts)
     labels = (cluster % N_LABELS).astype(np.int32)
     q_labels = (q_cluster % N_LABELS).astype(np.int32)
     if tmp is not None:
@@ -427,7 +362,7 @@ def from_features(path: Path, n: int, nq: int, seed: int) -> Collection:
         part = base[:hi - lo].copy()
         if r:  # copies get a small perturbation so they are not exact duplicates
             part += 0.05 * rng.standard_normal(part.shape, dtype=np.float32) / np.sqrt(part.shape[1])
-            _normalise(part)
+            normalise(part)
         x[lo:hi] = part
     labels = np.resize(base_labels, n).astype(np.int32)
     tiled = f", tiled x{reps} with perturbed copies" if reps > 1 else ""
@@ -952,15 +887,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("search.json", json.dumps(report, indent=2, default=float)),
-                       ("search.md", markdown(report))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
-
-
 # -- main ---------------------------------------------------------------------------------------------------------
 def run_collection(col: Collection, args, res: dict, opts: dict, save) -> None:
     """Every selected backend on one collection; rows go into ``res['results']``, saved after each backend."""
@@ -1017,7 +943,7 @@ def main(argv=None) -> dict:
             "quant_efs": args.quant_ef or [64], "nprobes": args.nprobe or [16, 64],
             "reranks": args.rerank if args.rerank is not None else [0, 100],
             "work_dir": (cache or DATA_DIR / "interim" / "bench") / "indexes"}
-    report = {"command": "python benchmarks/search.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    report = {"command": command_line("search.py", argv),
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "k": K,
               "queries": args.queries, "es_queries": es_q, "emulator_note": EMULATOR_NOTE,
               "single_query_budget_s": budget, "sizes": {}, "real": {}, "hardness": [], "calibration": None,
@@ -1030,7 +956,7 @@ def main(argv=None) -> dict:
     def save():  # after every backend, so a long run that is stopped leaves what it measured
         report["elapsed_s"] = time.perf_counter() - t_start
         report["targets"] = check_targets(report["sizes"])
-        write(report, args.out)
+        write_report(args.out, "search", report, markdown(report))
 
     synth = args.synthetic or CALIBRATED
     try:
