@@ -34,9 +34,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from benchmarks.common import REPORT_DIR, command_line, write_report  # noqa: E402
+from benchmarks.es_server import EsServer  # noqa: E402
 
 TARGET_MB = 100.0
 CLASSES = 10  # Fashion-MNIST
@@ -118,8 +118,6 @@ def main(argv=None) -> dict:
     server = None
     es_url = args.es_url
     if "index" in steps and not es_url:
-        from es_server import EsServer
-
         server = EsServer().start()
         es_url = server.url
         report["es"] = "noida-db (Elasticsearch-API emulator), not Elasticsearch"

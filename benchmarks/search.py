@@ -24,7 +24,7 @@ Backends (``--backends``)
 ``es-exact``            the same index searched with exact ``script_score``
 
 The Elasticsearch rows run against ``noida-db``, an Elasticsearch-API
-*emulator* started by ``tests/es_server.py`` (or the cluster named by
+*emulator* started by ``benchmarks/es_server.py`` (or the cluster named by
 ``--es-url``); their figures say nothing about Elasticsearch itself. They run
 only up to ``--es-max-size`` vectors (default 100k).
 
@@ -66,6 +66,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import REPORT_DIR, PeakMemory, command_line, normalise, rss_anon, write_report  # noqa: E402
+from benchmarks.es_server import EsServer  # noqa: E402
 from vslib.paths import DATA_DIR  # noqa: E402
 
 K = 10
@@ -640,9 +641,6 @@ class EsRunner:
 
     def ensure(self) -> str:
         if self.url is None:
-            sys.path.insert(0, str(ROOT / "tests"))
-            from es_server import EsServer
-
             self.server = EsServer(startup_timeout=60).start()
             self.url, self.pid = self.server.url, self.server.proc.pid
             print(f"    started the noida-db Elasticsearch-API emulator at {self.url} (pid {self.pid})", flush=True)

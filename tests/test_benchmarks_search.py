@@ -9,14 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks import search as bench
+from benchmarks.es_server import find_binary
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from es_server import find_binary  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import search as bench  # noqa: E402
-
 SCRIPT = ROOT / "benchmarks" / "search.py"
 ROW_KEYS = {"backend", "setting", "build_s", "index_bytes", "qps_single", "qps_batch", "recall",
             "filtered_qps_single", "filtered_qps_batch", "filtered_recall"}

@@ -1,6 +1,7 @@
 """Start and stop an Elasticsearch-API test server (PyPI's ``noida-db``, an emulator).
 
-Used by the test suite and by benchmarks::
+Used by the benchmarks and by the test suite (which imports it from here: tests depend on
+benchmarks, never the reverse)::
 
     with EsServer() as server:           # or: server = EsServer().start(); ...; server.stop()
         print(server.url)                # http://127.0.0.1:<free port>
@@ -216,7 +217,7 @@ class ThrottlingProxy:
         self._server.server_close()
 
 
-if __name__ == "__main__":  # python tests/es_server.py: run one until Ctrl-C
+if __name__ == "__main__":  # python benchmarks/es_server.py: run one until Ctrl-C
     with EsServer() as s:
         print(f"Elasticsearch emulator at {s.url} (pid {s.proc.pid}); Ctrl-C stops it", flush=True)
         try:
