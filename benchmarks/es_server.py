@@ -12,6 +12,8 @@ measured against it are emulator figures, not Elasticsearch's.
 """
 from __future__ import annotations
 
+import http.client
+import importlib.util
 import os
 import shutil
 import signal
@@ -19,11 +21,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlsplit
 
 
 def find_binary() -> Optional[str]:
@@ -32,8 +37,6 @@ def find_binary() -> Optional[str]:
     The package's console script is a Python wrapper that starts the binary as a
     child; running the binary itself means the PID we stop is the server's.
     """
-    import importlib.util
-
     spec = importlib.util.find_spec("noida_db")
     if spec and spec.submodule_search_locations:
         for folder in spec.submodule_search_locations:
@@ -149,10 +152,6 @@ class ThrottlingProxy:
     """
 
     def __init__(self, upstream: str, reject: int = 3, paths: tuple = ("/_bulk",)):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        from urllib.parse import urlsplit
-
         self.upstream = urlsplit(upstream)
         self.reject, self.paths = reject, paths
         self.rejected = self.forwarded = 0
@@ -166,8 +165,6 @@ class ThrottlingProxy:
                 pass
 
             def _handle(self):
-                import http.client
-
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if any(self.path.split("?")[0].endswith(p) for p in proxy.paths):
                     with proxy._lock:

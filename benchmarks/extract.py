@@ -48,10 +48,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 
 from benchmarks.common import interleaved_rounds, round_ratio, write_report  # noqa: E402
+from vslib.backbones import get_backbone  # noqa: E402
 from vslib.config import load_config, parse_config  # noqa: E402
+from vslib.datasets import load_manifest  # noqa: E402
+from vslib.features import extract, iter_batches  # noqa: E402
+from vslib.images import _to_rgb, file_hash, load_for_model  # noqa: E402
 from vslib.paths import DEFAULT_CONFIG  # noqa: E402
+from vslib.runtime import min_cosine  # noqa: E402
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 TARGETS = {"pipeline_vs_todays_pipeline": 1.8, "pipeline_vs_runtime_alone": 0.85}
@@ -63,11 +69,7 @@ def peak_rss_mb() -> float:
 
 def demo_images(cfg, n: int) -> pd.DataFrame:
     """``n`` usable images of the demo dataset: from the manifest, else straight from the Tux Paint stamps."""
-    from vslib.images import file_hash
-
     try:
-        from vslib.datasets import load_manifest
-
         m = load_manifest(cfg)
         source = f"manifest {cfg.manifest_path}"
     except Exception as e:  # noqa: BLE001 - no manifest yet: fall back, and say so
@@ -90,10 +92,6 @@ def demo_images(cfg, n: int) -> pd.DataFrame:
 
 def stage_profile(paths, size: int) -> dict:
     """Milliseconds of one thread's CPU time per image in each stage of :func:`vslib.images.load_for_model`."""
-    from PIL import Image, ImageOps
-
-    from vslib.images import _to_rgb
-
     t = dict(decode=0.0, exif_and_rgb=0.0, resize=0.0, to_array=0.0)
     for p in paths:
         c0 = time.thread_time()
@@ -126,10 +124,6 @@ def main(argv=None) -> dict:
     targets = dict(TARGETS, **({"dask_vs_in_process": 0.9} if args.scheduler == "dask" else {}))
 
     cfg = load_config(args.config) if Path(args.config).exists() else parse_config({})
-    from vslib.backbones import get_backbone
-    from vslib.features import extract, iter_batches
-    from vslib.images import load_for_model
-    from vslib.runtime import min_cosine
 
     load_before = os.getloadavg()
     manifest = demo_images(cfg, args.n)

@@ -23,15 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import REPORT_DIR, write_report  # noqa: E402
+from vslib.features import STREAM_ROWS, TABLE_COLUMNS, npz_member, save_npz_streamed  # noqa: E402
 
 CHILD = r'''
 import json, sys, time
@@ -98,18 +102,15 @@ print(json.dumps(out))
 
 def child(kind: str, path: Path, batch: int) -> dict:
     r = subprocess.run([sys.executable, "-c", CHILD, kind, str(path), str(batch)], capture_output=True, text=True,
-                       cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if r.returncode:
         raise SystemExit(f"{kind} failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def to_parquet(npz: Path, out: Path) -> None:
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from vslib.features import TABLE_COLUMNS, npz_member
 
     v = np.asarray(npz_member(npz, "vectors"), np.float32)
     cols = {c: pa.array(np.asarray(npz_member(npz, c)).astype(str)) for c in TABLE_COLUMNS}
@@ -118,10 +119,6 @@ def to_parquet(npz: Path, out: Path) -> None:
 
 
 def tile(npz: Path, k: int, tmp: Path) -> Path:
-    import numpy as np
-
-    from vslib.features import STREAM_ROWS, TABLE_COLUMNS, npz_member, save_npz_streamed
-
     v = npz_member(npz, "vectors")
     cols = {c: np.asarray(npz_member(npz, c)) for c in TABLE_COLUMNS}
     cols = {c: np.concatenate([np.char.add(col, f"#{i}") if c in ("path", "content_hash") else col for i in range(k)])

@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import REPORT_DIR, write_report  # noqa: E402
+from vslib import datasets as ds_mod  # noqa: E402
+from vslib import evaluate, features  # noqa: E402
 from vslib.config import parse_config  # noqa: E402
 
 
@@ -83,9 +85,6 @@ def claims(r: dict) -> dict:
 
 def run(datasets: list[str], backbones: list[str], heads: list[str], seeds: int, base_seed: int,
         data_dir: Path = ROOT / "data") -> dict:
-    from vslib import datasets as ds_mod
-    from vslib import evaluate, features
-
     results = []
     for spec in datasets:
         for backbone in backbones:

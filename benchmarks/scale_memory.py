@@ -35,8 +35,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
+
 from benchmarks.common import REPORT_DIR, command_line, write_report  # noqa: E402
 from benchmarks.es_server import EsServer  # noqa: E402
+from vslib.config import load_config  # noqa: E402
+from vslib.features import feature_columns, features_path, npz_member  # noqa: E402
 
 TARGET_MB = 100.0
 CLASSES = 10  # Fashion-MNIST
@@ -56,8 +60,6 @@ print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t0, "peak_rss_mb": 
 
 
 def write_config(folder: Path, n: int, args, es_url: str, alias: str) -> Path:
-    import yaml
-
     cfg = {
         "dataset": {"name": "fashion-mnist", "max_per_class": n // CLASSES, "install": True},
         "backbone": {"name": "efficientnet_lite0", "batch_size": 32, "runtime": "auto"},
@@ -138,9 +140,6 @@ def main(argv=None) -> dict:
                 if "extract" in steps:
                     shutil.rmtree(folder / "data" / "features", ignore_errors=True)  # an empty cache
                     r = run_step(["extract", "-c", str(cfg)], log)
-                    from vslib.config import load_config
-                    from vslib.features import npz_member, features_path
-
                     r["images"] = int(len(npz_member(features_path(load_config(cfg)), "vectors")))
                     r["images_per_s"] = r["images"] / r["seconds"]
                     runs["extract"] = r
@@ -148,9 +147,6 @@ def main(argv=None) -> dict:
                           f"client peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
                 if "index" in steps:
                     r = run_step(["index", "-c", str(cfg), "--rebuild"], log)
-                    from vslib.config import load_config
-                    from vslib.features import feature_columns
-
                     r["documents"] = int(len(feature_columns(load_config(cfg), ["path"], split="index")))
                     r["documents_per_s"] = r["documents"] / r["seconds"]
                     runs["index"] = r

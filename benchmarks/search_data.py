@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from benchmarks.common import normalise
+from vslib.features import FeatureSet
 
 K = 10          # neighbours asked for (recall@K, QPS at k=K)
 N_LABELS = 20   # labels of a synthetic collection: one holds ~5% of it
@@ -212,8 +213,6 @@ def calibrate(target: dict, n: int, nq: int, dim: int, seed: int, base: Synth = 
 
 def from_features(path: Path, n: int, nq: int, seed: int) -> Collection:
     """Real feature vectors: ``nq`` held-out rows are the queries; the rest is tiled (perturbed) up to ``n``."""
-    from vslib.features import FeatureSet
-
     feats = FeatureSet.load(path)
     vecs = feats.vectors
     names, label_ids = np.unique(feats.table["label"].astype(str).to_numpy(), return_inverse=True)
@@ -241,7 +240,5 @@ def from_features(path: Path, n: int, nq: int, seed: int) -> Collection:
 
 def real_collection(path: Path, nq: int, seed: int) -> Collection:
     """A real FeatureSet as a collection at its own size (no tiling): nq held-out rows are the queries."""
-    from vslib.features import FeatureSet
-
     n = len(FeatureSet.load(path).vectors) - nq
     return from_features(path, n, nq, seed)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import gc
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import numpy as np
 from benchmarks.common import PeakMemory, rss_anon
 from benchmarks.search_data import K, Collection
 from benchmarks.search_measure import add_all, index_searcher, measured
+from vslib.index.embedded import EmbeddedIndex
 
 
 def embedded_breakdown(index) -> dict:
@@ -21,8 +24,6 @@ def embedded_breakdown(index) -> dict:
 
 
 def run_embedded(col: Collection, factory: str, efs: list[int], budget: float) -> list[dict]:
-    from vslib.index.embedded import EmbeddedIndex
-
     gc.collect()
     anon0 = rss_anon()
     with PeakMemory() as mem:
@@ -62,11 +63,6 @@ def nlist_for(n: int) -> int:
 def run_quant(col: Collection, factory: str, efs: list[int], nprobes: list[int], reranks: list[int],
               budget: float, work_dir: Path, ef_construction: int = 40) -> list[dict]:
     """A compressed EmbeddedIndex saved to disk, the float vectors memory-mapped for re-ranking."""
-    import shutil
-    import tempfile
-
-    from vslib.index.embedded import EmbeddedIndex
-
     factory = factory.format(nlist=nlist_for(len(col.vectors)))
     work_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="quant-", dir=work_dir))

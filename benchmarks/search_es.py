@@ -5,18 +5,20 @@ import time
 import uuid
 from typing import Optional
 
+import psutil
+
 from benchmarks.es_server import EsServer
 from benchmarks.search_data import K, Collection
 from benchmarks.search_measure import (ADAPTIVE_CLASSES, add_all, index_searcher, measure, print_row,
                                        requests_per_query)
+from vslib.config import ElasticsearchConfig
+from vslib.index.elasticsearch import ElasticsearchIndex
 
 
 def server_rss(pid: Optional[int]) -> int:
     """RSS of the Elasticsearch test server and its children (0 when unknown)."""
     if pid is None:
         return 0
-    import psutil
-
     try:
         proc = psutil.Process(pid)
         return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
@@ -43,9 +45,6 @@ class EsRunner:
             self.server = None
 
     def run(self, col: Collection, which: list[str], ncs: list[int], nq: int, budget: float) -> list[dict]:
-        from vslib.config import ElasticsearchConfig
-        from vslib.index.elasticsearch import ElasticsearchIndex
-
         url = self.ensure()
         cfg = ElasticsearchConfig(hosts=[url], index_name=f"bench-{uuid.uuid4().hex[:8]}", request_timeout=300.0,
                                   search_timeout=600.0, bulk_timeout=600.0,

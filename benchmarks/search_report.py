@@ -5,6 +5,7 @@ import os
 import platform
 
 import numpy as np
+import psutil
 
 from benchmarks.search_data import K, fmt_size
 from benchmarks.search_measure import ADAPTIVE_CLASSES, fmt, held
@@ -92,8 +93,6 @@ def check_targets(sizes: dict) -> list[dict]:
 
 
 def machine() -> dict:
-    import psutil
-
     return {"cpu_cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
             "faiss": _faiss_version(), "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}
