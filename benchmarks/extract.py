@@ -34,7 +34,6 @@ TensorFlow Lite alone. Prints a table and writes ``reports/benchmarks/extract.js
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -49,9 +48,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 
+from benchmarks.common import interleaved_rounds, round_ratio, write_report  # noqa: E402
+from vslib.backbones import get_backbone  # noqa: E402
 from vslib.config import load_config, parse_config  # noqa: E402
+from vslib.datasets import load_manifest  # noqa: E402
+from vslib.embedding import iter_batches  # noqa: E402
+from vslib.extraction import extract  # noqa: E402
+from vslib.images import _to_rgb, file_hash, load_for_model  # noqa: E402
 from vslib.paths import DEFAULT_CONFIG  # noqa: E402
+from vslib.runtime import min_cosine  # noqa: E402
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 TARGETS = {"pipeline_vs_todays_pipeline": 1.8, "pipeline_vs_runtime_alone": 0.85}
@@ -63,11 +70,7 @@ def peak_rss_mb() -> float:
 
 def demo_images(cfg, n: int) -> pd.DataFrame:
     """``n`` usable images of the demo dataset: from the manifest, else straight from the Tux Paint stamps."""
-    from vslib.images import file_hash
-
     try:
-        from vslib.datasets import load_manifest
-
         m = load_manifest(cfg)
         source = f"manifest {cfg.manifest_path}"
     except Exception as e:  # noqa: BLE001 - no manifest yet: fall back, and say so
@@ -90,10 +93,6 @@ def demo_images(cfg, n: int) -> pd.DataFrame:
 
 def stage_profile(paths, size: int) -> dict:
     """Milliseconds of one thread's CPU time per image in each stage of :func:`vslib.images.load_for_model`."""
-    from PIL import Image, ImageOps
-
-    from vslib.images import _to_rgb
-
     t = dict(decode=0.0, exif_and_rgb=0.0, resize=0.0, to_array=0.0)
     for p in paths:
         c0 = time.thread_time()
@@ -126,11 +125,6 @@ def main(argv=None) -> dict:
     targets = dict(TARGETS, **({"dask_vs_in_process": 0.9} if args.scheduler == "dask" else {}))
 
     cfg = load_config(args.config) if Path(args.config).exists() else parse_config({})
-    from vslib.backbones import get_backbone
-    from vslib.embedding import iter_batches
-    from vslib.extraction import extract
-    from vslib.images import load_for_model
-    from vslib.runtime import min_cosine
 
     load_before = os.getloadavg()
     manifest = demo_images(cfg, args.n)
@@ -218,21 +212,17 @@ def main(argv=None) -> dict:
     if client is not None:
         runs[dask_name] = pipeline_dask
     names = list(runs)
-    ips = {k: [] for k in names}
-    cpu_ms = {k: [] for k in names}  # this process's CPU time (all threads) per image: less disturbed by others
-    for r in range(args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for k in order:
-            t, c = time.perf_counter(), time.process_time()
-            runs[k]()
-            ips[k].append(n / (time.perf_counter() - t))
-            cpu_ms[k].append((time.process_time() - c) / n * 1e3)
-        print(f"round {r + 1}: " + ", ".join(f"{k} {ips[k][-1]:.1f}" for k in names) + " images/s", flush=True)
+
+    def print_round(r, wall, cpu):
+        print(f"round {r + 1}: " + ", ".join(f"{k} {n / wall[k][-1]:.1f}" for k in names) + " images/s", flush=True)
+
+    wall, cpu = interleaved_rounds(runs, args.rounds, rotate=True, after_round=print_round)
+    ips = {k: [n / t for t in v] for k, v in wall.items()}
+    # this process's CPU time (all threads) per image: less disturbed by others
+    cpu_ms = {k: [c / n * 1e3 for c in v] for k, v in cpu.items()}
 
     def ratio(a, b):
-        per_round = [x / y for x, y in zip(ips[a], ips[b])]
-        return {"median": round(statistics.median(per_round), 3), "min": round(min(per_round), 3),
-                "max": round(max(per_round), 3)}
+        return round_ratio(ips[a], ips[b])
 
     ratios = {
         "pipeline_vs_todays_pipeline": ratio("pipeline, TensorFlow Lite", "pipeline, tf.function"),
@@ -304,11 +294,8 @@ def main(argv=None) -> dict:
     text = "\n".join(md)
     print()
     print(text)
-    out = cfg.reports_dir / "benchmarks"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "extract.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "extract.md").write_text(text)
-    print(f"wrote {out / 'extract.json'} and {out / 'extract.md'}")
+    json_path, md_path = write_report(cfg.reports_dir / "benchmarks", "extract", result, text)
+    print(f"wrote {json_path} and {md_path}")
     return result
 
 

@@ -23,12 +23,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import REPORT_DIR, write_report  # noqa: E402
+from vslib.features import TABLE_COLUMNS  # noqa: E402
+from vslib.npzfile import STREAM_ROWS, npz_member, save_npz_streamed  # noqa: E402
 
 CHILD = r'''
 import json, sys, time
@@ -40,11 +48,9 @@ import pandas as pd, pyarrow.parquet as pq
 from vslib import features as F
 from vslib.npzfile import npz_member
 import vslib.datasets  # imported by read_split (its split names): not the reader's memory
+from benchmarks.common import proc_status
 def status(key):  # MB, from /proc/self/status
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return proc_status(key, float("nan")) / 2**20
 try:  # reset the peak (VmHWM) so that the imports' peak does not hide the reader's
     open("/proc/self/clear_refs", "w").write("5")
 except OSError:
@@ -98,19 +104,15 @@ print(json.dumps(out))
 
 def child(kind: str, path: Path, batch: int) -> dict:
     r = subprocess.run([sys.executable, "-c", CHILD, kind, str(path), str(batch)], capture_output=True, text=True,
-                       cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if r.returncode:
         raise SystemExit(f"{kind} failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def to_parquet(npz: Path, out: Path) -> None:
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from vslib.features import TABLE_COLUMNS
-    from vslib.npzfile import npz_member
 
     v = np.asarray(npz_member(npz, "vectors"), np.float32)
     cols = {c: pa.array(np.asarray(npz_member(npz, c)).astype(str)) for c in TABLE_COLUMNS}
@@ -119,11 +121,6 @@ def to_parquet(npz: Path, out: Path) -> None:
 
 
 def tile(npz: Path, k: int, tmp: Path) -> Path:
-    import numpy as np
-
-    from vslib.features import TABLE_COLUMNS
-    from vslib.npzfile import STREAM_ROWS, npz_member, save_npz_streamed
-
     v = npz_member(npz, "vectors")
     cols = {c: np.asarray(npz_member(npz, c)) for c in TABLE_COLUMNS}
     cols = {c: np.concatenate([np.char.add(col, f"#{i}") if c in ("path", "content_hash") else col for i in range(k)])
@@ -142,7 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1,
                    help="tile the file's rows this many times into a temporary feature file (paths made unique), "
                         "to see what grows with the collection")
-    p.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks")
+    p.add_argument("--out", type=Path, default=REPORT_DIR)
     a = p.parse_args(argv)
     path = a.features or max((ROOT / "data" / "features").glob("*/features-*.npz"), key=lambda q: q.stat().st_size,
                              default=None)
@@ -169,10 +166,8 @@ def main(argv=None) -> int:
                      f"| {r['anon_rss_above_imports_mb']} |")
     md = "\n".join(lines) + "\n"
     print(md)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "feature_store.json").write_text(json.dumps(result, indent=2) + "\n")
-    (a.out / "feature_store.md").write_text(md)
-    print(f"wrote {a.out / 'feature_store.json'} and {a.out / 'feature_store.md'}")
+    json_path, md_path = write_report(a.out, "feature_store", result, md)
+    print(f"wrote {json_path} and {md_path}")
     return 0
 
 

@@ -22,7 +22,6 @@ Each figure is also given per million vectors and as a ratio to reading the file
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import REPORT_DIR, interleaved_rounds, normalise, write_report  # noqa: E402
 from vslib import integrity  # noqa: E402
 
 
@@ -46,8 +46,7 @@ def _make(path: Path, rows: int, dim: int) -> None:
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, dim))
     for start in range(0, rows, 65_536):
         block = rng.standard_normal((min(65_536, rows - start), dim), dtype=np.float32)
-        block /= np.linalg.norm(block, axis=1, keepdims=True)
-        arr[start:start + len(block)] = block
+        arr[start:start + len(block)] = normalise(block)
     arr.flush()
     del arr
     integrity.record(path)
@@ -75,7 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", default="/tmp/vs-integrity")
     ap.add_argument("--cold", action="store_true", help="also time a full CRC after dropping the page cache (root)")
-    ap.add_argument("--out", default=str(ROOT / "reports" / "benchmarks"))
+    ap.add_argument("--out", default=str(REPORT_DIR))
     args = ap.parse_args(argv)
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,11 +92,11 @@ def main(argv=None) -> int:
         "sampled_vector_check": lambda: integrity.check_unit_vectors(
             np.load(path, mmap_mode="r")[sample_rows], "bench"),
     }
-    times = {name: [] for name in cases}
-    for r in range(args.rounds):  # interleaved: each round runs every case once, in turn
-        for name, fn in cases.items():
-            times[name].append(_time(fn))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()), flush=True)
+
+    def print_round(r, wall, cpu):
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in wall.items()), flush=True)
+
+    times, _ = interleaved_rounds(cases, args.rounds, after_round=print_round)  # each round runs every case in turn
     cold = None
     if args.cold and _drop_caches():
         cold = _time(cases["full_crc"])
@@ -112,9 +111,6 @@ def main(argv=None) -> int:
     result = {"rows": args.rows, "dim": args.dim, "file_bytes": size, "rounds": args.rounds,
               "cpu_count": os.cpu_count(), "cases": rows, "full_crc_cold_s": cold,
               "full_crc_gb_per_s": size / 1e9 / rows["full_crc"]["median_s"]}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "integrity.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Integrity checks at {args.rows:,} x {args.dim} float32 ({size / 1e9:.2f} GB), "
              f"{args.rounds} interleaved rounds, {os.cpu_count()} cores", "",
              "| check | median s | min-max s | s per 1M vectors | x reading the file |", "|---|---:|---:|---:|---:|"]
@@ -123,7 +119,7 @@ def main(argv=None) -> int:
                      f"{r['s_per_million_vectors']:.4f} | {r['ratio_to_reading_the_file']:.3f} |")
     if cold is not None:
         lines.append(f"\nfull CRC with a cold page cache: {cold:.2f} s")
-    (out / "integrity.md").write_text("\n".join(lines) + "\n")
+    write_report(Path(args.out), "integrity", result, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -38,9 +38,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import REPORT_DIR, write_report  # noqa: E402
+from vslib import datasets as ds_mod  # noqa: E402
+from vslib import evaluate, extraction, features  # noqa: E402
 from vslib.config import parse_config  # noqa: E402
-
-OUT = ROOT / "reports" / "benchmarks"
 
 
 def dataset_config(spec: str, backbone: str, head: str = "ensemble", data_dir: Path = ROOT / "data") -> tuple[str, dict]:
@@ -84,9 +85,6 @@ def claims(r: dict) -> dict:
 
 def run(datasets: list[str], backbones: list[str], heads: list[str], seeds: int, base_seed: int,
         data_dir: Path = ROOT / "data") -> dict:
-    from vslib import datasets as ds_mod
-    from vslib import evaluate, extraction, features
-
     results = []
     for spec in datasets:
         for backbone in backbones:
@@ -162,7 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--heads", default="ensemble,linear,knn")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--base-seed", type=int, default=42)
-    p.add_argument("--out", type=Path, default=OUT, help="folder for retrieval.json/.md (default reports/benchmarks)")
+    p.add_argument("--out", type=Path, default=REPORT_DIR, help="folder for retrieval.json/.md (default reports/benchmarks)")
     p.add_argument("--data", type=Path, default=ROOT / "data", help="data folder: manifests and the feature cache "
                                                                     "(default: the project's, shared with the pipeline)")
     p.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
@@ -176,10 +174,8 @@ def main(argv=None) -> int:
     else:
             report = run(args.datasets.split(","), args.backbones.split(","), args.heads.split(","), args.seeds,
                      args.base_seed, args.data)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "retrieval.json").write_text(json.dumps(report, indent=2))
     md = to_markdown(report)
-    (args.out / "retrieval.md").write_text(md)
+    write_report(args.out, "retrieval", report, md)
     print("\n" + md)
     print(f"written: {args.out / 'retrieval.json'}, {args.out / 'retrieval.md'}")
     failed = [(r["dataset"], r["backbone"], r["head"]) for r in report["results"] if not all(r["claims"].values())]

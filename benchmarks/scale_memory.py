@@ -34,7 +34,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+
+import yaml  # noqa: E402
+
+from benchmarks.common import REPORT_DIR, command_line, write_report  # noqa: E402
+from benchmarks.es_server import EsServer  # noqa: E402
+from vslib.config import load_config  # noqa: E402
+from vslib.features import feature_columns, features_path  # noqa: E402
+from vslib.npzfile import npz_member  # noqa: E402
 
 TARGET_MB = 100.0
 CLASSES = 10  # Fashion-MNIST
@@ -42,11 +49,9 @@ CLASSES = 10  # Fashion-MNIST
 #: run one CLI command in this process and print the process's memory figures as JSON (last line)
 CHILD = r'''
 import json, os, sys, time
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from benchmarks.common import proc_status
+def status(key):  # MB, from /proc/self/status
+    return proc_status(key, float("nan")) / 2**20
 from vslib.cli import main
 t0 = time.perf_counter()
 rc = main(sys.argv[1:])
@@ -56,8 +61,6 @@ print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t0, "peak_rss_mb": 
 
 
 def write_config(folder: Path, n: int, args, es_url: str, alias: str) -> Path:
-    import yaml
-
     cfg = {
         "dataset": {"name": "fashion-mnist", "max_per_class": n // CLASSES, "install": True},
         "backbone": {"name": "efficientnet_lite0", "batch_size": 32, "runtime": "auto"},
@@ -97,13 +100,13 @@ def main(argv=None) -> dict:
     p.add_argument("--es-url", default=None, help="an Elasticsearch URL instead of starting the emulator")
     p.add_argument("--work", type=Path, default=ROOT / "data" / "interim" / "scale",
                    help="where each size's dataset, features and logs go (kept for reruns)")
-    p.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks")
+    p.add_argument("--out", type=Path, default=REPORT_DIR)
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     steps = args.steps.split(",")
     args.work.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
-    report = {"command": "python benchmarks/scale_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    report = {"command": command_line("scale_memory.py", argv),
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "scheduler": args.scheduler,
               "workers": args.workers if args.scheduler == "dask" else 0,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_start": load},
@@ -118,8 +121,6 @@ def main(argv=None) -> dict:
     server = None
     es_url = args.es_url
     if "index" in steps and not es_url:
-        from es_server import EsServer
-
         server = EsServer().start()
         es_url = server.url
         report["es"] = "noida-db (Elasticsearch-API emulator), not Elasticsearch"
@@ -140,10 +141,6 @@ def main(argv=None) -> dict:
                 if "extract" in steps:
                     shutil.rmtree(folder / "data" / "features", ignore_errors=True)  # an empty cache
                     r = run_step(["extract", "-c", str(cfg)], log)
-                    from vslib.config import load_config
-                    from vslib.features import features_path
-                    from vslib.npzfile import npz_member
-
                     r["images"] = int(len(npz_member(features_path(load_config(cfg)), "vectors")))
                     r["images_per_s"] = r["images"] / r["seconds"]
                     runs["extract"] = r
@@ -151,9 +148,6 @@ def main(argv=None) -> dict:
                           f"client peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
                 if "index" in steps:
                     r = run_step(["index", "-c", str(cfg), "--rebuild"], log)
-                    from vslib.config import load_config
-                    from vslib.features import feature_columns
-
                     r["documents"] = int(len(feature_columns(load_config(cfg), ["path"], split="index")))
                     r["documents_per_s"] = r["documents"] / r["seconds"]
                     runs["index"] = r
@@ -177,8 +171,6 @@ def main(argv=None) -> dict:
 
 
 def write(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scale_memory.json").write_text(json.dumps(report, indent=2))
     lines = [f"# Client memory against collection size ({report['scheduler']}"
              + (f", {report['workers']} workers" if report["workers"] else "") + ")", "",
              f"`{report['command']}`, {report['started']}, {report['machine']['cpus']} CPUs, load average at start "
@@ -197,7 +189,7 @@ def write(report: dict, out: Path) -> None:
     for step, g in report.get("growth", {}).items():
         lines.append(f"\n{step}: growth of the client's peak RSS {g['mb']:+.0f} MB "
                      f"({'PASS' if g['pass'] else 'FAIL'}: target <= {report['target_mb']:.0f} MB)")
-    (out / "scale_memory.md").write_text("\n".join(lines) + "\n")
+    write_report(out, "scale_memory", report, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

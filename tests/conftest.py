@@ -43,7 +43,7 @@ def make_config(tmp_path):
 @pytest.fixture(scope="session")
 def es_url():
     """URL of the Elasticsearch to test against: VS_ES_URL, or an emulator started here."""
-    from es_server import EsServer, find_binary
+    from benchmarks.es_server import EsServer, find_binary
 
     if os.environ.get("VS_ES_URL"):
         yield os.environ["VS_ES_URL"].split(",")[0].strip()

@@ -9,14 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.es_server import find_binary
+from benchmarks.search_data import hardness, hardness_gap
+from benchmarks.search_embedded import nlist_for
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from es_server import find_binary  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import search as bench  # noqa: E402
-
 SCRIPT = ROOT / "benchmarks" / "search.py"
 ROW_KEYS = {"backend", "setting", "build_s", "index_bytes", "qps_single", "qps_batch", "recall",
             "filtered_qps_single", "filtered_qps_batch", "filtered_recall"}
@@ -56,7 +53,7 @@ def test_search_benchmark_embedded(tmp_path):
     assert hnsw["recall"] >= 0.9  # efSearch=128 over 3000 vectors is close to exact
     assert hnsw["index_bytes"] > 0 and hnsw["faiss_bytes"] > 0
     quant = [r for r in res["results"] if r["backend"] == "embedded-quant"]
-    assert {r["factory"] for r in quant} == {"HNSW16,SQ8", f"IVF{bench.nlist_for(3000)},SQ8"}
+    assert {r["factory"] for r in quant} == {"HNSW16,SQ8", f"IVF{nlist_for(3000)},SQ8"}
     assert len(quant) == 4  # factories x rerank depths (one efSearch / nprobe each)
     for r in quant:
         assert "memory-mapped" in r["vectors"] and r["vector_buffer_bytes"] == 0
@@ -79,12 +76,12 @@ def test_hardness_measures_intrinsic_dimension_and_contrast():
     low /= np.linalg.norm(low, axis=1, keepdims=True)
     high = rng.standard_normal((4000, 128)).astype(np.float32)
     high /= np.linalg.norm(high, axis=1, keepdims=True)
-    h_low = bench.hardness(low[100:], low[:100])
-    h_high = bench.hardness(high[100:], high[:100])
+    h_low = hardness(low[100:], low[:100])
+    h_high = hardness(high[100:], high[:100])
     assert 3.5 < h_low["lid_median"] < 7.5, h_low  # the MLE finds the 5 dimensions
     assert h_high["lid_median"] > 25, h_high
     assert h_low["rc_median"] > 2.0 and 1.0 < h_high["rc_median"] < 1.3  # random 128-d points: all alike far
-    assert bench.hardness_gap(h_low, h_low) == 0 and bench.hardness_gap(h_low, h_high) > 1
+    assert hardness_gap(h_low, h_low) == 0 and hardness_gap(h_low, h_high) > 1
 
 
 def test_search_benchmark_real_vectors_and_calibration(tmp_path):
@@ -111,7 +108,7 @@ def test_search_benchmark_real_vectors_and_calibration(tmp_path):
     assert cal["target"] == "features-real.npz" and set(cal["params"]) == {"per_cluster", "rank", "spread", "noise"}
     # the chosen parameters are the closest of the grid, and they generate the synthetic sizes of the run
     assert cal["best"][0]["gap"] == min(b["gap"] for b in cal["best"])
-    assert bench.hardness_gap(cal["hardness"], target) == pytest.approx(cal["best"][0]["gap"])
+    assert hardness_gap(cal["hardness"], target) == pytest.approx(cal["best"][0]["gap"])
     assert f"rank-{cal['params']['rank']} " in report["source"]
     md = (tmp_path / "bench" / "search.md").read_text()
     assert "How hard the data is" in md and "Real vectors: features-real.npz" in md

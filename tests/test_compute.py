@@ -250,7 +250,7 @@ def test_elasticsearch_bulk_from_the_workers_retries_429(cluster, config_of, ref
     """`visualsearch index` with scheduler dask: the workers send the bulk requests, through a cluster that throttles."""
     import shutil
 
-    from es_server import ThrottlingProxy
+    from benchmarks.es_server import ThrottlingProxy
     from vslib.index import build, open_index
 
     address, _, _ = cluster

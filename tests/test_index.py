@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from es_server import free_port
+from benchmarks.es_server import free_port
 from vslib.config import parse_config
 from vslib.errors import IndexBackendError
 from vslib.index import (BulkIndexError, IndexDimensionError, IndexMismatchError, IndexNotFoundError,

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from es_server import EsServer, find_binary, free_port
+from benchmarks.es_server import EsServer, find_binary, free_port
 from vslib.config import parse_config
 from vslib.index import IndexUnreachableError, build, open_index
 from vslib.index.elasticsearch import BULK_META, ElasticsearchIndex, audit, connect

@@ -1,6 +1,7 @@
 """Start and stop an Elasticsearch-API test server (PyPI's ``noida-db``, an emulator).
 
-Used by the test suite and by benchmarks::
+Used by the benchmarks and by the test suite (which imports it from here: tests depend on
+benchmarks, never the reverse)::
 
     with EsServer() as server:           # or: server = EsServer().start(); ...; server.stop()
         print(server.url)                # http://127.0.0.1:<free port>
@@ -11,6 +12,8 @@ measured against it are emulator figures, not Elasticsearch's.
 """
 from __future__ import annotations
 
+import http.client
+import importlib.util
 import os
 import shutil
 import signal
@@ -18,11 +21,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlsplit
 
 
 def find_binary() -> Optional[str]:
@@ -31,8 +37,6 @@ def find_binary() -> Optional[str]:
     The package's console script is a Python wrapper that starts the binary as a
     child; running the binary itself means the PID we stop is the server's.
     """
-    import importlib.util
-
     spec = importlib.util.find_spec("noida_db")
     if spec and spec.submodule_search_locations:
         for folder in spec.submodule_search_locations:
@@ -148,10 +152,6 @@ class ThrottlingProxy:
     """
 
     def __init__(self, upstream: str, reject: int = 3, paths: tuple = ("/_bulk",)):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        from urllib.parse import urlsplit
-
         self.upstream = urlsplit(upstream)
         self.reject, self.paths = reject, paths
         self.rejected = self.forwarded = 0
@@ -165,8 +165,6 @@ class ThrottlingProxy:
                 pass
 
             def _handle(self):
-                import http.client
-
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if any(self.path.split("?")[0].endswith(p) for p in proxy.paths):
                     with proxy._lock:
@@ -216,7 +214,7 @@ class ThrottlingProxy:
         self._server.server_close()
 
 
-if __name__ == "__main__":  # python tests/es_server.py: run one until Ctrl-C
+if __name__ == "__main__":  # python benchmarks/es_server.py: run one until Ctrl-C
     with EsServer() as s:
         print(f"Elasticsearch emulator at {s.url} (pid {s.proc.pid}); Ctrl-C stops it", flush=True)
         try:
