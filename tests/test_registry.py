@@ -19,8 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("setting", list(REGISTRIES))
 def test_the_config_allows_exactly_the_registered_names(setting):
-    only = {"configurable": True} if setting == "classifier.head" else {}  # fine_tuned is made, never named
-    assert typing.get_args(_leaf_type(setting, "test")) == REGISTRIES[setting].names(**only)
+    assert typing.get_args(_leaf_type(setting, "test")) == REGISTRIES[setting].choices()
 
 
 def test_an_unregistered_name_is_refused_naming_the_choices():
@@ -114,7 +113,7 @@ def _readme_names(heading: str) -> list[str]:
                                               ("### Search modes", "search.mode")])
 def test_the_readme_tables_list_the_registered_names(heading, setting):
     names = _readme_names(heading)
-    assert [n.removesuffix(" (default)") for n in names] == list(REGISTRIES[setting]), (heading, names)
+    assert [n.removesuffix(" (default)") for n in names] == list(REGISTRIES[setting].choices()), (heading, names)
     section, key = setting.split(".")
     default = next(f for f in dataclasses.fields(type(getattr(Config(), section))) if f.name == key).default
     assert all(n == f"{default} (default)" for n in names if n.endswith("(default)")), names

@@ -32,11 +32,11 @@ from vslib.registry import BACKBONES, BACKENDS, DATASETS, HEADS, MODES
 ADAPTIVE_SETTINGS = ("mass", "min_confidence", "max_classes", "class_weight")
 
 #: the names each registry declares (:mod:`vslib.registry`) are the values these settings allow
-DatasetName = Literal[DATASETS.names()]
-BackboneName = Literal[BACKBONES.names()]
-HeadName = Literal[HEADS.names(configurable=True)]
-BackendName = Literal[BACKENDS.names()]
-ModeName = Literal[MODES.names()]
+DatasetName = Literal[DATASETS.choices()]
+BackboneName = Literal[BACKBONES.choices()]
+HeadName = Literal[HEADS.choices()]
+BackendName = Literal[BACKENDS.choices()]
+ModeName = Literal[MODES.choices()]
 
 
 class ConfigError(ValueError):

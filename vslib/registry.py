@@ -50,6 +50,10 @@ class Registry(dict):
         """The names whose spec has every ``key=value`` given (all names without arguments)."""
         return tuple(n for n, spec in self.items() if all(spec.get(k) == v for k, v in capabilities.items()))
 
+    def choices(self) -> tuple[str, ...]:
+        """The names a setting may take: all but those declared ``configurable: False`` (made, never named)."""
+        return tuple(n for n, spec in self.items() if spec.get("configurable", True))
+
     def spec(self, name: str) -> dict:
         """The spec of ``name``; an unknown name raises ``error`` listing the available ones."""
         if name not in self:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from vslib.registry import HEADS
 
 #: the values ``classifier.head`` takes, the default first
-HEAD_NAMES = HEADS.names(configurable=True)
+HEAD_NAMES = HEADS.choices()
 
 
 def head_class(name: str) -> type:
