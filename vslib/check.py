@@ -17,20 +17,16 @@ import json
 import sys
 from typing import Callable
 
+from vslib import classifier, datasets, experiments, explorer, features
+from vslib.index import elasticsearch, embedded
 from vslib.integrity import Finding
 
 
 def _audits(cfg) -> list[tuple[str, Callable]]:
-    from vslib import classifier, datasets, experiments, explorer, features
-
     out = [("dataset", datasets.audit), ("features", features.audit), ("classifier", classifier.audit)]
     if cfg.index.backend == "elasticsearch":
-        from vslib.index import elasticsearch
-
         out.append(("index", elasticsearch.audit))
     else:
-        from vslib.index import embedded
-
         out.append(("index", embedded.audit))
     out += [("umap", explorer.audit_umap), ("runs", experiments.audit)]
     return out

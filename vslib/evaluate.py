@@ -34,8 +34,13 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from vslib import classifier as clf_mod
+from vslib import datasets, features, plots, ranking
+from vslib.atomic import atomic_write_json, atomic_write_text
 from vslib.config import ADAPTIVE_SETTINGS, Config
+from vslib.errors import DatasetError, VisualSearchError
 from vslib.registry import MODES
+from vslib.search import VisualSearch
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +139,6 @@ def evaluate_split(X_index: np.ndarray, y_index: np.ndarray, X_query: np.ndarray
     index gives. Returns summary metrics, the per-query p@k of every mode
     (``per_query``) and the time of each stage.
     """
-    from vslib import classifier as clf_mod
-    from vslib import ranking
 
     ks = sorted(set(cfg.evaluation.ks))
     kmax = max(ks)
@@ -177,7 +180,6 @@ def evaluate_seeds(cfg: Config, seeds: Sequence[int], *, feats=None, echo=print)
     In memory by design: it re-splits the whole feature set, so it loads every vector
     (:func:`vslib.features.load_features`, or ``feats`` when given). Meant for data that fits.
     """
-    from vslib import datasets, features
 
     feats = feats or features.load_features(cfg)
     table = feats.table.assign(status="ok")
@@ -233,8 +235,6 @@ def evaluate(cfg: Config, *, modes: Optional[Sequence[str]] = None, engine=None,
     (:func:`vslib.features.read_split`), and the index split's vectors just
     for the 1-NN and logistic-regression baselines, freed once they are computed.
     """
-    from vslib import features
-    from vslib.search import VisualSearch
 
     ecfg = cfg.evaluation
     modes = list(modes or ecfg.modes)
@@ -243,8 +243,6 @@ def evaluate(cfg: Config, *, modes: Optional[Sequence[str]] = None, engine=None,
     queries = features.read_split(cfg, "query")
     index_labels = features.feature_columns(cfg, ["label"], split="index")["label"].astype(str)
     if len(queries) == 0:
-        from vslib.errors import DatasetError
-
         raise DatasetError("the query split is empty: set dataset.split.query_fraction > 0 and rerun "
                            f"`visualsearch data prepare -c {cfg.source}`")
     sel = _subsample_queries(queries.table, ecfg.max_queries)
@@ -318,8 +316,6 @@ def evaluate(cfg: Config, *, modes: Optional[Sequence[str]] = None, engine=None,
     if write:
         write_results(cfg, results)
     if figures:
-        from vslib import plots
-
         plots.precision_curve(results, ks, save_as=cfg.figures_dir / "precision_at_k.png")
         n = ecfg.grid_queries
         if n:
@@ -396,8 +392,6 @@ def md_cell(value) -> str:
 
 
 def write_results(cfg: Config, results: dict) -> Path:
-    from vslib.atomic import atomic_write_json, atomic_write_text
-
     out = cfg.reports_dir
     atomic_write_json(out / RESULTS_JSON, results)
     md = [format_table(results), ""]
@@ -416,8 +410,6 @@ def write_results(cfg: Config, results: dict) -> Path:
 def load_results(cfg: Config) -> dict:
     p = cfg.reports_dir / RESULTS_JSON
     if not p.exists():
-        from vslib.errors import VisualSearchError
-
         raise VisualSearchError(f"no evaluation results at {p}; run `visualsearch evaluate -c {cfg.source}`")
     return json.loads(p.read_text())
 

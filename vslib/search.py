@@ -42,7 +42,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from vslib import ranking
+from vslib import classifier as clf_mod
+from vslib import embedding, ranking
+from vslib import index as index_mod
+from vslib.backbones import backbone_from_config
 from vslib.config import ADAPTIVE_SETTINGS, Config, SearchConfig
 from vslib.errors import VisualSearchError
 from vslib.registry import MODES
@@ -136,10 +139,6 @@ class VisualSearch:
     @classmethod
     def from_config(cls, cfg: Config) -> "VisualSearch":
         """Load the backbone, the trained classifier and the built index of ``cfg``."""
-        from vslib import classifier as clf_mod
-        from vslib import index as index_mod
-        from vslib.backbones import backbone_from_config
-
         clf = clf_mod.load_classifier(cfg)
         idx = index_mod.open_index(cfg, create=False)
         try:
@@ -165,8 +164,6 @@ class VisualSearch:
 
     # -- searching ------------------------------------------------------------
     def embed(self, images: Sequence) -> np.ndarray:
-        from vslib import embedding
-
         kw = {"max_pixels": self.max_image_pixels} if self.max_image_pixels else {}
         return embedding.embed_images(self.backbone, list(images), **kw)
 

@@ -15,12 +15,14 @@ import itertools
 import logging
 from typing import Optional
 
+from vslib.compute import WorkersCannotRead
 from vslib.features import TABLE_COLUMNS, FeatureSet, feature_columns, features_path, iter_features
 from vslib.npzfile import npz_member
 from vslib.integrity import DamagedFile
 from vslib.locks import locked
 from vslib.registry import BACKENDS
 from vslib.index import embedded
+from vslib.index.es_bulk import index_on_dask
 from vslib.index.base import (BulkIndexError, Hit, IndexDimensionError, IndexMismatchError, IndexNotFoundError,
                               IndexPermissionError, IndexTimeoutError, IndexUnreachableError, VectorIndex, exact_search,
                               normalize_filter)
@@ -168,10 +170,6 @@ def _index_on_workers(cfg, index, ids, fields, backbone, rows_per_task, tally) -
     Returns False, having sent nothing, when the workers cannot read the feature
     file (no shared filesystem): the client then sends the batches itself.
     """
-    from vslib.compute import WorkersCannotRead
-    from vslib.features import features_path
-    from vslib.index.es_bulk import index_on_dask
-
     try:
         index_on_dask(cfg, index, features_path(cfg), ids, fields, backbone, rows_per_task=rows_per_task,
                       on_task=tally)

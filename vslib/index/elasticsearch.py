@@ -53,6 +53,8 @@ import uuid
 from typing import Optional
 
 from vslib.errors import VisualSearchError
+from vslib.integrity import Finding
+from vslib.redact import strip_userinfo
 from vslib.index.base import (Hit, IndexBackendError, IndexDimensionError, IndexMismatchError, IndexNotFoundError,
                               IndexPermissionError, IndexTimeoutError, IndexUnreachableError, VectorIndex,
                               normalize_filter)
@@ -99,8 +101,6 @@ def _es():
 
 def redact(url: str) -> str:
     """``https://user:secret@host:9200`` -> ``https://host:9200`` (for messages and logs; never raises)."""
-    from vslib.redact import strip_userinfo
-
     return strip_userinfo(url)
 
 
@@ -912,8 +912,6 @@ def audit(cfg) -> list:
     index ("warning": the next ``visualsearch index`` deletes it) and each rebuild in
     progress ("ok"). An unreachable server is one "warning" saying so.
     """
-    from vslib.integrity import Finding
-
     what = "Elasticsearch index"
     es_cfg = cfg.index.elasticsearch
     alias = alias_name(es_cfg.index_name, cfg.dataset.name, cfg.backbone.name)

@@ -59,6 +59,7 @@ import numpy as np
 
 from vslib.atomic import TEMP_GLOB, atomic_write_json, ensure_dir
 from vslib.integrity import DamagedFile, Finding, check_unit_vectors, digest
+from vslib.locks import LOCK_FILE, run_lock
 from vslib.memory import release_free_memory
 from vslib.errors import environment_fault
 from vslib.index.base import (Hit, IndexBackendError, IndexDimensionError, IndexNotFoundError, VectorIndex,
@@ -404,8 +405,6 @@ class EmbeddedIndex(VectorIndex):
         self._check_open()
         if self.path is None or not self._dirty or getattr(self, "_staged", False):
             return
-        from vslib.locks import run_lock
-
         ensure_dir(self.path)
         with run_lock(self.path, f"the embedded index {self.path}"):
             self._save()
@@ -840,8 +839,6 @@ def audit(cfg) -> list[Finding]:
 def _build_running(path: Path) -> bool:
     """Whether a build or save (in another process) holds the index folder's lock now."""
     import filelock
-
-    from vslib.locks import LOCK_FILE
 
     if not (path / LOCK_FILE).exists():
         return False
