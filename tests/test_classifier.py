@@ -19,12 +19,12 @@ import pytest
 from vslib import integrity
 from vslib.integrity import DamagedFile
 
-from vslib import calibration, classifier, datasets, features
+from vslib import calibration, classifier, features
 from vslib.classifier import (EmbeddingClassifier, FineTunedClassifier, check_labels, check_trainable,
                               load_classifier, stratified_split, train)
 from vslib.errors import ClassifierError, VisualSearchError
 
-from conftest import tux_config
+from conftest import copy_pipeline, tux_config
 
 
 
@@ -34,11 +34,11 @@ def _config(dir_: Path, **sections):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """(cfg, index FeatureSet, query FeatureSet) of a prepared, extracted small Tux Paint subset."""
-    cfg = _config(tmp_path_factory.mktemp("tux"))
-    datasets.prepare(cfg, progress=False, echo=lambda *_: None)
-    features.extract(cfg, progress=False)
+def pipeline(tux_pipeline, tmp_path_factory):
+    """(cfg, index FeatureSet, query FeatureSet) of a copy of the session's small Tux Paint pipeline, prepared
+    and extracted (the Keras head is trained by ``trained``)."""
+    cfg = copy_pipeline(tux_pipeline, tmp_path_factory.mktemp("tux"), extracted_only=True,
+                        classifier={"head": "mlp"})
     fs = features.load_features(cfg)
     return cfg, fs.split("index"), fs.split("query")
 

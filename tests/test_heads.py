@@ -10,19 +10,19 @@ import json
 import numpy as np
 import pytest
 
-from vslib import calibration, classifier, datasets, evaluate, features, index, integrity, ranking
+from vslib import calibration, classifier, evaluate, features, index, integrity, ranking
 from vslib.heads import EnsembleHead, KnnHead, LinearHead
 from vslib.heads.linear import calibrated_nll
 from vslib.search import VisualSearch
 
-from conftest import tux_config
+from conftest import copy_pipeline
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    cfg = tux_config(tmp_path_factory.mktemp("tux"), evaluation={"grid_queries": 0})
-    datasets.prepare(cfg, progress=False, echo=lambda *_: None)
-    features.extract(cfg, progress=False)
+def pipeline(tux_pipeline, tmp_path_factory):
+    """(cfg, index FeatureSet, query FeatureSet) of a copy of the session's pipeline, prepared and extracted."""
+    cfg = copy_pipeline(tux_pipeline, tmp_path_factory.mktemp("tux"), extracted_only=True,
+                        evaluation={"grid_queries": 0})
     fs = features.load_features(cfg)
     return cfg, fs.split("index"), fs.split("query")
 

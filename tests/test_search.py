@@ -10,10 +10,8 @@ import pytest
 from vslib.config import SearchConfig, load_config
 from vslib.errors import VisualSearchError
 from vslib.evaluate import average_precision_at_k, precision_at_k
-from vslib.paths import PROJ_ROOT
 from vslib.search import VisualSearch, choose_labels
 
-from conftest import write_config
 
 # -- metrics against hand-computed cases ------------------------------------------
 
@@ -61,21 +59,10 @@ def test_choose_labels_per_mode():
 # -- the real thing ---------------------------------------------------------------------
 
 
-def small_config(dir_: Path) -> Path:
-    return write_config(dir_, {"dataset": {"name": "tuxpaint", "max_per_class": 10},
-                               "classifier": {"epochs": 80},
-                               "evaluation": {"grid_queries": 3}})
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A small project run end to end once through the original entry point."""
-    d = tmp_path_factory.mktemp("project")
-    cfg_path = small_config(d)
-    r = subprocess.run([sys.executable, str(PROJ_ROOT / "VisualSearch.py"), "-yml", str(cfg_path)],
-                       capture_output=True, text=True, cwd=d)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return load_config(cfg_path), r
+def project(tux_pipeline):
+    """The session's small project, run end to end once through the original entry point (read only)."""
+    return tux_pipeline.cfg, tux_pipeline.run
 
 
 def test_run_end_to_end_writes_results_and_figures(project):
@@ -112,8 +99,8 @@ def test_modes_behave_as_designed(project):
     assert m["oracle"]["p@1"] == 1.0  # every hit of the true class is relevant
 
 
-def test_rerun_reuses_every_cache(project):
-    cfg, _ = project
+def test_rerun_reuses_every_cache(tux_pipeline_copy):
+    cfg = tux_pipeline_copy  # a rerun writes its reports again: into a copy
     r = subprocess.run([sys.executable, "-m", "vslib.cli", "run", "-c", str(cfg.base_dir / "application.yaml")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -190,8 +177,8 @@ def test_search_cli_bad_image_is_one_clear_line(project, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_evaluate_cli_json(project):
-    cfg, _ = project
+def test_evaluate_cli_json(tux_pipeline_copy):
+    cfg = tux_pipeline_copy  # evaluate writes its reports: into a copy
     r = subprocess.run([sys.executable, "-m", "vslib.cli", "evaluate", "-c", str(cfg.base_dir / "application.yaml"),
                         "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -206,7 +193,7 @@ def test_evaluate_cli_json(project):
     assert set(doc["hierarchy_gain"]["adaptive_vs_flat"]) == {"p@1", "p@5", "p@10"}
 
 
-def test_same_search_on_elasticsearch_backend(project, es_url):
+def test_same_search_on_elasticsearch_backend(project, es_url, tmp_path):
     """The engine gives the same answers over Elasticsearch (emulator, or VS_ES_URL) as over FAISS."""
     import os
     import uuid
@@ -220,7 +207,7 @@ def test_same_search_on_elasticsearch_backend(project, es_url):
         es["hosts"] = [es_url]
     es_cfg = load_config(cfg.base_dir / "application.yaml",
                          overrides={"index": {"backend": "elasticsearch", "elasticsearch": es},
-                                    "paths": {"reports": str(cfg.base_dir / "reports-es")}})
+                                    "paths": {"reports": str(tmp_path / "reports-es")}})
     info = index.build(es_cfg, progress=False)
     try:
         assert info["count"] == embedded["n_index"]
