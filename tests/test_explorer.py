@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copy_pipeline
+from conftest import ES_NOT_LISTENING, copy_pipeline
 from vslib import features
 from vslib.explorer import QueryExplorer, elasticsearch_status
 
@@ -19,9 +19,7 @@ from vslib.explorer import QueryExplorer, elasticsearch_status
 @pytest.fixture(scope="module")
 def cfg(tux_pipeline, tmp_path_factory):
     """A copy of the session's trained pipeline (the explorer caches its map beside the features)."""
-    # nothing listens on port 9 (discard): the elasticsearch backend must not be offered
-    return copy_pipeline(tux_pipeline, tmp_path_factory.mktemp("explorer"), index={
-        "backend": "embedded", "elasticsearch": {"hosts": ["http://127.0.0.1:9"], "request_timeout": 1}})
+    return copy_pipeline(tux_pipeline, tmp_path_factory.mktemp("explorer"), **ES_NOT_LISTENING)
 
 
 @pytest.fixture(scope="module")
