@@ -110,19 +110,25 @@ def test_rerun_reuses_every_cache(tux_pipeline_copy):
 
 def test_hierarchical_prefilter_returns_k_hits_of_the_predicted_class(project):
     cfg, _ = project
+    from vslib.datasets import load_manifest
     from vslib.features import load_features
 
     queries = load_features(cfg).split("query")
+    manifest = load_manifest(cfg)
+    indexed = manifest[(manifest["status"] == "ok") & (manifest["split"] == "index")]
+    n_per_class = indexed["label"].astype(str).value_counts().to_dict()  # the data's index split, class by class
     with VisualSearch.from_config(cfg) as engine:
         probs = engine.classifier.predict_proba(queries.vectors)
         out = engine.search_vectors(queries.vectors, 5, "hierarchical", probs=probs)
-        n_per_class = queries.table.shape[0]
         for (hits, labels), p in zip(out, probs):
             predicted = engine.classes[int(p.argmax())]
             assert labels == [predicted]
             assert [h["label"] for h in hits] == [predicted] * len(hits)
             assert len(hits) == min(5, engine.index.count({"label": [predicted]}))
-        assert n_per_class > 0
+        # the filter counts each class's indexed images, every one of them and no query
+        assert {c: engine.index.count({"label": [c]}) for c in n_per_class} == n_per_class
+        assert set(engine.classes) == set(n_per_class)
+        assert 0 < min(n_per_class.values()) <= max(n_per_class.values()) < cfg.dataset.max_per_class  # some held out
         flat = engine.search_vectors(queries.vectors[:3], 7, "flat")
         assert all(len(h) == 7 and labels is None for h, labels in flat)
 
