@@ -25,8 +25,8 @@ from urllib.parse import urlparse
 
 import nbformat
 import pytest
-import yaml
 
+from conftest import NOTEBOOK_PROJECT, write_tux_config
 from vslib.config import load_config
 from vslib.paths import NOTEBOOKS_DIR, PROJ_ROOT
 from vslib.report import run_notebooks
@@ -49,17 +49,8 @@ STDERR = '[data-mime-type="application/vnd.jupyter.stderr"]'
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     d = tmp_path_factory.mktemp("browser")
-    data = {
-        "dataset": {"name": "tuxpaint", "max_per_class": 8, "install": False},
-        "backbone": {"name": "efficientnet_lite0", "batch_size": 32, "workers": 2},
-        "classifier": {"epochs": 30},
-        # nothing listens on port 9: the explorer must say elasticsearch is not offered, once
-        "index": {"backend": "embedded", "elasticsearch": {"hosts": ["http://127.0.0.1:9"], "request_timeout": 1}},
-        "evaluation": {"max_queries": 24},
-        "paths": {"data": "data", "models": "models", "reports": "reports"},
-    }
-    (d / "application.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    cfg = load_config(d / "application.yaml")
+    # nothing listens on port 9: the explorer must say elasticsearch is not offered, once
+    cfg = load_config(write_tux_config(d, NOTEBOOK_PROJECT))
     runs = run_notebooks(cfg, parameters=SMALL, echo=lambda *_: None)
     assert all(r["status"] == "ok" for r in runs)
     return cfg

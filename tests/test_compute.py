@@ -16,21 +16,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import skimage.data
-from PIL import Image
 
 import vslib
 from vslib.config import ConfigError, parse_config
 from vslib.errors import VisualSearchError
 from vslib.extraction import extract
-from vslib.images import file_hash
 
-from conftest import write_config
+from conftest import manifest_of, real_images, write_config
 from vslib.config import load_config
 
 distributed = pytest.importorskip("distributed")
 
-STAMPS = Path("/usr/share/tuxpaint/stamps")
 N_IMAGES = 24
 PARTITION = 4
 REPO = Path(vslib.__file__).resolve().parents[1]
@@ -39,23 +35,12 @@ REPO = Path(vslib.__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:
     """A few dozen small real images: Tux Paint stamps if installed, else scikit-image pictures."""
-    files = sorted(STAMPS.rglob("*.png"))[::11][:N_IMAGES] if STAMPS.exists() else []
-    if len(files) >= N_IMAGES:
-        return files
-    d = tmp_path_factory.mktemp("img")
-    pics = [skimage.data.chelsea(), skimage.data.coffee(), skimage.data.astronaut(), skimage.data.rocket()]
-    out = []
-    for i in range(N_IMAGES):
-        p = d / f"{i:02d}.png"
-        Image.fromarray(pics[i % 4]).resize((90 + i, 70 + i)).save(p)
-        out.append(p)
-    return out
+    return real_images(tmp_path_factory.mktemp("img"), N_IMAGES, step=11)
 
 
 @pytest.fixture(scope="module")
 def manifest(images) -> pd.DataFrame:
-    return pd.DataFrame([dict(path=str(p), label=p.parent.name, split="query" if i % 4 == 0 else "index",
-                              content_hash=file_hash(p), status="ok") for i, p in enumerate(images)])
+    return manifest_of(images)
 
 
 @pytest.fixture(scope="module")

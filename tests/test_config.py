@@ -90,4 +90,8 @@ def test_overrides_merge_over_file(tmp_path):
     p.write_text("index: {backend: embedded, embedded: {factory: HNSW32}}\n")
     cfg = load_config(p, overrides={"index": {"backend": "elasticsearch"}})
     assert cfg.index.backend == "elasticsearch" and cfg.index.embedded.factory == "HNSW32"
-    assert isinstance(cfg, Config)
+    # the two merge key by key: every setting neither names keeps its default
+    expected = Config().to_dict()
+    expected["index"]["backend"] = "elasticsearch"
+    expected["index"]["embedded"]["factory"] = "HNSW32"
+    assert isinstance(cfg, Config) and cfg.to_dict() == expected

@@ -13,16 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import tux_data
 from vslib import experiments
 from vslib.config import ConfigError, load_config
 from vslib.experiments import combinations, grid_from, parse_param, plan, run_experiment
 
-SMALL = {
-    "dataset": {"name": "tuxpaint", "max_per_class": 8, "install": False},
-    "backbone": {"name": "efficientnet_lite0", "batch_size": 32, "workers": 2},
-    "evaluation": {"max_queries": 24, "grid_queries": 0},
-    "paths": {"data": "data", "models": "models", "reports": "reports"},
-}
+SMALL = tux_data(dataset={"max_per_class": 8}, evaluation={"max_queries": 24, "grid_queries": 0})
 
 
 def _write(dir_: Path, data: dict) -> Path:

@@ -1,7 +1,7 @@
 """The query explorer's callbacks, driven by setting widget values as a user would.
 
-One module-scoped project (a small Tux Paint subset: prepare -> extract -> train
--> index, all real) is shared by the tests.
+One copy of the session's small trained pipeline (conftest's ``tux_pipeline``: a Tux
+Paint subset, prepare -> extract -> train -> index, all real) is shared by the tests.
 """
 from __future__ import annotations
 
@@ -9,31 +9,18 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
-from vslib import features, report
-from vslib.config import load_config
+from vslib import features
 from vslib.explorer import QueryExplorer
 from vslib.index.elasticsearch import elasticsearch_status
+from conftest import ES_NOT_LISTENING, copy_pipeline
 
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
-    d = tmp_path_factory.mktemp("explorer")
-    data = {
-        "dataset": {"name": "tuxpaint", "max_per_class": 6, "install": False},
-        "backbone": {"name": "efficientnet_lite0", "batch_size": 32, "workers": 2},
-        "classifier": {"epochs": 30},
-        # nothing listens on port 9 (discard): the elasticsearch backend must not be offered
-        "index": {"backend": "embedded", "elasticsearch": {"hosts": ["http://127.0.0.1:9"], "request_timeout": 1}},
-        "paths": {"data": "data", "models": "models", "reports": "reports"},
-    }
-    p = d / "application.yaml"
-    p.write_text(yaml.safe_dump(data, sort_keys=False))
-    cfg = load_config(p)
-    report.ensure(cfg, "index", echo=lambda *_: None)
-    return cfg
+def cfg(tux_pipeline, tmp_path_factory):
+    """A copy of the session's trained pipeline (the explorer caches its map beside the features)."""
+    return copy_pipeline(tux_pipeline, tmp_path_factory.mktemp("explorer"), **ES_NOT_LISTENING)
 
 
 @pytest.fixture(scope="module")

@@ -16,38 +16,14 @@ from vslib.embedding import embed_images
 from vslib.extraction import extract
 from vslib.feature_cache import FeatureCache
 from vslib.features import FeatureSet, load_features
-from vslib.images import file_hash
 
-STAMPS = Path("/usr/share/tuxpaint/stamps")
-
-
-def _stamp_files(n: int) -> list[Path]:
-    files = sorted(STAMPS.rglob("*.png"))[:: 7][:n] if STAMPS.exists() else []
-    return files
+from conftest import manifest_of, real_images
 
 
 @pytest.fixture
 def images(tmp_path) -> list[Path]:
     """~24 real images: Tux Paint stamps if installed, else scikit-image pictures, resized variants."""
-    files = _stamp_files(24)
-    if len(files) >= 24:
-        return files
-    out, pics = [], [skimage.data.chelsea(), skimage.data.coffee(), skimage.data.astronaut(), skimage.data.rocket()]
-    for i in range(24):
-        p = tmp_path / "img" / f"{i:02d}.png"
-        p.parent.mkdir(exist_ok=True)
-        Image.fromarray(pics[i % 4]).resize((96 + i, 80 + i)).save(p)
-        out.append(p)
-    return out
-
-
-def manifest_of(paths, labels=None) -> pd.DataFrame:
-    rows = []
-    for i, p in enumerate(paths):
-        rows.append(dict(path=str(p), label=labels[i] if labels else Path(p).parent.name,
-                         split="query" if i % 4 == 0 else "index", content_hash=file_hash(p),
-                         width=0, height=0, status="ok", reason=""))
-    return pd.DataFrame(rows)
+    return real_images(tmp_path / "img", 24, step=7)
 
 
 @pytest.fixture

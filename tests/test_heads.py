@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from vslib import calibration, classifier, datasets, evaluate, extraction, features, index, integrity, ranking
+from vslib import calibration, classifier, evaluate, features, index, integrity, ranking
 from vslib.config import ClassifierConfig
 from vslib.errors import ClassifierError
 from vslib.heads import HEADS, head_class
@@ -24,7 +24,7 @@ from vslib.heads.knn import KnnHead
 from vslib.heads.linear import LinearHead, calibrated_nll
 from vslib.search import VisualSearch
 
-from conftest import tux_config
+from conftest import copy_pipeline
 
 
 def test_one_registry_names_every_head_without_importing_its_libraries():
@@ -66,10 +66,10 @@ def test_every_head_is_a_scikit_learn_estimator(name):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    cfg = tux_config(tmp_path_factory.mktemp("tux"), evaluation={"grid_queries": 0})
-    datasets.prepare(cfg, progress=False, echo=lambda *_: None)
-    extraction.extract(cfg, progress=False)
+def pipeline(tux_pipeline, tmp_path_factory):
+    """(cfg, index FeatureSet, query FeatureSet) of a copy of the session's pipeline, prepared and extracted."""
+    cfg = copy_pipeline(tux_pipeline, tmp_path_factory.mktemp("tux"), extracted_only=True,
+                        evaluation={"grid_queries": 0})
     fs = features.load_features(cfg)
     return cfg, fs.split("index"), fs.split("query")
 

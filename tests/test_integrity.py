@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tux_config
 from vslib.config import parse_config
 from vslib.errors import IndexBackendError
 from vslib.index.embedded import EmbeddedIndex, audit, check_factory, remove_debris
@@ -287,13 +286,10 @@ def _figures(cfg) -> dict:
         if "modes" in res else res
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("integrity")
-    cfg = tux_config(folder, dataset={"max_per_class": 8})
-    out = _cli("run", cfg_path=Path(cfg.base_dir) / cfg.source)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return cfg, _figures(cfg)
+@pytest.fixture
+def project(tux_pipeline, tux_pipeline_copy):
+    """This test's copy of the session's small project (built by `visualsearch run`), and its clean figures."""
+    return tux_pipeline_copy, _figures(tux_pipeline.cfg)
 
 
 def _artifacts(cfg) -> dict[str, Path]:

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tux_config
 from vslib.config import parse_config
 from vslib.errors import IndexBackendError
 from vslib.index import BulkIndexError
@@ -408,17 +407,21 @@ def _cli(*args, cfg_path: Path):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A real small project (8 stamps a class) built by `visualsearch run`, and its clean index's answers."""
-    folder = tmp_path_factory.mktemp("index-integrity")
-    cfg = tux_config(folder, dataset={"max_per_class": 8})
-    cfg_path = Path(cfg.base_dir) / cfg.source
-    out = _cli("run", cfg_path=cfg_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+def clean(tux_pipeline):
+    """The clean answers of the session's small real project (built by `visualsearch run`): a query, its
+    `search --json` output, and the whole index's answers."""
+    cfg = tux_pipeline.cfg
     query = sorted(Path("/usr/share/tuxpaint/stamps").rglob("*.png"))[0]
-    search = _cli("search", str(query), "-k", "5", "--json", cfg_path=cfg_path)
+    search = _cli("search", str(query), "-k", "5", "--json", cfg_path=tux_pipeline.cfg_path)
     assert search.returncode == 0, search.stderr[-3000:]
-    return cfg, cfg_path, query, search.stdout, _index_answers(cfg)
+    return query, search.stdout, _index_answers(cfg)
+
+
+@pytest.fixture
+def project(clean, tux_pipeline_copy):
+    """This test's copy of the small real project, and its clean index's answers."""
+    cfg = tux_pipeline_copy
+    return (cfg, Path(cfg.base_dir) / cfg.source, *clean)
 
 
 def _index_answers(cfg) -> list:

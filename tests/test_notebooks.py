@@ -16,8 +16,8 @@ from pathlib import Path
 import nbformat
 import papermill as pm
 import pytest
-import yaml
 
+from conftest import NOTEBOOK_PROJECT, write_tux_config
 from vslib import report
 from vslib.config import ConfigError, load_config
 from vslib.paths import NOTEBOOKS_DIR, PROJ_ROOT
@@ -31,19 +31,7 @@ SMALL = {"samples_per_class": 2, "sample_classes": 4, "timing_images": 8, "grid_
 
 
 def _config(dir_: Path, **sections) -> Path:
-    data = {
-        "dataset": {"name": "tuxpaint", "max_per_class": 8, "install": False},
-        "backbone": {"name": "efficientnet_lite0", "batch_size": 32, "workers": 2},
-        "classifier": {"epochs": 30},
-        "index": {"backend": "embedded", "elasticsearch": {"hosts": ["http://127.0.0.1:9"], "request_timeout": 1}},
-        "evaluation": {"max_queries": 24},
-        "paths": {"data": "data", "models": "models", "reports": "reports"},
-    }
-    for k, v in sections.items():
-        data[k] = {**data.get(k, {}), **v}
-    p = Path(dir_) / "application.yaml"
-    p.write_text(yaml.safe_dump(data, sort_keys=False))
-    return p
+    return write_tux_config(dir_, NOTEBOOK_PROJECT, **sections)
 
 
 # ---------------------------------------------------------------------------

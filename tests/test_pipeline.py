@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from conftest import tux_config
-from vslib import datasets, experiments, features, pipeline, report, stages
+from vslib import datasets, experiments, extraction, features, pipeline, report, stages
 from vslib import index as index_mod
 from vslib.index.embedded import EmbeddedIndex
 
@@ -85,7 +85,7 @@ def test_the_index_stage_on_a_real_index(tmp_path, monkeypatch):
 
     def features_of(cfg):
         datasets.prepare(cfg, progress=False, echo=lambda m: None)
-        fs = features.extract(cfg, progress=False)
+        fs = extraction.extract(cfg, progress=False)
         return fs, set(index_mod.item_ids(fs.split("index").table))
 
     builds = []

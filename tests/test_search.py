@@ -10,11 +10,9 @@ import pytest
 from vslib.config import SearchConfig, load_config
 from vslib.errors import VisualSearchError
 from vslib.evaluate import average_precision_at_k, precision_at_k
-from vslib.paths import PROJ_ROOT
 from vslib import ranking
 from vslib.search import VisualSearch
 
-from conftest import write_config
 
 # -- metrics against hand-computed cases ------------------------------------------
 
@@ -81,21 +79,10 @@ def test_every_class_chosen_is_still_adaptive_ranking_not_a_flat_fallback():
 # -- the real thing ---------------------------------------------------------------------
 
 
-def small_config(dir_: Path) -> Path:
-    return write_config(dir_, {"dataset": {"name": "tuxpaint", "max_per_class": 10},
-                               "classifier": {"epochs": 80},
-                               "evaluation": {"grid_queries": 3}})
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A small project run end to end once through the original entry point."""
-    d = tmp_path_factory.mktemp("project")
-    cfg_path = small_config(d)
-    r = subprocess.run([sys.executable, str(PROJ_ROOT / "VisualSearch.py"), "-yml", str(cfg_path)],
-                       capture_output=True, text=True, cwd=d)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return load_config(cfg_path), r
+def project(tux_pipeline):
+    """The session's small project, run end to end once through the original entry point (read only)."""
+    return tux_pipeline.cfg, tux_pipeline.run
 
 
 def test_run_end_to_end_writes_results_and_figures(project):
@@ -132,8 +119,8 @@ def test_modes_behave_as_designed(project):
     assert m["oracle"]["p@1"] == 1.0  # every hit of the true class is relevant
 
 
-def test_rerun_reuses_every_cache(project):
-    cfg, _ = project
+def test_rerun_reuses_every_cache(tux_pipeline_copy):
+    cfg = tux_pipeline_copy  # a rerun writes its reports again: into a copy
     r = subprocess.run([sys.executable, "-m", "vslib.cli", "run", "-c", str(cfg.base_dir / "application.yaml")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -143,19 +130,25 @@ def test_rerun_reuses_every_cache(project):
 
 def test_hierarchical_prefilter_returns_k_hits_of_the_predicted_class(project):
     cfg, _ = project
+    from vslib.datasets import load_manifest
     from vslib.features import load_features
 
     queries = load_features(cfg).split("query")
+    manifest = load_manifest(cfg)
+    indexed = manifest[(manifest["status"] == "ok") & (manifest["split"] == "index")]
+    n_per_class = indexed["label"].astype(str).value_counts().to_dict()  # the data's index split, class by class
     with VisualSearch.from_config(cfg) as engine:
         probs = engine.classifier.predict_proba(queries.vectors)
         out = engine.search_vectors(queries.vectors, 5, "hierarchical", probs=probs)
-        n_per_class = queries.table.shape[0]
         for (hits, labels), p in zip(out, probs):
             predicted = engine.classes[int(p.argmax())]
             assert labels == [predicted]
             assert [h["label"] for h in hits] == [predicted] * len(hits)
             assert len(hits) == min(5, engine.index.count({"label": [predicted]}))
-        assert n_per_class > 0
+        # the filter counts each class's indexed images, every one of them and no query
+        assert {c: engine.index.count({"label": [c]}) for c in n_per_class} == n_per_class
+        assert set(engine.classes) == set(n_per_class)
+        assert 0 < min(n_per_class.values()) <= max(n_per_class.values()) < cfg.dataset.max_per_class  # some held out
         flat = engine.search_vectors(queries.vectors[:3], 7, "flat")
         assert all(len(h) == 7 and labels is None for h, labels in flat)
 
@@ -210,8 +203,8 @@ def test_search_cli_bad_image_is_one_clear_line(project, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_evaluate_cli_json(project):
-    cfg, _ = project
+def test_evaluate_cli_json(tux_pipeline_copy):
+    cfg = tux_pipeline_copy  # evaluate writes its reports: into a copy
     r = subprocess.run([sys.executable, "-m", "vslib.cli", "evaluate", "-c", str(cfg.base_dir / "application.yaml"),
                         "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -226,7 +219,7 @@ def test_evaluate_cli_json(project):
     assert set(doc["hierarchy_gain"]["adaptive_vs_flat"]) == {"p@1", "p@5", "p@10"}
 
 
-def test_same_search_on_elasticsearch_backend(project, es_url):
+def test_same_search_on_elasticsearch_backend(project, es_url, tmp_path):
     """The engine gives the same answers over Elasticsearch (emulator, or VS_ES_URL) as over FAISS."""
     import os
     import uuid
@@ -240,7 +233,7 @@ def test_same_search_on_elasticsearch_backend(project, es_url):
         es["hosts"] = [es_url]
     es_cfg = load_config(cfg.base_dir / "application.yaml",
                          overrides={"index": {"backend": "elasticsearch", "elasticsearch": es},
-                                    "paths": {"reports": str(cfg.base_dir / "reports-es")}})
+                                    "paths": {"reports": str(tmp_path / "reports-es")}})
     info = index.build(es_cfg, progress=False)
     try:
         assert info["count"] == embedded["n_index"]

@@ -21,7 +21,7 @@ import skimage.data
 import yaml
 from PIL import Image
 
-from conftest import write_config
+from conftest import write_config, write_tux_config
 from vslib import experiments
 from vslib.config import load_config, parse_config
 from vslib.redact import MARKER, redact_config, redact_text, redact_url, secret_env, strip_userinfo
@@ -72,9 +72,8 @@ def _leaks(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("secrets")
-    return write_config(root, {
-        "dataset": {"name": "tuxpaint", "max_per_class": 6, "install": False},
-        "backbone": {"name": "efficientnet_lite0", "batch_size": 32, "workers": 2},
+    return write_tux_config(root, {
+        "dataset": {"max_per_class": 6},
         "evaluation": {"max_queries": 16, "grid_queries": 0},
         "index": {"backend": "embedded", "elasticsearch": {
             "hosts": [f"http://fileuser:{FILE['url_pw']}@127.0.0.1:9"], "username": "fileuser",

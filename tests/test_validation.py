@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tux_config, write_config
+from conftest import tux_config, write_tux_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
@@ -104,12 +104,10 @@ SECRETS = {"password": "pw-Zq81xKv3", "api_key": "ak-Hy27LmQ9", "url_password": 
 
 
 def test_planted_secrets_reach_no_file(tmp_path):
-    data = {"dataset": {"name": "tuxpaint", "max_per_class": 6, "install": False},
-            "backbone": {"name": "efficientnet_lite0", "batch_size": 32, "workers": 2},
-            "index": {"backend": "embedded", "elasticsearch": {
-                "hosts": [f"http://elastic:{SECRETS['url_password']}@localhost:9"],
-                "username": "elastic", "password": SECRETS["password"], "api_key": SECRETS["api_key"]}}}
-    cfg_path = write_config(tmp_path, data)
+    cfg_path = write_tux_config(tmp_path, dataset={"max_per_class": 6}, index={
+        "backend": "embedded", "elasticsearch": {
+            "hosts": [f"http://elastic:{SECRETS['url_password']}@localhost:9"],
+            "username": "elastic", "password": SECRETS["password"], "api_key": SECRETS["api_key"]}})
     env = dict(ENV, VS_ES_PASSWORD=SECRETS["env_password"], VS_ES_API_KEY=SECRETS["env_api_key"],
                VS_ES_URL=f"http://u:{SECRETS['env_url_password']}@127.0.0.1:9")
     for args in (("run", "-c", cfg_path), ("experiment", "-c", cfg_path, "-p", "search.tune=true,false",
