@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from conftest import tux_config
-from vslib import datasets, experiments, extraction, features, pipeline, report, stages
+from vslib import datasets, experiments, extraction, pipeline, report, stages
 from vslib import index as index_mod
 from vslib.index.embedded import EmbeddedIndex
 
