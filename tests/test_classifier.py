@@ -24,7 +24,7 @@ from vslib.classifier import check_labels, load_classifier, train
 from vslib.errors import ClassifierError, VisualSearchError
 from vslib.heads.base import check_trainable, stratified_split
 from vslib.heads.fine_tuned import FineTunedHead
-from vslib.heads.format import load_model
+from vslib.heads.format import load_model, write_json
 from vslib.heads.mlp import MlpHead
 
 from conftest import copy_pipeline, tux_config
@@ -177,6 +177,20 @@ def test_model_of_another_backbone_is_refused(pipeline, trained, tmp_path):
     shutil.copytree(cfg.classifier_dir, other.classifier_dir)
     with pytest.raises(ClassifierError, match=r"efficientnet_lite0.*efficientnet_lite2.*visualsearch train"):
         load_classifier(other)
+
+
+def test_a_model_saved_as_embedding_still_loads(pipeline, trained, tmp_path):
+    """Before the mlp head had one name, it was saved with kind 'embedding': such models load as MlpHead."""
+    cfg, _, query = pipeline
+    clf, _, _ = trained
+    directory = tmp_path / "clf"
+    shutil.copytree(cfg.classifier_dir, directory)
+    meta = json.loads((directory / "metadata.json").read_text())
+    assert meta["kind"] == "mlp"
+    write_json(directory / "metadata.json", {**meta, "kind": "embedding"})  # with its checksum, as saved then
+    loaded = load_model(directory)
+    assert type(loaded) is MlpHead and loaded.kind == "mlp"
+    np.testing.assert_array_equal(loaded.predict_proba(query.vectors), clf.predict_proba(query.vectors))
 
 
 @pytest.mark.parametrize("broken", ["model.keras", "metadata.json"])
