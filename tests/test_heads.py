@@ -106,7 +106,7 @@ def test_head_fits_on_every_index_row_and_predicts_well(pipeline, fitted, kind):
 def test_temperature_is_fitted_out_of_fold(fitted, pipeline, kind):
     head = fitted[kind]
     _, ix, _ = pipeline
-    yi = head._encode(_xy(ix)[1], "y")
+    yi = head.encode_labels(_xy(ix)[1], "y")
     cal = head.calibration_
     assert cal["nll_after"] <= cal["nll_before"] + 1e-12
     assert cal["temperature"] == head.temperature_ == pytest.approx(calibration.fit_temperature(head.oof_logits_, yi))
@@ -137,7 +137,7 @@ def test_knn_head_votes_like_its_definition(pipeline, fitted):
 
 def test_ensemble_is_no_worse_out_of_fold_than_either_part(fitted, pipeline):
     head = fitted["ensemble"]
-    yi = head._encode(_xy(pipeline[1])[1], "y")
+    yi = head.encode_labels(_xy(pipeline[1])[1], "y")
     mix = calibrated_nll(head.oof_logits_, yi)
     for part in (head.linear_, head.knn_):
         assert mix <= calibrated_nll(part.oof_logits_, yi) + 1e-3
@@ -218,7 +218,7 @@ def test_vectorised_ranking_matches_the_engine_hit_for_hit(pipeline, trained):
     with VisualSearch.from_config(cfg) as engine:
         k = 10
         P = engine.classifier.predict_proba(q.vectors)
-        yi = engine.classifier._encode(ix.table["label"].astype(str), "index")
+        yi = engine.classifier.encode_labels(ix.table["label"].astype(str), "index")
         cands = ranking.candidates(q.vectors, ix.vectors, yi, len(engine.classes), k)
         paths = ix.table["path"].astype(str).to_numpy()
         for mode in ("flat", "hierarchical", "adaptive"):

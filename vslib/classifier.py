@@ -127,7 +127,7 @@ def fit_head(X: np.ndarray, labels: np.ndarray, ccfg):
                                    "temperature); the query split is evaluated by `visualsearch evaluate`")
         return head, va, head.predict_proba(X[va]), metrics
     head.fit(X, labels)
-    yi = head._encode(labels, "training data")
+    yi = head.encode_labels(labels, "training data")
     metrics = classification_report(head.oof_logits_, yi, head.classes_, head.temperature_)
     metrics["train_accuracy"] = head.score(X, labels)
     metrics["selected"] = head.selected_
@@ -167,7 +167,7 @@ def train(cfg, *, force: bool = False):
     X = index.vectors
     clf, rows, proba, metrics = fit_head(X, labels, ccfg)
     clf.backbone_, clf.backbone_weights_, clf.dataset_ = cfg.backbone.name, cfg.backbone.weights, cfg.dataset.name
-    yi = clf._encode(labels, "training data")
+    yi = clf.encode_labels(labels, "training data")
     search_settings = ranking.tune_adaptive(X, yi, proba, k=tuning_k(cfg), rows=rows, seed=ccfg.seed)
 
     if ccfg.fine_tune:

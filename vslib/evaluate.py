@@ -144,8 +144,8 @@ def evaluate_split(X_index: np.ndarray, y_index: np.ndarray, X_query: np.ndarray
     kmax = max(ks)
     t0 = time.perf_counter()
     head, rows, oof, metrics = clf_mod.fit_head(X_index, np.asarray(y_index).astype(str), cfg.classifier)
-    yi = head._encode(y_index, "the index split")
-    yq = head._encode(y_query, "the query split")
+    yi = head.encode_labels(y_index, "the index split")
+    yq = head.encode_labels(y_query, "the query split")
     t1 = time.perf_counter()
     if cfg.search.tune:
         tuned = ranking.tune_adaptive(X_index, yi, oof, k=clf_mod.tuning_k(cfg), rows=rows, seed=cfg.classifier.seed)

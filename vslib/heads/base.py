@@ -173,7 +173,9 @@ class HeadMixin:
         if not hasattr(self, "classes_"):
             raise ClassifierError(f"this {type(self).__name__} is not fitted yet; call fit() or load_classifier(cfg)")
 
-    def _encode(self, y, where: str) -> np.ndarray:
+    def encode_labels(self, y, where: str) -> np.ndarray:
+        """The integer class of each label of ``y`` (its position in ``classes_``); a label the training data
+        lacks raises :class:`~vslib.errors.ClassifierError` naming ``where`` they come from."""
         y = np.asarray(y, dtype=object).astype(str)
         pos = np.clip(np.searchsorted(self.classes_, y), 0, len(self.classes_) - 1)
         unknown = sorted(map(str, set(y[self.classes_[pos] != y])))
@@ -228,7 +230,7 @@ class HeadMixin:
     def evaluate(self, X, y, *, top_k: int = 3) -> dict:
         """Accuracy, top-k accuracy, per-class precision/recall, confusion matrix, NLL and ECE."""
         self._check_fitted()
-        return classification_report(self.predict_logits(X), self._encode(y, "the evaluation data"),
+        return classification_report(self.predict_logits(X), self.encode_labels(y, "the evaluation data"),
                                      self.classes_, self.temperature_, top_k=top_k)
 
     def query_proba(self, vectors, images: Sequence) -> np.ndarray:
@@ -335,7 +337,7 @@ class Head(HeadMixin, BaseEstimator):
         check_trainable(y)
         self.classes_ = np.unique(y)
         self.n_features_in_ = X.shape[1]
-        yi = self._encode(y, "training data")
+        yi = self.encode_labels(y, "training data")
         self.selected_ = {}
         oof = np.asarray(self._cross_fit(X, yi), dtype=np.float64)
         self.temperature_ = calibration.fit_temperature(oof, yi) if self.calibrate else 1.0

@@ -79,7 +79,7 @@ class FineTunedHead(MlpHead):
             head = MlpHead(**{k: v for k, v in self.get_params().items() if k in MlpHead._get_param_names()})
             head.fit(embed_images(backbone, X), y, embed_images(backbone, X_val), y_val)
         self.classes_, self.n_features_in_ = head.classes_, head.n_features_in_
-        yi, yv = self._encode(y, "training data"), self._encode(y_val, "the validation data")
+        yi, yv = self.encode_labels(y, "training data"), self.encode_labels(y_val, "the validation data")
 
         keras.utils.set_random_seed(self.seed)
         base = keras.models.clone_model(backbone.keras_model)

@@ -117,8 +117,8 @@ class MlpHead(HeadMixin, BaseEstimator):
         if len(self.classes_) < 2:
             raise ClassifierError(f"the training part holds a single class {str(self.classes_[0])!r}")
         self.n_features_in_ = X.shape[1]
-        yi = self._encode(y, "training data")
-        yv = self._encode(y_val, "the validation data") if len(y_val) else np.zeros(0, np.int64)
+        yi = self.encode_labels(y, "training data")
+        yv = self.encode_labels(y_val, "the validation data") if len(y_val) else np.zeros(0, np.int64)
 
         keras.utils.set_random_seed(self.seed)
         self.model_ = self._build(X, len(self.classes_))
