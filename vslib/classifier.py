@@ -41,7 +41,7 @@ import numpy as np
 from vslib import features, integrity, plots, ranking
 from vslib.backbones import backbone_from_config
 from vslib.errors import ClassifierError
-from vslib.heads import head_class
+from vslib.heads import HEADS, head_class
 from vslib.heads.base import check_trainable, classification_report, stratified_split
 from vslib.heads.fine_tuned import FineTunedHead
 from vslib.heads.format import FORMAT_VERSION, METADATA_FILE, RETRAIN, load_model, write_json
@@ -118,7 +118,7 @@ def fit_head(X: np.ndarray, labels: np.ndarray, ccfg):
     part for ``mlp``), and ``metrics`` are computed on them.
     """
     head = make_head(ccfg)
-    if isinstance(head, MlpHead):
+    if not HEADS.spec(ccfg.head)["cross_fitted"]:  # it keeps a validation part back
         tr, va = stratified_split(labels, ccfg.validation_fraction, ccfg.seed)
         head.fit(X[tr], labels[tr], X[va], labels[va])
         metrics = head.evaluate(X[va], labels[va])

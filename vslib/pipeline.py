@@ -14,6 +14,7 @@ import logging
 
 from vslib import report as report_mod
 from vslib.config import Config
+from vslib.registry import HEADS
 from vslib.stages import Runner
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def run(cfg: Config, *, report: bool = False, echo=print) -> dict:
     def after(stage, out):
         if stage == "train":
             _, metrics = out
-            where = "out-of-fold" if cfg.classifier.head != "mlp" else "validation"
+            where = "out-of-fold" if HEADS.spec(cfg.classifier.head)["cross_fitted"] else "validation"
             echo(f"classifier ({cfg.classifier.head} head): {where} accuracy {metrics['accuracy']:.3f}, top-3 "
                  f"{metrics.get('top3_accuracy', float('nan')):.3f}, "
                  f"ECE {metrics['ece_before']:.3f} -> {metrics['ece_after']:.3f} after calibration")
