@@ -188,6 +188,7 @@ def lab(project, tmp_path_factory):
         log.close()
 
 
+@pytest.mark.slow
 def test_the_explorer_in_jupyterlab_picks_a_query_and_searches_with_a_clicked_hit(lab, browser, project):
     base, token = lab
     pages = Page(browser, height=1100)

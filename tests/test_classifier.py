@@ -19,7 +19,7 @@ import pytest
 from vslib import integrity
 from vslib.integrity import DamagedFile
 
-from vslib import calibration, classifier, features
+from vslib import calibration, classifier, datasets, extraction, features
 from vslib.classifier import check_labels, load_classifier, train
 from vslib.errors import ClassifierError, VisualSearchError
 from vslib.heads.base import check_trainable, stratified_split
@@ -27,7 +27,7 @@ from vslib.heads.fine_tuned import FineTunedHead
 from vslib.heads.format import load_model, write_json
 from vslib.heads.mlp import MlpHead
 
-from conftest import copy_pipeline, tux_config
+from conftest import tux_config
 
 
 
@@ -37,11 +37,11 @@ def _config(dir_: Path, **sections):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tux_pipeline, tmp_path_factory):
-    """(cfg, index FeatureSet, query FeatureSet) of a copy of the session's small Tux Paint pipeline, prepared
-    and extracted (the Keras head is trained by ``trained``)."""
-    cfg = copy_pipeline(tux_pipeline, tmp_path_factory.mktemp("tux"), extracted_only=True,
-                        classifier={"head": "mlp"})
+def pipeline(tmp_path_factory):
+    """(cfg, index FeatureSet, query FeatureSet) of a prepared, extracted small Tux Paint subset."""
+    cfg = _config(tmp_path_factory.mktemp("tux"))
+    datasets.prepare(cfg, progress=False, echo=lambda *_: None)
+    extraction.extract(cfg, progress=False)
     fs = features.load_features(cfg)
     return cfg, fs.split("index"), fs.split("query")
 

@@ -186,6 +186,7 @@ def test_train_default_head_writes_tuned_settings(pipeline, trained):
         assert engine.settings["source"].startswith("tuned")
 
 
+@pytest.mark.slow
 def test_settings_do_not_move_when_only_query_images_change(pipeline, trained, tmp_path):
     """No query-split leakage: scrambling every query vector and label leaves every chosen setting as it was."""
     cfg, _, _ = pipeline
@@ -231,6 +232,7 @@ def test_vectorised_ranking_matches_the_engine_hit_for_hit(pipeline, trained):
                 assert ranks == sorted(ranks, reverse=True), (mode, i)
 
 
+@pytest.mark.slow
 def test_evaluate_reports_the_quantities_that_matter(pipeline, trained):
     cfg, ix, q = pipeline
     r = evaluate.evaluate(cfg, write=False, figures=False, seeds=2, echo=lambda *_: None)

@@ -119,6 +119,7 @@ def test_modes_behave_as_designed(project):
     assert m["oracle"]["p@1"] == 1.0  # every hit of the true class is relevant
 
 
+@pytest.mark.slow
 def test_rerun_reuses_every_cache(tux_pipeline_copy):
     cfg = tux_pipeline_copy  # a rerun writes its reports again: into a copy
     r = subprocess.run([sys.executable, "-m", "vslib.cli", "run", "-c", str(cfg.base_dir / "application.yaml")],
@@ -203,6 +204,7 @@ def test_search_cli_bad_image_is_one_clear_line(project, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_cli_json(tux_pipeline_copy):
     cfg = tux_pipeline_copy  # evaluate writes its reports: into a copy
     r = subprocess.run([sys.executable, "-m", "vslib.cli", "evaluate", "-c", str(cfg.base_dir / "application.yaml"),
