@@ -1,6 +1,6 @@
 """The numbered notebooks: committed clean, run end to end by papermill, exported to HTML.
 
-The full run executes all five notebooks on a small Tux Paint subset in a
+The full run executes all six notebooks on a small Tux Paint subset in a
 temporary project (under a minute on two CPU cores, most of it kernel
 start-up, TensorFlow imports and UMAP's first compilation), so it is not
 marked slow.
