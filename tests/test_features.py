@@ -35,6 +35,7 @@ def setup(make_config, images):
     return cfg, manifest
 
 
+@pytest.mark.slow
 def test_extract_then_rerun_computes_nothing(setup):
     cfg, manifest = setup
     fs = extract(cfg, progress=False, manifest=manifest)
@@ -92,6 +93,7 @@ def test_killed_run_resumes_and_matches_a_full_run(setup, make_config):
     assert len(list((cfg.features_dir / "shards").glob("*.npz"))) == 1
 
 
+@pytest.mark.slow
 def test_backbone_change_uses_a_separate_cache(setup, make_config):
     cfg, manifest = setup
     lite0 = extract(cfg, progress=False, manifest=manifest)

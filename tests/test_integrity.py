@@ -305,6 +305,7 @@ def _artifacts(cfg) -> dict[str, Path]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(DAMAGE))
 def test_every_artifact_damaged_is_named_then_recovered_by_run(project, kind):
     cfg, clean = project
