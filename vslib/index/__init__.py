@@ -1,9 +1,8 @@
 """Vector index backends behind one contract (:class:`~vslib.index.base.VectorIndex`).
 
-========================  =================================================
-``embedded`` (default)    FAISS in this process, saved to ``cfg.index_dir``
-``elasticsearch``         an Elasticsearch cluster (``dense_vector`` + knn)
-========================  =================================================
+The backends, their classes, settings sections and capabilities are declared in
+:data:`vslib.registry.BACKENDS` (``embedded``, the default: FAISS in this process;
+``elasticsearch``: a cluster with ``dense_vector`` + knn).
 
 >>> with open_index(cfg, dim=1280) as index:               # doctest: +SKIP
 ...     hits = index.search(queries, k=10, filter={"label": ["cat"]})
