@@ -30,16 +30,15 @@ import traceback
 # holds, not the collection). Set before pyarrow is first imported; an ARROW_DEFAULT_MEMORY_POOL given wins.
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
-from vslib import (check, classifier, datasets, evaluate, experiments, extraction, index, pipeline,  # noqa: E402
-                   report)
 from vslib.atomic import strict_json  # noqa: E402
 from vslib.config import ConfigError, load_config  # noqa: E402
 from vslib.errors import EnvironmentFault, VisualSearchError, environment_fault  # noqa: E402
-from vslib.embedding import QueryImageError  # noqa: E402
-from vslib.images import not_an_image_file  # noqa: E402
 from vslib.paths import DEFAULT_CONFIG  # noqa: E402
 from vslib.registry import BACKENDS, USER_MODES  # noqa: E402
-from vslib.search import VisualSearch  # noqa: E402
+
+# Each command imports the stage it runs when it runs (the one exception to vslib's imports at the top of a
+# module): the library's imports (pandas, scikit-learn, PIL) take ~3 s and ~190 MB here, which `--help`, a
+# config error or `data install` should not pay (they answer in ~0.1 s).
 
 log = logging.getLogger("vslib")
 
@@ -85,31 +84,43 @@ def _config(args):
 
 
 def cmd_prepare(args) -> int:
+    from vslib import datasets
+
     datasets.prepare(_config(args), force=args.force)
     return 0
 
 
 def cmd_install(args) -> int:
+    from vslib import datasets
+
     datasets.install_system_datasets()
     return 0
 
 
 def cmd_extract(args) -> int:
+    from vslib import extraction
+
     extraction.extract(_config(args))
     return 0
 
 
 def cmd_train(args) -> int:
+    from vslib import classifier
+
     classifier.train(_config(args))
     return 0
 
 
 def cmd_index(args) -> int:
+    from vslib import index
+
     index.build(_config(args), rebuild=args.rebuild)
     return 0
 
 
 def cmd_evaluate(args) -> int:
+    from vslib import evaluate
+
     # with --json, stdout holds the JSON alone; the table goes to stderr
     echo = (lambda m: print(m, file=sys.stderr)) if args.json else print
     result = evaluate.evaluate(_config(args), seeds=args.seeds, echo=echo)
@@ -119,6 +130,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_search(args) -> int:
+    from vslib.embedding import QueryImageError
+    from vslib.images import not_an_image_file
+    from vslib.search import VisualSearch
+
     cfg = _config(args)
     why = not_an_image_file(args.image)  # before the model loads: a bad path is one line at once, a FIFO never blocks
     if why:
@@ -134,20 +149,28 @@ def cmd_search(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from vslib import pipeline
+
     pipeline.run(_config(args), report=args.report)
     return 0
 
 
 def cmd_report(args) -> int:
+    from vslib import report
+
     report.run_notebooks(_config(args))
     return 0
 
 
 def cmd_check(args) -> int:
+    from vslib import check
+
     return check.run(_config(args), as_json=args.json, verbose=args.verbose)
 
 
 def cmd_experiment(args) -> int:
+    from vslib import experiments
+
     runs = experiments.plan(args.config, args.param or [], args.grid)
     if args.dry_run:
         root = experiments.runs_dir(runs[0].config)
