@@ -20,11 +20,12 @@ def sidecar(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + SIDECAR)
 
 
-def digest(path: str | os.PathLike) -> dict:
-    """``{"size": bytes, "crc32": "xxxxxxxx"}`` of a file, read into one 1 MB buffer (no allocation per chunk)."""
+def digest(path: str | os.PathLike, block: int = _CHUNK) -> dict:
+    """``{"size": bytes, "crc32": "xxxxxxxx"}`` of a file, read into one ``block``-byte buffer (1 MB; no
+    allocation per chunk)."""
     crc = 0
     size = 0
-    buf = bytearray(_CHUNK)
+    buf = bytearray(block)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while True:

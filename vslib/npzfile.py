@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import time
 import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -24,10 +23,13 @@ import numpy as np
 import pandas as pd
 
 from vslib.atomic import atomic_path
+from vslib.checksum import digest
 from vslib.integrity import DamagedFile, check_unit_vectors, read_record, record, verify
 
 #: rows per chunk when vectors are streamed (merging shards, writing a feature file)
 STREAM_ROWS = 2048  # 10 MB of 1280-d float32: a few such buffers at once whatever the collection's size
+#: the buffer the feature file's writers and readers compute its CRC through (their memory stays bounded by a chunk)
+DIGEST_BLOCK = 256 << 10
 
 
 class NotMappable(ValueError):
@@ -126,35 +128,20 @@ def save_npz_streamed(path: str | os.PathLike, arrays: dict, name: str, shape: t
                     if rows != arr.shape[0]:
                         raise ValueError(f"{path}: {rows} rows streamed for a member of {arr.shape[0]}")
         if verified:
-            fingerprint = file_digest(tmp)
+            fingerprint = digest(tmp, block=DIGEST_BLOCK)
     if verified:
         record(path, fingerprint)
     return Path(path)
 
 
 def verify_file(path: Path, *, full: bool, redo: str) -> str:
-    """:func:`vslib.integrity.verify`, the CRC read through :func:`file_digest`'s small buffer (readers of the feature
+    """:func:`vslib.integrity.verify`, the CRC read through :data:`DIGEST_BLOCK`'s small buffer (readers of the feature
     file keep their memory at a batch of rows)."""
     status = verify(path, full=False, redo=redo)
     if full and status == "ok":
-        if file_digest(path)["crc32"] != (read_record(path) or {}).get("crc32"):
+        if digest(path, block=DIGEST_BLOCK)["crc32"] != (read_record(path) or {}).get("crc32"):
             raise DamagedFile(path, "its content changed since it was written (checksum mismatch)", redo)
     return status
-
-
-def file_digest(path: Path, block: int = 256 << 10) -> dict:
-    """:func:`vslib.integrity.digest` read through one ``block``-byte buffer (it reads 8 MB ``bytes`` at a time)."""
-    buf = bytearray(block)
-    view = memoryview(buf)
-    crc = size = 0
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            crc = zlib.crc32(view[:n], crc)
-            size += n
-    return {"size": size, "crc32": f"{crc:08x}"}
 
 
 def text_member(column: pd.Series) -> Streamed:
