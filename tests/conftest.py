@@ -66,6 +66,32 @@ NOTEBOOK_PROJECT = {"dataset": {"max_per_class": 8}, "classifier": {"epochs": 30
                     "evaluation": {"max_queries": 24}}
 
 
+# the notebooks' parameters that keep a report run small (few samples and queries, a small map)
+REPORT_PARAMETERS = {"samples_per_class": 2, "sample_classes": 4, "timing_images": 8, "grid_queries": 2,
+                     "compare_queries": 2, "compare_k": 3, "umap_points": 120, "umap_thumbnails": 8, "start_k": 4}
+
+
+@dataclass
+class Reports:
+    """``NOTEBOOK_PROJECT`` with every notebook run into HTML reports: its config, the runs and the progress lines."""
+
+    cfg: Config
+    runs: list
+    lines: list
+
+
+@pytest.fixture(scope="session")
+def notebook_reports(tmp_path_factory) -> Reports:
+    """Every notebook run once for the whole session (``REPORT_PARAMETERS``), shared by the report and browser
+    tests. Read only: a test that runs a notebook again (a failing one too) works on a project of its own."""
+    from vslib.report import run_notebooks
+
+    cfg = load_config(write_tux_config(tmp_path_factory.mktemp("reports"), NOTEBOOK_PROJECT))
+    lines: list = []
+    runs = run_notebooks(cfg, parameters=REPORT_PARAMETERS, echo=lines.append)
+    return Reports(cfg, runs, lines)
+
+
 # the small trained pipeline's settings, over tux_config's: 10 stamps a class, 3 queries in the result grids
 TUX_PIPELINE = {"dataset": {"max_per_class": 10}, "evaluation": {"grid_queries": 3}}
 

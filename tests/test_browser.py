@@ -2,8 +2,8 @@
 
 Debian's ``chromium`` (``make browser`` installs it; ``make test`` runs that
 first) is driven by Playwright's Python package, pointed at the system browser
-(Playwright cannot download its own here). A small temporary Tux Paint project
-is built and its notebooks run into HTML reports; then the browser opens
+(Playwright cannot download its own here). The session's small Tux Paint
+project with its notebooks run into HTML reports (``notebook_reports``); then the browser opens
 ``index.html`` and every report from disk, and the explorer notebook in a
 JupyterLab this test starts on loopback. Every request that would leave the
 machine is blocked and recorded. Screenshots go to ``reports/screenshots/``
@@ -26,10 +26,7 @@ from urllib.parse import urlparse
 import nbformat
 import pytest
 
-from conftest import NOTEBOOK_PROJECT, write_tux_config
-from vslib.config import load_config
 from vslib.paths import NOTEBOOKS_DIR, PROJ_ROOT
-from vslib.report import run_notebooks
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (a dev dependency)")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -40,20 +37,16 @@ if not Path(CHROMIUM).exists():
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--no-first-run", "--disable-sync"]
 SHOTS = PROJ_ROOT / "reports" / "screenshots"
-SMALL = {"samples_per_class": 2, "sample_classes": 4, "timing_images": 8, "grid_queries": 2, "compare_queries": 2,
-         "compare_k": 3, "umap_points": 120, "umap_thumbnails": 8, "start_k": 4}
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 STDERR = '[data-mime-type="application/vnd.jupyter.stderr"]'
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    d = tmp_path_factory.mktemp("browser")
-    # nothing listens on port 9: the explorer must say elasticsearch is not offered, once
-    cfg = load_config(write_tux_config(d, NOTEBOOK_PROJECT))
-    runs = run_notebooks(cfg, parameters=SMALL, echo=lambda *_: None)
-    assert all(r["status"] == "ok" for r in runs)
-    return cfg
+def project(notebook_reports):
+    """The session's small project with its notebooks run into reports (nothing listens on port 9: the explorer
+    must say Elasticsearch is not offered, once)."""
+    assert all(r["status"] == "ok" for r in notebook_reports.runs)
+    return notebook_reports.cfg
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import nbformat
 import papermill as pm
 import pytest
 
-from conftest import NOTEBOOK_PROJECT, write_tux_config
+from conftest import NOTEBOOK_PROJECT, REPORT_PARAMETERS, write_tux_config
 from vslib import report
 from vslib.config import ConfigError, load_config
 from vslib.paths import NOTEBOOKS_DIR, PROJ_ROOT
@@ -26,9 +26,6 @@ from vslib.report import ReportError, error_outputs, list_notebooks, notebook_co
 EXPECTED = ["01_train_classifier.ipynb", "02_extract_features.ipynb", "03_index.ipynb",
             "04_evaluate_retrieval.ipynb", "05_query_explorer.ipynb", "06_compare_runs.ipynb"]
 #: small settings for the notebooks' own parameters
-SMALL = {"samples_per_class": 2, "sample_classes": 4, "timing_images": 8, "grid_queries": 2,
-         "compare_queries": 2, "compare_k": 3, "umap_points": 120, "umap_thumbnails": 5, "start_k": 4}
-
 
 def _config(dir_: Path, **sections) -> Path:
     return write_tux_config(dir_, NOTEBOOK_PROJECT, **sections)
@@ -83,16 +80,20 @@ def test_parameters_round_trip_through_notebook_config(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A small temporary project: its config and where its reports go."""
-    return load_config(_config(tmp_path_factory.mktemp("reports")))
+def project(notebook_reports):
+    """The session's small project, its notebooks run into reports (read only)."""
+    return notebook_reports.cfg
 
 
 @pytest.fixture(scope="module")
-def full_run(project):
-    lines = []
-    runs = run_notebooks(project, parameters=SMALL, echo=lines.append)
-    return runs, lines
+def full_run(notebook_reports):
+    return notebook_reports.runs, notebook_reports.lines
+
+
+@pytest.fixture
+def own_project(tmp_path):
+    """A small project of this test's own, nothing run yet (for the notebooks a test makes fail)."""
+    return load_config(_config(tmp_path))
 
 
 def test_all_notebooks_run_into_html_reports(project, full_run):
@@ -197,28 +198,28 @@ def test_the_figures_are_legible_at_the_size_the_notebooks_show_them():
     assert table["mistakes"].is_monotonic_decreasing and table["mistakes"].dtype.kind == "i"
 
 
-def test_a_failing_notebook_names_the_notebook_and_the_cell(project):
+def test_a_failing_notebook_names_the_notebook_and_the_cell(own_project):
     with pytest.raises(ReportError) as err:
-        run_notebooks(project, notebooks=["03"], parameters={"backend": "bogus"}, echo=lambda *_: None)
+        run_notebooks(own_project, notebooks=["03"], parameters={"backend": "bogus"}, echo=lambda *_: None)
     e = err.value
     msg = str(e)
     assert e.notebook == "03_index.ipynb" and e.cell is not None
     assert "03_index.ipynb" in msg and f"cell {e.cell}" in msg and "'bogus' is not allowed" in msg
     assert "notebook_config" in msg  # the failing cell's first line
-    assert e.executed.exists() and (project.reports_dir / "03_index.html").exists()  # what ran is exported
-    index = (project.reports_dir / "index.html").read_text()
+    assert e.executed.exists() and (own_project.reports_dir / "03_index.html").exists()  # what ran is exported
+    index = (own_project.reports_dir / "index.html").read_text()
     assert "failed" in index
 
 
-def test_a_missing_config_file_is_reported_with_the_notebook(project, tmp_path):
+def test_a_missing_config_file_is_reported_with_the_notebook(own_project, tmp_path):
     with pytest.raises(ReportError, match=r"02_extract_features.ipynb failed in cell \d+.*does not exist"):
-        run_notebooks(project, notebooks=["02_extract_features"], echo=lambda *_: None,
+        run_notebooks(own_project, notebooks=["02_extract_features"], echo=lambda *_: None,
                       parameters={"config_path": str(tmp_path / "missing.yaml")})
 
 
-def test_unknown_notebook_names_the_available_ones(project):
+def test_unknown_notebook_names_the_available_ones(own_project):
     with pytest.raises(ReportError, match="'07_nothing' not found.*01_train_classifier.ipynb"):
-        run_notebooks(project, notebooks=["07_nothing"], echo=lambda *_: None)
+        run_notebooks(own_project, notebooks=["07_nothing"], echo=lambda *_: None)
 
 
 def test_the_cli_report_command_reaches_run_notebooks(monkeypatch, tmp_path):
