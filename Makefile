@@ -59,9 +59,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/extract.py
 	$(PY) benchmarks/search.py --quick
 
-## Retrieval benchmark: heads x modes over seeded splits (DATASETS=tuxpaint,fashion-mnist:1000,folder:/path ...).
+## Retrieval benchmark: heads x modes over seeded splits (DATASETS=tuxpaint,fashion-mnist:1000,folder:/path ...; PRECISIONS=float32,int8).
 bench-retrieval: $(STAMP) data
-	$(PY) benchmarks/retrieval.py --datasets $(or $(DATASETS),tuxpaint,fashion-mnist:200) $(if $(BACKBONES),--backbones $(BACKBONES)) $(if $(SEEDS),--seeds $(SEEDS))
+	$(PY) benchmarks/retrieval.py --datasets $(or $(DATASETS),tuxpaint,fashion-mnist:200) $(if $(BACKBONES),--backbones $(BACKBONES)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(PRECISIONS),--precisions $(PRECISIONS))
 
 ## Full search benchmark (10k, 100k, 1M vectors; takes a long while).
 bench-full: $(STAMP)

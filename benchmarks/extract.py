@@ -13,6 +13,8 @@ the median round is reported:
   resize, model, shard writes) into an empty cache with ``backbone.runtime: keras``
   (today's pipeline; it benefits from the decoding changes too);
 * **pipeline, TensorFlow Lite**: the same with the TensorFlow Lite runtime;
+* **int8 alone** and **pipeline, int8**: the same with ``backbone.precision: int8``
+  (:mod:`vslib.int8`: full-integer TensorFlow Lite calibrated on the collection);
 * **decode alone**: the pipeline's decode/resize threads without a model;
 * with ``--scheduler dask --workers N``, also **pipeline, Dask**: the same
   extraction with ``compute.scheduler: dask`` on a LocalCluster of N
@@ -26,8 +28,13 @@ It also profiles where a single thread's time goes per image (decode, EXIF and
 colour conversion, resize, array copy) against the model's time per image, and
 checks that the two pipelines' vectors agree (cosine).
 
+After the rounds, the cold start of ``visualsearch search`` (a fresh process: imports, model, classifier,
+index, one query) is timed in both precisions, interleaved, with its peak RSS, where the project has been
+run in that precision.
+
 Targets: pipeline (TensorFlow Lite) >= 1.8x pipeline (tf.function) and >= 0.85x
-TensorFlow Lite alone. Prints a table and writes ``reports/benchmarks/extract.json`` and ``.md``.
+TensorFlow Lite alone; the int8 pipeline >= 2.3x the float32 pipeline and >= 0.85x int8 alone; ``search``
+starts within 1.5 s and 300 MB. Prints a table and writes ``reports/benchmarks/extract.json`` and ``.md``.
 
     python benchmarks/extract.py [-c application.yaml] [-n 256] [--rounds 3] [--scheduler dask --workers 2]
 """
@@ -51,17 +58,21 @@ import pandas as pd  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from benchmarks.common import interleaved_rounds, round_ratio, write_report  # noqa: E402
-from vslib.backbones import get_backbone  # noqa: E402
+from vslib.backbones import get_backbone, int8_backbone  # noqa: E402
 from vslib.config import load_config, parse_config  # noqa: E402
 from vslib.datasets import load_manifest  # noqa: E402
 from vslib.embedding import iter_batches  # noqa: E402
 from vslib.extraction import extract  # noqa: E402
 from vslib.images import _to_rgb, file_hash, load_for_model  # noqa: E402
+from vslib.int8 import calibration_sample  # noqa: E402
 from vslib.paths import DEFAULT_CONFIG  # noqa: E402
 from vslib.runtime import min_cosine  # noqa: E402
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
-TARGETS = {"pipeline_vs_todays_pipeline": 1.8, "pipeline_vs_runtime_alone": 0.85}
+TARGETS = {"pipeline_vs_todays_pipeline": 1.8, "pipeline_vs_runtime_alone": 0.85,
+           "int8_pipeline_vs_float32_pipeline": 2.3, "int8_pipeline_vs_int8_runtime_alone": 0.85}
+#: ``visualsearch search`` cold start, seconds and MB of peak RSS
+COLD_START_TARGETS = {"seconds": 1.5, "peak_rss_mb": 300}
 
 
 def peak_rss_mb() -> float:
@@ -83,11 +94,14 @@ def demo_images(cfg, n: int) -> pd.DataFrame:
         source = str(STAMPS)
     if "status" in m.columns:
         m = m[m["status"] == "ok"]
+    m.attrs["all"] = m  # the whole collection: the int8 model calibrates on it
     m = m.sample(n=min(n, len(m)), random_state=0).reset_index(drop=True) if len(m) > n else m
     if "content_hash" not in m.columns:
         m["content_hash"] = [file_hash(p) for p in m["path"]]
     m = m.drop_duplicates("content_hash").reset_index(drop=True)
     m.attrs["source"] = source
+    if "content_hash" not in m.attrs["all"].columns:
+        m.attrs["all"] = m
     return m
 
 
@@ -110,6 +124,52 @@ def stage_profile(paths, size: int) -> dict:
             t[k] += b - a
     out = {k: round(v / len(paths) * 1e3, 3) for k, v in t.items()}
     out["total"] = round(sum(out.values()), 3)
+    return out
+
+
+def cold_starts(cfg, rounds: int) -> dict:
+    """Wall seconds and peak RSS of ``visualsearch search`` in a fresh process, per precision (interleaved)."""
+    import subprocess
+
+    import yaml
+
+    exe = Path(sys.executable).with_name("visualsearch")
+    out: dict = {}
+    configs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in ("float32", "int8"):
+            data = cfg.to_dict()
+            data["backbone"]["precision"] = precision
+            data["paths"] = {k: str(cfg.path(v).resolve()) for k, v in data["paths"].items()}
+            c = parse_config(data, base_dir=cfg.base_dir)
+            if not (c.classifier_dir / "metadata.json").exists() or not c.index_dir.exists():
+                out[precision] = {"skipped": f"not measured: the project has no {precision} classifier and index "
+                                             f"(run `visualsearch run` with backbone.precision: {precision})"}
+                continue
+            path = Path(tmp) / f"{precision}.yaml"
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+            query = load_manifest(c).query("split == 'query'")["path"].iloc[0]
+            configs[precision] = [str(exe), "search", "-c", str(path), str(query), "-k", "5"]
+        for _ in range(rounds):
+            for precision, argv in configs.items():
+                t = time.perf_counter()
+                p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+                _, status, usage = os.wait4(p.pid, 0)
+                seconds = time.perf_counter() - t
+                err = p.stderr.read().decode(errors="replace")
+                p.stderr.close()
+                if os.waitstatus_to_exitcode(status) != 0:
+                    raise SystemExit(f"visualsearch search ({precision}) failed: {err[-2000:]}")
+                o = out.setdefault(precision, {"seconds": [], "peak_rss_mb": []})
+                o["seconds"].append(round(seconds, 3))
+                o["peak_rss_mb"].append(round(usage.ru_maxrss / 1024.0, 1))
+    for o in out.values():
+        if "seconds" in o:
+            o["seconds_median"] = round(statistics.median(o["seconds"]), 3)
+            o["peak_rss_mb_median"] = round(statistics.median(o["peak_rss_mb"]), 1)
+            o["passed"] = (o["seconds_median"] <= COLD_START_TARGETS["seconds"]
+                           and o["peak_rss_mb_median"] <= COLD_START_TARGETS["peak_rss_mb"])
     return out
 
 
@@ -138,14 +198,18 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     bb_lite = get_backbone(cfg.backbone.name, weights=weights, cache_dir=cache_dir, runtime="tflite")
     lite_load_s = time.perf_counter() - t
+    t = time.perf_counter()
+    bb_int8 = int8_backbone(bb_lite, cache_dir, *calibration_sample(manifest.attrs["all"]),
+                            max_pixels=cfg.dataset.max_image_pixels)
+    int8_load_s = time.perf_counter() - t
     bs, size, mp = cfg.backbone.batch_size, bb_keras.input_size, cfg.dataset.max_image_pixels
     workers = cfg.backbone.workers or os.cpu_count()
     print(f"{bb_keras.name}: {n} images from {manifest.attrs['source']}, batch {bs}, {workers} decode threads, "
           f"{os.cpu_count()} CPU cores; Keras ready in {keras_load_s:.1f} s, TensorFlow Lite in {lite_load_s:.1f} s "
-          f"({bb_lite.runtime_note})")
+          f"({bb_lite.runtime_note}), int8 in {int8_load_s:.1f} s ({bb_int8.runtime_note})")
 
     decoded = np.stack([load_for_model(p, size, max_pixels=mp) for p in paths])
-    for bb in (bb_keras, bb_lite):  # warm-up: trace / allocate for both batch shapes, outside every timing
+    for bb in (bb_keras, bb_lite, bb_int8):  # warm-up: trace / allocate for both batch shapes, outside every timing
         bb.embed(decoded[:bs])
         bb.embed(decoded[: n % bs or bs])
 
@@ -159,6 +223,7 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             data = cfg.to_dict()
             data["backbone"]["runtime"] = bb.runtime
+            data["backbone"]["precision"] = bb.precision
             data["paths"] = {"data": tmp, "models": str(cfg.models_dir), "reports": str(cfg.reports_dir)}
             c = parse_config(data, base_dir=cfg.base_dir)
             fs = extract(c, progress=False, manifest=manifest, backbone=bb)
@@ -206,6 +271,8 @@ def main(argv=None) -> dict:
         "TensorFlow Lite alone": lambda: model_alone(bb_lite),
         "pipeline, tf.function": lambda: pipeline(bb_keras, "keras"),
         "pipeline, TensorFlow Lite": lambda: pipeline(bb_lite, "tflite"),
+        "int8 alone": lambda: model_alone(bb_int8),
+        "pipeline, int8": lambda: pipeline(bb_int8, "int8"),
         "decode alone": decode_alone,
     }
     dask_name = f"pipeline, Dask {args.workers}x1 thread"
@@ -229,6 +296,9 @@ def main(argv=None) -> dict:
         "pipeline_vs_runtime_alone": ratio("pipeline, TensorFlow Lite", "TensorFlow Lite alone"),
         "runtime_vs_tf_function": ratio("TensorFlow Lite alone", "tf.function alone"),
         "todays_pipeline_vs_tf_function": ratio("pipeline, tf.function", "tf.function alone"),
+        "int8_pipeline_vs_float32_pipeline": ratio("pipeline, int8", "pipeline, TensorFlow Lite"),
+        "int8_pipeline_vs_int8_runtime_alone": ratio("pipeline, int8", "int8 alone"),
+        "int8_runtime_vs_float32_runtime": ratio("int8 alone", "TensorFlow Lite alone"),
     }
     if client is not None:
         ratios["dask_vs_in_process"] = ratio(dask_name, "pipeline, TensorFlow Lite")
@@ -238,6 +308,8 @@ def main(argv=None) -> dict:
         cluster.close()
     profile = stage_profile(paths, size)
     cos = min_cosine(vectors["tflite"], vectors["keras"])
+    int8_cos = (vectors["int8"].astype(np.float64) * vectors["tflite"]).sum(1)
+    cold = cold_starts(cfg, args.rounds)
     load_after = os.getloadavg()
     disturbed = max(load_before[0], load_after[0]) > (os.cpu_count() or 1)
     result = {
@@ -259,6 +331,10 @@ def main(argv=None) -> dict:
         "dask": dask_info or None,
         "decode_profile_ms_per_image_one_thread_cpu": profile,
         "min_cosine_pipeline_tflite_vs_tf_function": round(cos, 7),
+        "int8_cosine_to_float32": {"median": round(float(np.median(int8_cos)), 4), "min": round(float(int8_cos.min()), 4)},
+        "int8_model": bb_int8.runtime_note,
+        "search_cold_start": cold,
+        "cold_start_targets": COLD_START_TARGETS,
         "tflite_min_cosine_probe_images": bb_lite.runner.min_cosine,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "backbone_load_s": {"keras": round(keras_load_s, 2), "tflite": round(lite_load_s, 2)},
@@ -282,7 +358,13 @@ def main(argv=None) -> dict:
     md += ["",
            f"- where one thread's time goes per image (CPU ms): {pf}; total {profile['total']} ms "
            f"against {cpu_med['TensorFlow Lite alone']:.2f} CPU ms for the TensorFlow Lite model",
-           f"- pipeline vectors, TensorFlow Lite vs tf.function: minimum cosine {cos:.7f}",
+           f"- pipeline vectors, TensorFlow Lite vs tf.function: minimum cosine {cos:.7f}; int8 vs float32: median "
+           f"{result['int8_cosine_to_float32']['median']}, min {result['int8_cosine_to_float32']['min']} "
+           f"({bb_int8.runtime_note})",
+           *[f"- `visualsearch search` cold start, {p}: " + (f"{c['seconds_median']} s, {c['peak_rss_mb_median']} MB peak "
+             f"RSS (median of {len(c['seconds'])}; target <= {COLD_START_TARGETS['seconds']} s and "
+             f"{COLD_START_TARGETS['peak_rss_mb']} MB: {'PASS' if c['passed'] else 'FAIL'})" if 'seconds' in c else c['skipped'])
+             for p, c in cold.items()],
            f"- peak RSS: {result['peak_rss_mb']} MB",
            *([f"- Dask: LocalCluster of {args.workers} single-threaded workers started in "
               f"{dask_info['cluster_start_s']} s, first backbone load and warm-up {dask_info['first_load_and_warm_up_s']} s "

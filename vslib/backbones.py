@@ -36,11 +36,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from vslib import int8
 from vslib import runtime as rt
 from vslib.atomic import atomic_path
 from vslib.calibration import softmax
 from vslib.errors import BackboneError
-from vslib.images import file_hash
+from vslib.images import file_hash, load_for_model
 from vslib.paths import MODELS_DIR
 from vslib.pth import PthError, load_state_dict
 from vslib.registry import BACKBONES
@@ -109,6 +110,9 @@ class Backbone:
     cache_key: str = ""
     runtime: str = "keras"
     runtime_note: str = ""
+    #: ``float32``, or ``int8`` (:mod:`vslib.int8`: then ``int8_key`` names the calibrated model)
+    precision: str = "float32"
+    int8_key: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _embed_fn: object = field(default=None, repr=False)
     _logits_fn: object = field(default=None, repr=False)
@@ -202,6 +206,11 @@ class Backbone:
         return Backbone(self.name, self.input_size, self.dim, runtime="tflite", _runner=runner,
                         runtime_note=f"TensorFlow Lite, {runner.threads} threads, minimum cosine "
                                      f"{runner.min_cosine:.7f} to Keras", **base)
+
+    @property
+    def vector_key(self) -> str:
+        """Identity of the vectors :meth:`embed` gives: the weights, and for int8 the calibrated model."""
+        return self.cache_key if self.precision == "float32" else int8.vector_key(self.cache_key, self.int8_key)
 
     @property
     def runner(self):
@@ -483,10 +492,110 @@ def config_weights(cfg) -> Optional[str]:
     return weights
 
 
-def backbone_from_config(cfg) -> Backbone:
-    """The backbone ``cfg.backbone`` names on ``cfg.backbone.runtime``, cached under ``cfg.models_dir / 'backbones'``."""
-    return get_backbone(cfg.backbone.name, weights=config_weights(cfg), cache_dir=cfg.models_dir / "backbones",
-                        runtime=cfg.backbone.runtime)
+def backbone_from_config(cfg, *, keras: bool = False) -> Backbone:
+    """The backbone ``cfg.backbone`` names, at its precision on its runtime, cached under ``cfg.models_dir / 'backbones'``.
+
+    Where a previous run left a verified TensorFlow Lite model of these weights
+    (and ``backbone.runtime`` is not ``keras``), it is loaded with the
+    interpreter alone: no TensorFlow import, no Keras model (``keras_model`` is
+    None; ask for it with ``keras=True``, as training and fine-tuning do). With
+    ``backbone.precision: int8`` the int8 model is converted on first use
+    (:mod:`vslib.int8`), which needs the collection's manifest.
+    """
+    b = cfg.backbone
+    cache_dir = cfg.models_dir / "backbones"
+    weights = config_weights(cfg)
+    if b.precision == "int8":
+        return _int8_backbone(cfg, weights, cache_dir, keras)
+    if b.runtime != "keras" and not keras:
+        memo = (b.name, str(weights or ""), str(cache_dir), "tflite-only")
+        with _LOAD_LOCK:
+            if memo not in _LOADED:
+                found = lite_backbone(b.name, weights, cache_dir)
+                if found is None:
+                    memo = None
+                else:
+                    _LOADED[memo] = found
+        if memo is not None:
+            return _LOADED[memo]
+    return get_backbone(b.name, weights=weights, cache_dir=cache_dir, runtime=b.runtime)
+
+
+def _preprocess_of(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    return lite_preprocess if BACKBONES[name]["weights_package"] else resnet50_preprocess
+
+
+def lite_backbone(name: str, weights: Optional[str], cache_dir, *, precision: str = "float32", int8_key: str = "",
+                  threads: Optional[int] = None) -> Optional[Backbone]:
+    """The backbone ``name`` on a TensorFlow Lite model a previous run verified, built without TensorFlow; None
+    if there is none (or a file fails its checks).
+
+    Its :meth:`Backbone.embed` gives the same vectors as :func:`get_backbone`'s
+    (float32) or :func:`backbone_from_config`'s (int8); ``keras_model`` is None.
+
+    Raises
+    ------
+    BackboneError
+        If the int8 model ``int8_key`` was refused by its fidelity check.
+    """
+    spec = BACKBONES.spec(name)
+    wkey = weights_key(name, weights)
+    if precision == "int8":
+        try:
+            runner, figures = int8.open_model(cache_dir, name, int8_key, threads)
+        except (OSError, ValueError, KeyError):
+            return None
+        note = f"{int8.describe(figures)}, {runner.threads} threads"
+    else:
+        runner = rt.find_verified(cache_dir, name, wkey, threads)
+        if runner is None:
+            return None
+        note = f"TensorFlow Lite, {runner.threads} threads, minimum cosine {runner.min_cosine:.7f} to Keras"
+    return Backbone(name, spec["input_size"], spec["dim"], keras_model=None, preprocess_fn=_preprocess_of(name),
+                    weights=str(weights or ""), cache_key=wkey, runtime="tflite", runtime_note=note,
+                    precision=precision, int8_key=int8_key, _runner=runner)
+
+
+def int8_sample(cfg):
+    """``(key, calibration, probes)`` of ``cfg``'s int8 model (:func:`vslib.int8.calibration_sample`), from the
+    manifest alone."""
+    from vslib.datasets import load_manifest
+
+    manifest = load_manifest(cfg, columns=["path", "label", "content_hash", "split", "status"])
+    calibration, probes = int8.calibration_sample(manifest)
+    return int8.model_key(config_weights_key(cfg), calibration), calibration, probes
+
+
+def _int8_backbone(cfg, weights, cache_dir: Path, keras: bool) -> Backbone:
+    name = cfg.backbone.name
+    key, calibration, probes = int8_sample(cfg)
+    memo = (name, str(weights or ""), str(cache_dir), "int8", key, keras)
+    with _LOAD_LOCK:
+        found = _LOADED.get(memo)
+    if found is not None:
+        return found
+    bb = None if keras else lite_backbone(name, weights, cache_dir, precision="int8", int8_key=key)
+    if bb is None:
+        reference = get_backbone(name, weights=weights, cache_dir=cache_dir, runtime=cfg.backbone.runtime)
+        bb = int8_backbone(reference, cache_dir, calibration, probes, max_pixels=cfg.dataset.max_image_pixels)
+    with _LOAD_LOCK:
+        return _LOADED.setdefault(memo, bb)
+
+
+def int8_backbone(reference: Backbone, cache_dir, calibration, probes, *, max_pixels: Optional[int] = None) -> Backbone:
+    """The int8 copy of the float32 backbone ``reference``, calibrated on the manifest rows ``calibration`` and
+    checked on ``probes`` (:func:`vslib.int8.calibration_sample`); converted once, then read from ``cache_dir``."""
+    size = reference.input_size
+    key = int8.model_key(reference.cache_key, calibration)
+
+    def read(paths):
+        kw = {"max_pixels": max_pixels} if max_pixels else {}
+        return np.stack([load_for_model(p, size, **kw) for p in paths])
+
+    runner, figures = int8.load(reference, cache_dir, key, calibration, probes, read)
+    return replace(reference, runtime="tflite", precision="int8", int8_key=key, _runner=runner,
+                   runtime_note=f"{int8.describe(figures)}, {runner.threads} threads",
+                   _lock=threading.Lock(), _embed_fn=None, _logits_fn=None)
 
 
 def weights_key(name: str, weights: Optional[str] = None) -> str:
@@ -505,3 +614,10 @@ def weights_key(name: str, weights: Optional[str] = None) -> str:
 def config_weights_key(cfg) -> str:
     """:func:`weights_key` of ``cfg.backbone``: lets a cache check what it holds without TensorFlow."""
     return weights_key(cfg.backbone.name, config_weights(cfg))
+
+
+def config_vector_key(cfg) -> str:
+    """:attr:`Backbone.vector_key` of :func:`backbone_from_config`'s backbone, without building it (or TensorFlow)."""
+    if cfg.backbone.precision == "int8":
+        return int8.vector_key(config_weights_key(cfg), int8_sample(cfg)[0])
+    return config_weights_key(cfg)

@@ -63,7 +63,7 @@ def run(cfg, *, as_json: bool = False, verbose: bool = False, out=None) -> int:
     for f in found:
         counts[f.status] = counts.get(f.status, 0) + 1
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing stored yet"
-    print(f"checked {len(found)} artifacts of dataset {cfg.dataset.name!r}, backbone {cfg.backbone.name!r}: "
+    print(f"checked {len(found)} artifacts of dataset {cfg.dataset.name!r}, backbone {cfg.backbone_tag!r}: "
           f"{summary}", file=out)
     if damaged:
         print("the next `visualsearch run` redoes what is damaged (feature shards, feature and checks files are set "

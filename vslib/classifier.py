@@ -39,7 +39,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from vslib import features, integrity, plots, ranking
-from vslib.backbones import backbone_from_config
+from vslib.backbones import backbone_from_config, config_vector_key
 from vslib.errors import ClassifierError
 from vslib.heads import HEADS, head_class
 from vslib.heads.base import check_trainable, classification_report, stratified_split
@@ -167,6 +167,7 @@ def train(cfg, *, force: bool = False):
     X = index.vectors
     clf, rows, proba, metrics = fit_head(X, labels, ccfg)
     clf.backbone_, clf.backbone_weights_, clf.dataset_ = cfg.backbone.name, cfg.backbone.weights, cfg.dataset.name
+    clf.vectors_ = config_vector_key(cfg)
     yi = clf.encode_labels(labels, "training data")
     search_settings = ranking.tune_adaptive(X, yi, proba, k=tuning_k(cfg), rows=rows, seed=ccfg.seed)
 
@@ -191,7 +192,7 @@ def train(cfg, *, force: bool = False):
     cfg.reports_dir.mkdir(parents=True, exist_ok=True)
     write_json(cfg.reports_dir / METRICS_FILE, metrics)
     save_confusion_figure(metrics["confusion_matrix"], cfg.figures_dir / CONFUSION_FIGURE,
-                          title=f"Classifier ({cfg.dataset.name}, {cfg.backbone.name}, {ccfg.head} head), out of fold")
+                          title=f"Classifier ({cfg.dataset.name}, {cfg.backbone_tag}, {ccfg.head} head), out of fold")
     log.info("classifier: %s head, accuracy %.3f, top-3 %.3f, ECE %.3f -> %.3f (T = %.2f); saved to %s",
              ccfg.head, metrics["accuracy"], metrics.get("top3_accuracy", float("nan")), metrics["ece_before"],
              metrics["ece_after"], clf.temperature_, cfg.classifier_dir)
@@ -208,6 +209,11 @@ def load_classifier(cfg):
         raise ClassifierError(f"the classifier in {directory} was trained on backbone {clf.backbone_!r} but "
                               f"backbone.name is {cfg.backbone.name!r} in {cfg.source}; retrain with "
                               f"`visualsearch train -c {cfg.source}`")
+    trained_on, now = getattr(clf, "vectors_", None), config_vector_key(cfg)
+    if trained_on and trained_on != now:
+        raise ClassifierError(f"the classifier in {directory} was trained on vectors {trained_on}, but "
+                              f"{cfg.source} gives {now} (backbone.precision {cfg.backbone.precision}); retrain "
+                              f"with `visualsearch run -c {cfg.source}`")
     if clf.dataset_ and clf.dataset_ != cfg.dataset.name:
         raise ClassifierError(f"the classifier in {directory} was trained on dataset {clf.dataset_!r} but "
                               f"dataset.name is {cfg.dataset.name!r} in {cfg.source}; retrain with "
@@ -250,7 +256,7 @@ def _fine_tune(cfg, head: Optional[MlpHead], index, tr, va, metrics):
     ccfg = cfg.classifier
     paths = index.table["path"].astype(str).to_numpy()
     labels = index.table["label"].astype(str).to_numpy()
-    backbone = backbone_from_config(cfg)
+    backbone = backbone_from_config(cfg, keras=True)
     ft = FineTunedHead.from_config(ccfg)
     ft.backbone_, ft.backbone_weights_, ft.dataset_ = cfg.backbone.name, cfg.backbone.weights, cfg.dataset.name
     log.info("classifier: fine-tuning the top %d layers of %s for %d epochs on %d images (slow on CPU)",

@@ -270,7 +270,7 @@ def evaluate(cfg: Config, *, modes: Optional[Sequence[str]] = None, engine=None,
         # the index split's vectors only for the baselines, freed when they return
         baseline_scores = baselines(features.read_split(cfg, "index").vectors, index_labels.to_numpy(), q_vec, truth)
 
-        results = {"dataset": cfg.dataset.name, "backbone": cfg.backbone.name, "backend": cfg.index.backend,
+        results = {"dataset": cfg.dataset.name, "backbone": cfg.backbone_tag, "backend": cfg.index.backend,
                    "head": getattr(engine.classifier, "kind", ""),
                    "n_index": int(n_index), "n_query": len(q_vec), "k": kmax,
                    "classifier_accuracy": round(clf_acc, 4), "classifier_top3": round(top3, 4),

@@ -10,7 +10,9 @@
   ``features_dir`` is per backbone and every shard records the backbone (and its weights),
   so vectors of different backbones never mix. The runtime is not part of the key: a
   runtime is used only if its vectors agree with the Keras model's to cosine
-  >= 0.9999, so shards computed on either serve both;
+  >= 0.9999, so shards computed on either serve both. The precision is: int8 vectors
+  (``backbone.precision: int8``, :mod:`vslib.int8`) live in their own ``features_dir``
+  and their shards record the calibrated model's key too;
 * with ``compute.scheduler: dask`` the images still to compute are cut into
   partitions that run as tasks on a Dask cluster (:mod:`vslib.compute`); each
   finished partition is written as a shard the same way;
@@ -43,7 +45,8 @@ import numpy as np
 import pandas as pd
 
 from vslib import npzfile
-from vslib.backbones import BACKBONES, backbone_from_config, config_weights, config_weights_key, get_backbone
+from vslib.backbones import (BACKBONES, backbone_from_config, config_vector_key, config_weights, get_backbone,
+                              lite_backbone)
 from vslib.compute import map_partitions, worker_threads
 from vslib.datasets import load_manifest
 from vslib.embedding import iter_batches
@@ -122,7 +125,7 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     name = backbone.name if backbone is not None else cfg.backbone.name
     if name != cfg.backbone.name:
         raise VisualSearchError(f"backbone {name!r} given but the config names {cfg.backbone.name!r}")
-    key = backbone_key(backbone) if backbone is not None else config_weights_key(cfg)
+    key = backbone_key(backbone) if backbone is not None else config_vector_key(cfg)
     cache = FeatureCache(cfg.features_dir / SHARDS_DIR, name, key, full=True)
 
     # one representative file (its first row) per content hash still to compute; per-image data stays in
@@ -135,10 +138,10 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     on_dask = getattr(cfg, "compute", None) is not None and cfg.compute.scheduler == "dask" and backbone is None
     # build the model (seconds: TensorFlow) only when there is something to compute here
     bb = backbone
-    if bb is None and len(todo) and not on_dask:
-        bb = backbone_from_config(cfg)
+    if bb is None and len(todo) and (not on_dask or cfg.backbone.precision == "int8"):
+        bb = backbone_from_config(cfg)  # on Dask: converts the int8 model once, here, for the workers to load
     if bb is not None and backbone_key(bb) != key:
-        raise VisualSearchError(f"backbone weights {backbone_key(bb)} differ from the configured {key}")
+        raise VisualSearchError(f"backbone vectors {backbone_key(bb)} differ from the configured {key}")
     failed_hashes: dict[str, str] = {}
     computed = 0
     bs = cfg.backbone.batch_size
@@ -231,8 +234,8 @@ def summary(fs: FeatureSet, limit: int = 5) -> str:
 
 
 def backbone_key(bb) -> str:
-    """Identity of a backbone's weights, stored in every shard."""
-    return getattr(bb, "cache_key", "") or f"{bb.name}:{Path(bb.weights).name if bb.weights else ''}"
+    """Identity of a backbone's vectors (its weights; for int8 also the calibrated model), stored in every shard."""
+    return getattr(bb, "vector_key", "") or f"{bb.name}:{Path(bb.weights).name if bb.weights else ''}"
 
 
 # ---------------------------------------------------------------------------
@@ -246,7 +249,8 @@ _BACKBONES_LOCK = threading.Lock()
 
 def worker_backbone(spec: dict, threads: int):
     """The backbone ``spec`` names, built once per process, with ``threads`` TensorFlow (Lite) threads."""
-    key = (spec["name"], spec["weights"], spec["cache_dir"], spec["runtime"], threads)
+    key = (spec["name"], spec["weights"], spec["cache_dir"], spec["runtime"], spec.get("precision"),
+           spec.get("int8_key"), threads)
     with _BACKBONES_LOCK:
         bb = _BACKBONES.get(key)
         if bb is None:
@@ -255,6 +259,15 @@ def worker_backbone(spec: dict, threads: int):
 
 
 def _load_backbone(spec: dict, threads: int):
+    precision = spec.get("precision", "float32")
+    if precision == "int8" or spec["runtime"] != "keras":  # the verified model, without TensorFlow
+        bb = lite_backbone(spec["name"], spec["weights"], spec["cache_dir"], precision=precision,
+                           int8_key=spec.get("int8_key", ""), threads=threads)
+        if bb is not None:
+            return _same_vectors(bb, spec)
+        if precision == "int8":
+            raise VisualSearchError(f"this worker finds no verified int8 model {spec['int8_key']} of {spec['name']} "
+                                    f"in {spec['cache_dir']}: the workers need the client's models folder")
     import tensorflow as tf
 
     try:  # only possible before TensorFlow starts its thread pools, i.e. in a fresh worker process
@@ -268,8 +281,12 @@ def _load_backbone(spec: dict, threads: int):
         new = TFLiteRunner(runner.path, threads)
         new.min_cosine = runner.min_cosine
         bb = bb.with_runner(new, f"{bb.runtime_note} ({threads} threads on this worker)")
-    if bb.cache_key != spec["key"]:
-        raise VisualSearchError(f"this worker's {bb.name} weights are {bb.cache_key}, the client's {spec['key']}: "
+    return _same_vectors(bb, spec)
+
+
+def _same_vectors(bb, spec: dict):
+    if bb.vector_key != spec["key"]:
+        raise VisualSearchError(f"this worker's {bb.name} vectors are {bb.vector_key}, the client's {spec['key']}: "
                                 "install the same visualsearch version and weights on every worker")
     return bb
 
@@ -310,6 +327,7 @@ def extract_on_dask(cfg, sources: Sequence[str], key: str,
     size = cfg.compute.dask.partition_size
     spec = dict(name=cfg.backbone.name, weights=config_weights(cfg), cache_dir=str(cfg.models_dir / "backbones"),
                 runtime=cfg.backbone.runtime, key=key, batch_size=cfg.backbone.batch_size,
+                precision=cfg.backbone.precision, int8_key=key.rpartition(":int8-")[2] if ":int8-" in key else "",
                 max_pixels=cfg.dataset.max_image_pixels)
 
     def done(s: int, e: int, result) -> None:

@@ -378,7 +378,7 @@ def write_index(cfg: Config, runs: Sequence[dict], *, total: Optional[float] = N
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}"
         "th{background:#f3f3f3}</style></head><body>",
         "<h1>VisualSearch reports</h1>",
-        f"<p>Dataset <b>{html.escape(cfg.dataset.name)}</b>, backbone <b>{html.escape(cfg.backbone.name)}</b>, "
+        f"<p>Dataset <b>{html.escape(cfg.dataset.name)}</b>, backbone <b>{html.escape(cfg.backbone_tag)}</b>, "
         f"<b>{html.escape(cfg.index.backend)}</b> index; settings from <code>{html.escape(cfg.source)}</code>; "
         f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}"
         + (f" in {total:.0f} s" if total is not None else "") + ".</p>",

@@ -41,7 +41,7 @@ from typing import Optional
 
 import numpy as np
 
-from vslib.atomic import atomic_write_bytes
+from vslib.atomic import atomic_write_bytes, atomic_write_json
 from vslib.errors import BackboneError
 
 log = logging.getLogger(__name__)
@@ -186,9 +186,12 @@ class TFLiteRunner:
         XNNPACK threads (default: every core this process may use).
     """
 
-    def __init__(self, path, threads: Optional[int] = None, content: Optional[bytes] = None):
+    def __init__(self, path, threads: Optional[int] = None, content: Optional[bytes] = None, *,
+                 normalise: bool = False):
         self.path = Path(path)
         self.threads = threads or cpu_threads()
+        #: L2-normalise the outputs here (an int8 model ends at the pooled features: see :mod:`vslib.int8`)
+        self.normalise = normalise
         content = self.path.read_bytes() if content is None else content
         with warnings.catch_warnings():  # TensorFlow's interpreter warns that LiteRT will replace it
             warnings.simplefilter("ignore")
@@ -211,7 +214,10 @@ class TFLiteRunner:
                 self._shape = x.shape
             self._it.set_tensor(self._in, x)
             self._it.invoke()  # releases the GIL: decoding threads keep running
-            return self._it.get_tensor(self._out).copy()
+            out = self._it.get_tensor(self._out).copy()
+        if self.normalise:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -243,24 +249,19 @@ def load_tflite(bb, cache_dir, *, threads: Optional[int] = None, tolerance: floa
 
     if check_path.exists():
         try:
-            with np.load(check_path, allow_pickle=False) as z:
-                probes, reference = z["probes"], z["reference"]
-                verdict = json.loads(str(z["verdict"]))
+            probes, reference, verdict = read_check(check_path)
         except (OSError, ValueError, KeyError) as e:
             log.warning("%s: %s unreadable (%s); converting again", bb.name, check_path, e)
         else:
             try:
-                # the interpreter does not verify a flatbuffer: a damaged file could crash the process
-                content = path.read_bytes()
-                if hashlib.sha256(content).hexdigest() != verdict.get("sha256"):
-                    raise ValueError("its checksum differs from the one recorded at conversion")
-                runner = TFLiteRunner(path, threads, content)
+                runner = open_checked(path, verdict, threads)
                 ok, cos = _check(runner, probes, reference, tolerance)
             except (OSError, ValueError, RuntimeError) as e:
                 log.warning("%s: cached %s unusable (%s); converting again", bb.name, path, e)
             else:
                 if ok:
                     runner.min_cosine = cos
+                    _point(cache_dir, bb, path, check_path)
                     return runner
                 if verdict.get("min_cosine", 1.0) < tolerance:  # the same file failed this check before
                     raise BackboneError(_refusal(bb, cos, len(probes), tolerance))
@@ -290,6 +291,75 @@ def load_tflite(bb, cache_dir, *, threads: Optional[int] = None, tolerance: floa
     if not ok:  # remembered (the check file records the cosine): the same model would convert the same way
         raise BackboneError(_refusal(bb, cos, len(probes), tolerance))
     log.info("%s: TensorFlow Lite verified, minimum cosine %.7f to the Keras model", bb.name, cos)
+    runner.min_cosine = cos
+    _point(cache_dir, bb, path, check_path)
+    return runner
+
+
+def read_check(check_path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The probe images, their reference vectors and the verdict a conversion recorded beside its model."""
+    with np.load(check_path, allow_pickle=False) as z:
+        return z["probes"], z["reference"], json.loads(str(z["verdict"]))
+
+
+def open_checked(path: Path, verdict: dict, threads: Optional[int] = None, *, normalise: bool = False) -> TFLiteRunner:
+    """A runner of the model file ``path`` if its checksum is the one ``verdict`` recorded, else ValueError.
+
+    The interpreter does not verify a flatbuffer: a damaged file could crash the process.
+    """
+    content = Path(path).read_bytes()
+    if hashlib.sha256(content).hexdigest() != verdict.get("sha256"):
+        raise ValueError("its checksum differs from the one recorded at conversion")
+    return TFLiteRunner(path, threads, content, normalise=normalise)
+
+
+# ---------------------------------------------------------------------------
+# Without TensorFlow: the verified model a previous run left
+
+
+def pointer_path(cache_dir, name: str) -> Path:
+    """``<cache_dir>/<name>.tflite.json``: which converted file holds the float32 model of ``name``'s weights."""
+    return Path(cache_dir) / f"{name}.tflite.json"
+
+
+def _point(cache_dir: Path, bb, path: Path, check_path: Path) -> None:
+    """Record the verified model of ``bb``'s weights, so a query can find it without building the Keras model."""
+    pointer = {"format": FORMAT_VERSION, "weights_key": bb.cache_key, "input_size": bb.input_size, "dim": bb.dim,
+               "file": path.name, "check": check_path.name}
+    target = pointer_path(cache_dir, bb.name)
+    try:
+        if target.exists() and json.loads(target.read_text(encoding="utf-8")) == pointer:
+            return
+    except (OSError, ValueError):
+        pass
+    try:
+        atomic_write_json(target, pointer)
+    except OSError as e:  # a read-only cache still serves this process; only the next query pays for TensorFlow
+        log.debug("cannot write %s: %s", target, e)
+
+
+def find_verified(cache_dir, name: str, weights_key: str, threads: Optional[int] = None) -> Optional[TFLiteRunner]:
+    """The float32 runner a previous run verified for ``name`` with weights ``weights_key``, or None.
+
+    Reads ``<name>.tflite.json``, checks the model file's checksum and re-runs
+    its probe images (milliseconds); imports no TensorFlow where
+    ``ai-edge-litert`` is installed. None (and the caller builds the Keras
+    model) when there is no such file or any check fails.
+    """
+    cache_dir = Path(cache_dir)
+    try:
+        pointer = json.loads(pointer_path(cache_dir, name).read_text(encoding="utf-8"))
+        if pointer.get("format") != FORMAT_VERSION or pointer.get("weights_key") != weights_key:
+            return None
+        path, check_path = cache_dir / Path(pointer["file"]).name, cache_dir / Path(pointer["check"]).name
+        probes, reference, verdict = read_check(check_path)
+        runner = open_checked(path, verdict, threads)
+        ok, cos = _check(runner, probes, reference, float(verdict.get("tolerance", MIN_COSINE)))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        log.debug("%s: no verified TensorFlow Lite model to use without TensorFlow (%s)", name, e)
+        return None
+    if not ok:
+        return None
     runner.min_cosine = cos
     return runner
 

@@ -129,6 +129,11 @@ class VisualSearch:
 
     def __init__(self, backbone, classifier, index, search_cfg: Optional[SearchConfig] = None, *,
                  max_image_pixels: Optional[int] = None):
+        trained_on = getattr(classifier, "vectors_", None)
+        if trained_on and getattr(backbone, "vector_key", trained_on) != trained_on:
+            raise VisualSearchError(f"queries would be embedded as {backbone.vector_key} vectors, but the classifier "
+                                    f"(and its index) hold {trained_on} vectors: float32 and int8 vectors do not "
+                                    "mix; use the backbone of the config that built them (backbone.precision)")
         self.backbone = backbone
         self.classifier = classifier
         self.index = index

@@ -174,7 +174,7 @@ def execute(cfg: Config, *, notebooks: bool = True, echo: Callable[[str], None] 
             if "confusion_matrix" in metrics:
                 classifier.save_confusion_figure(metrics["confusion_matrix"],
                                                  cfg.figures_dir / classifier.CONFUSION_FIGURE,
-                                                 title=f"Classifier ({cfg.dataset.name}, {cfg.backbone.name}, "
+                                                 title=f"Classifier ({cfg.dataset.name}, {cfg.backbone_tag}, "
                                                        f"{cfg.classifier.head} head), out of fold")
 
     # the prepare summary line, not the list of skipped files (the manifest keeps it; every run would repeat it)

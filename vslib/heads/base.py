@@ -205,7 +205,7 @@ class HeadMixin:
         meta.update({"format_version": FORMAT_VERSION, "kind": self.kind, "params": self._signature_params(),
                      "n_features": int(self.n_features_in_), "n_classes": int(len(self.classes_)),
                      **fields, "temperature": float(self.temperature_), "calibration": self.calibration_})
-        for attr in ("backbone_", "backbone_weights_", "dataset_"):
+        for attr in ("backbone_", "backbone_weights_", "dataset_", "vectors_"):
             if getattr(self, attr, None) is not None:
                 meta.setdefault(attr.rstrip("_"), getattr(self, attr))
         with atomic_path(directory / state_file, suffix=Path(state_file).suffix, verified=True) as tmp:
@@ -257,6 +257,11 @@ class HeadMixin:
         elif trained_on and backbone.name != trained_on:
             raise ClassifierError(f"the classifier was trained on backbone {trained_on!r} but was given "
                                   f"{backbone.name!r}")
+        vectors = getattr(self, "vectors_", None)
+        if vectors and getattr(backbone, "vector_key", vectors) != vectors:
+            raise ClassifierError(f"the classifier was trained on vectors {vectors} but the backbone gives "
+                                  f"{backbone.vector_key} (another precision?); pass "
+                                  "backbone=vslib.backbones.backbone_from_config(cfg) of its config")
         return self.predict_proba(embed_images(backbone, list(images)))
 
     def _get_backbone(self):
@@ -264,6 +269,9 @@ class HeadMixin:
             name = getattr(self, "backbone_", None)
             if not name:
                 raise ClassifierError("this classifier does not know its backbone; pass backbone= to predict_image")
+            if ":int8-" in (getattr(self, "vectors_", None) or ""):
+                raise ClassifierError("this classifier was trained on int8 vectors: pass "
+                                      "backbone=vslib.backbones.backbone_from_config(cfg) of its config")
             self._backbone = get_backbone(name, weights=getattr(self, "backbone_weights_", None))
         return self._backbone
 

@@ -76,6 +76,7 @@ def load_model(directory):
     clf.backbone_ = meta.get("backbone")
     clf.backbone_weights_ = meta.get("backbone_weights")
     clf.dataset_ = meta.get("dataset")
+    clf.vectors_ = meta.get("vectors")  # the backbone's vector_key (weights; int8: the calibrated model)
     clf.metadata_ = meta
     return clf
 

@@ -416,18 +416,18 @@ class ElasticsearchIndex(VectorIndex):
 
     @classmethod
     def from_config(cls, cfg, dim: Optional[int] = None, *, create: bool = True) -> "ElasticsearchIndex":
-        return cls.open(cfg.index.elasticsearch, dim, create=create, backbone=cfg.backbone.name,
+        return cls.open(cfg.index.elasticsearch, dim, create=create, backbone=cfg.backbone_tag,
                         dataset=cfg.dataset.name)
 
     @classmethod
     def create_fresh(cls, cfg, dim: int) -> "ElasticsearchIndex":
         """A new concrete index beside the live one; :meth:`publish` moves the alias to it."""
         es_cfg = cfg.index.elasticsearch
-        alias = alias_name(es_cfg.index_name, cfg.dataset.name, cfg.backbone.name)
+        alias = alias_name(es_cfg.index_name, cfg.dataset.name, cfg.backbone_tag)
         client = connect(es_cfg)
         try:
             self = cls(client, alias, dim, es_cfg=es_cfg, where=", ".join(redact(h) for h in es_cfg.hosts),
-                       alias=alias, backbone=cfg.backbone.name, dataset=cfg.dataset.name)
+                       alias=alias, backbone=cfg.backbone_tag, dataset=cfg.dataset.name)
             self._create(_concrete_name(alias), with_alias=False)
             self._fresh = True
             self._start_heartbeat()  # so that another rebuild of the alias never takes this one for an orphan
@@ -914,7 +914,7 @@ def audit(cfg) -> list:
     """
     what = "Elasticsearch index"
     es_cfg = cfg.index.elasticsearch
-    alias = alias_name(es_cfg.index_name, cfg.dataset.name, cfg.backbone.name)
+    alias = alias_name(es_cfg.index_name, cfg.dataset.name, cfg.backbone_tag)
     where = ", ".join(redact(h) for h in es_cfg.hosts)
     rebuild = "`visualsearch index --rebuild` rebuilds it"
     try:
@@ -922,7 +922,7 @@ def audit(cfg) -> list:
     except IndexBackendError as e:
         return [Finding(f"{where}/{alias}", what, "warning", f"not checked: {e}", "")]
     index = ElasticsearchIndex(client, alias, 1, es_cfg=es_cfg, where=where, alias=alias,
-                               backbone=cfg.backbone.name, dataset=cfg.dataset.name)
+                               backbone=cfg.backbone_tag, dataset=cfg.dataset.name)
     out = []
     try:
         try:
