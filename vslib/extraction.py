@@ -145,7 +145,7 @@ def extract(cfg, *, progress: bool = True, manifest: Optional[pd.DataFrame] = No
     failed_hashes: dict[str, str] = {}
     computed = 0
     bs = cfg.backbone.batch_size
-    bar = _progress(len(todo), f"extract {name}", progress)
+    bar = _progress(len(todo), f"extract {cfg.backbone_tag}", progress)
     if reused:
         bar.set_postfix(reused=reused)
     batches = 0

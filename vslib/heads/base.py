@@ -39,7 +39,6 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 from PIL import Image
-from sklearn.base import BaseEstimator
 
 from vslib import calibration
 from vslib.atomic import atomic_path
@@ -132,11 +131,70 @@ def fold_indices(yi: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray
     return list(skf.split(np.zeros(len(yi)), yi))
 
 
+class Estimator:
+    """scikit-learn's estimator protocol, without importing scikit-learn.
+
+    ``get_params``, ``set_params`` and ``_get_param_names`` read the
+    ``__init__`` signature exactly as ``sklearn.base.BaseEstimator``'s do, so
+    ``sklearn.base.clone`` and parameter grids work on every head; scikit-learn's
+    tags (``__sklearn_tags__``: a classifier) import it when asked. Why not the
+    base class itself: importing ``sklearn.base`` takes ~0.7 s (it imports
+    ``scipy.stats``), more than everything else a query loads, and a query only
+    predicts (fitting imports scikit-learn's estimators where it uses them).
+    """
+
+    _estimator_type = "classifier"
+
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        init = cls.__init__
+        if init is object.__init__:
+            return []
+        params = [p for p in inspect.signature(init).parameters.values() if p.name != "self" and p.kind != p.VAR_KEYWORD]
+        if any(p.kind == p.VAR_POSITIONAL for p in params):
+            raise RuntimeError(f"{cls.__name__}: an estimator's __init__ takes no *args (scikit-learn's convention)")
+        return sorted(p.name for p in params)
+
+    def get_params(self, deep: bool = True) -> dict:
+        out = {}
+        for key in self._get_param_names():
+            value = getattr(self, key)
+            if deep and hasattr(value, "get_params") and not isinstance(value, type):
+                out.update((f"{key}__{k}", v) for k, v in value.get_params().items())
+            out[key] = value
+        return out
+
+    def set_params(self, **params):
+        valid = self.get_params(deep=True)
+        nested: dict[str, dict] = {}
+        for key, value in params.items():
+            name, delim, sub = key.partition("__")
+            if name not in valid:
+                raise ValueError(f"Invalid parameter {name!r} for estimator {self}. Valid parameters are: "
+                                 f"{sorted(self._get_param_names())!r}.")
+            if delim:
+                nested.setdefault(name, {})[sub] = value
+            else:
+                setattr(self, name, value)
+                valid[name] = value
+        for name, sub in nested.items():
+            valid[name].set_params(**sub)
+        return self
+
+    def __sklearn_tags__(self):
+        from sklearn.base import BaseEstimator, ClassifierMixin
+
+        class _Classifier(ClassifierMixin, BaseEstimator):
+            pass
+
+        return _Classifier().__sklearn_tags__()
+
+
 class HeadMixin:
     """Prediction, evaluation, saving and image helpers shared by every head.
 
-    Mixed into a scikit-learn ``BaseEstimator`` (whose ``__init__`` signature
-    gives ``get_params``, ``set_params`` and ``clone``); needs ``classes_`` and
+    Mixed into :class:`Estimator` (whose ``__init__`` signature gives
+    ``get_params``, ``set_params`` and ``clone``); needs ``classes_`` and
     ``predict_logits``.
     """
 
@@ -303,7 +361,7 @@ def classification_report(logits: np.ndarray, yi: np.ndarray, classes: Sequence,
     }
 
 
-class Head(HeadMixin, BaseEstimator):
+class Head(HeadMixin, Estimator):
     """Base of the cross-fitted heads (``linear``, ``knn``, ``ensemble``).
 
     Parameters common to all: ``folds`` (cross-fitting folds, capped by the

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from sklearn.base import BaseEstimator
 
 from vslib import calibration
 from vslib.errors import ClassifierError
-from vslib.heads.base import HeadMixin, as_matrix, check_trainable, stratified_split
+from vslib.heads.base import Estimator, HeadMixin, as_matrix, check_trainable, stratified_split
 from vslib.heads.format import LABELS_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
@@ -28,7 +27,7 @@ def _keras():
     return keras
 
 
-class MlpHead(HeadMixin, BaseEstimator):
+class MlpHead(HeadMixin, Estimator):
     """``mlp``: softmax (optionally one hidden layer) Keras head on embeddings, temperature-calibrated.
 
     Parameters
