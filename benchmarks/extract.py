@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -79,8 +80,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def demo_images(cfg, n: int) -> pd.DataFrame:
-    """``n`` usable images of the demo dataset: from the manifest, else straight from the Tux Paint stamps."""
+def demo_images(cfg, n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``n`` usable images of the demo dataset (from the manifest, else straight from the Tux Paint stamps), and
+    the whole collection they come from."""
     try:
         m = load_manifest(cfg)
         source = f"manifest {cfg.manifest_path}"
@@ -94,15 +96,13 @@ def demo_images(cfg, n: int) -> pd.DataFrame:
         source = str(STAMPS)
     if "status" in m.columns:
         m = m[m["status"] == "ok"]
-    m.attrs["all"] = m  # the whole collection: the int8 model calibrates on it
+    everything = m  # the whole collection: the int8 model calibrates on it
     m = m.sample(n=min(n, len(m)), random_state=0).reset_index(drop=True) if len(m) > n else m
     if "content_hash" not in m.columns:
         m["content_hash"] = [file_hash(p) for p in m["path"]]
     m = m.drop_duplicates("content_hash").reset_index(drop=True)
     m.attrs["source"] = source
-    if "content_hash" not in m.attrs["all"].columns:
-        m.attrs["all"] = m
-    return m
+    return m, (everything if "content_hash" in everything.columns else m)
 
 
 def stage_profile(paths, size: int) -> dict:
@@ -133,7 +133,16 @@ def cold_starts(cfg, rounds: int) -> dict:
 
     import yaml
 
-    exe = Path(sys.executable).with_name("visualsearch")
+    # the `visualsearch` entry point, reporting its own peak RSS (VmHWM: this process's memory only; a child's
+    # getrusage maximum would count the benchmark's own memory, inherited at fork)
+    launcher = ("import atexit, re, sys\n"
+                "def peak():\n"
+                "    text = open('/proc/self/status').read()\n"
+                "    sys.stderr.write('VS_PEAK_KB %s\\n' % re.search(r'VmHWM:\\s+(\\d+)', text).group(1))\n"
+                "atexit.register(peak)\n"
+                "from vslib.cli import main\n"
+                "sys.argv[0] = 'visualsearch'\n"
+                "sys.exit(main())\n")
     out: dict = {}
     configs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,21 +158,20 @@ def cold_starts(cfg, rounds: int) -> dict:
             path = Path(tmp) / f"{precision}.yaml"
             path.write_text(yaml.safe_dump(data, sort_keys=False))
             query = load_manifest(c).query("split == 'query'")["path"].iloc[0]
-            configs[precision] = [str(exe), "search", "-c", str(path), str(query), "-k", "5"]
+            configs[precision] = [sys.executable, "-c", launcher, "search", "-c", str(path), str(query), "-k", "5"]
         for _ in range(rounds):
             for precision, argv in configs.items():
                 t = time.perf_counter()
                 p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
-                _, status, usage = os.wait4(p.pid, 0)
+                err = p.communicate()[1].decode(errors="replace")
                 seconds = time.perf_counter() - t
-                err = p.stderr.read().decode(errors="replace")
-                p.stderr.close()
-                if os.waitstatus_to_exitcode(status) != 0:
+                peak = re.search(r"VS_PEAK_KB (\d+)", err)
+                if p.returncode != 0 or peak is None:
                     raise SystemExit(f"visualsearch search ({precision}) failed: {err[-2000:]}")
                 o = out.setdefault(precision, {"seconds": [], "peak_rss_mb": []})
                 o["seconds"].append(round(seconds, 3))
-                o["peak_rss_mb"].append(round(usage.ru_maxrss / 1024.0, 1))
+                o["peak_rss_mb"].append(round(int(peak.group(1)) / 1024.0, 1))
     for o in out.values():
         if "seconds" in o:
             o["seconds_median"] = round(statistics.median(o["seconds"]), 3)
@@ -187,7 +195,7 @@ def main(argv=None) -> dict:
     cfg = load_config(args.config) if Path(args.config).exists() else parse_config({})
 
     load_before = os.getloadavg()
-    manifest = demo_images(cfg, args.n)
+    manifest, collection = demo_images(cfg, args.n)
     n = len(manifest)
     paths = manifest["path"].tolist()
     weights = cfg.backbone.weights
@@ -199,7 +207,7 @@ def main(argv=None) -> dict:
     bb_lite = get_backbone(cfg.backbone.name, weights=weights, cache_dir=cache_dir, runtime="tflite")
     lite_load_s = time.perf_counter() - t
     t = time.perf_counter()
-    bb_int8 = int8_backbone(bb_lite, cache_dir, *calibration_sample(manifest.attrs["all"]),
+    bb_int8 = int8_backbone(bb_lite, cache_dir, *calibration_sample(collection),
                             max_pixels=cfg.dataset.max_image_pixels)
     int8_load_s = time.perf_counter() - t
     bs, size, mp = cfg.backbone.batch_size, bb_keras.input_size, cfg.dataset.max_image_pixels
